@@ -1,0 +1,66 @@
+"""Sequence losses: sums over scored positions, with labels shifted exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool (B, T) mask of the positions whose output predicts a scored next token."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum of -log p(x_t | x_<t) over scored tokens; shape (B,)."""
+    logits = logits[:, :-1]
+    targets = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float()
+        if logits.dtype in (torch.float16, torch.bfloat16)
+        else logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    )
+    return token_loss.view(targets.shape).sum(dim=1)
+
+
+def sequence_seed(seed: int, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """A seed fixed by the sequence's content, so sampling ignores batching and sharding."""
+    keep = labels != IGNORE
+    h = hashlib.blake2b(digest_size=8)
+    h.update(int(seed).to_bytes(8, "little", signed=True))
+    h.update(input_ids.detach().to("cpu", torch.int64).numpy().tobytes())
+    h.update(keep.detach().to("cpu", torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def sample_labels(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    seed: int,
+) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution at the scored positions."""
+    sampled = torch.full_like(labels, IGNORE)
+    mask = scored_positions(labels)
+    with torch.no_grad():
+        for n in range(labels.shape[0]):
+            pos = mask[n].nonzero().squeeze(1)
+            if pos.numel() == 0:
+                continue
+            real = attention_mask[n].bool()
+            s = sequence_seed(seed, input_ids[n][real], labels[n][real])
+            gen = torch.Generator(device=logits.device).manual_seed(s)
+            probs = torch.softmax(logits[n, pos].double(), dim=-1)
+            draw = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            sampled[n, pos + 1] = draw
+    return sampled

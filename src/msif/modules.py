@@ -1,0 +1,232 @@
+"""Which layers of a causal LM msif tracks, and how each one is described in artifacts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from msif.errors import MismatchError, MsifError
+
+try:  # transformers' GPT-2 style linear layer (weight stored as in x out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+# Fused attention projections whose output side holds q, k and v for every head.
+FUSED_QKV_SUFFIXES = ("query_key_value", "c_attn", "qkv_proj", "Wqkv")
+# An embedding tracked as a linear map of one-hot tokens needs a vocab x vocab covariance.
+MAX_EMBEDDING_VOCAB = 16384
+_IN_BLOCK = re.compile(r"\.\d+\.")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """Shape facts of one tracked module; gradients are viewed as (out x in') matrices."""
+
+    name: str
+    kind: str  # "linear", "conv1d" or "embedding"
+    in_features: int
+    out_features: int
+    has_bias: bool
+    block_size: int  # output-side block of G; == out_features when unsplit
+
+    @property
+    def in_dim(self) -> int:
+        """Input width with the bias column appended."""
+        return self.in_features + int(self.has_bias)
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of diagonal blocks of the output-side covariance G."""
+        return self.out_features // self.block_size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the module's gradient matrix (out, in')."""
+        return (self.out_features, self.in_dim)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModuleSpec:
+        """Inverse of to_dict."""
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModuleSelection:
+    """Which modules to track: block linears by default, filtered by name regexes."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    embeddings: bool = False
+    lm_head: bool = False
+    # True splits every fused QKV projection into head-size blocks; a tuple names regexes.
+    split_heads: bool | tuple[str, ...] = False
+    extra: tuple[str, ...] = field(default=())  # exact module names to add regardless
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        d = asdict(self)
+        d["include"], d["exclude"], d["extra"] = list(self.include), list(self.exclude), list(
+            self.extra
+        )
+        if isinstance(self.split_heads, tuple):
+            d["split_heads"] = list(self.split_heads)
+        return d
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def _features(module: nn.Module, kind: str) -> tuple[int, int, bool]:
+    if kind == "linear":
+        return module.in_features, module.out_features, module.bias is not None
+    if kind == "conv1d":
+        n_in, n_out = module.weight.shape
+        return n_in, n_out, module.bias is not None
+    return module.num_embeddings, module.embedding_dim, False
+
+
+def head_size_of(model: nn.Module) -> int | None:
+    """Attention head size from the model config, when it has one."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    head_dim = getattr(cfg, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    if hidden and heads:
+        return hidden // heads
+    return None
+
+
+def _wants_split(name: str, selection: ModuleSelection) -> bool:
+    if selection.split_heads is True:
+        return name.endswith(FUSED_QKV_SUFFIXES)
+    if isinstance(selection.split_heads, tuple):
+        return any(re.search(p, name) for p in selection.split_heads)
+    return False
+
+
+def _selected(name: str, module: nn.Module, model: nn.Module, sel: ModuleSelection) -> bool:
+    if name in sel.extra:
+        return True
+    if module is _output_embeddings(model):
+        return sel.lm_head
+    if module is _input_embeddings(model):
+        return sel.embeddings
+    # Only linears inside the repeated transformer blocks (a ".<index>." in the name).
+    if _kind(module) == "embedding" or not _IN_BLOCK.search(name + "."):
+        return False
+    if sel.include and not any(re.search(p, name) for p in sel.include):
+        return False
+    return not any(re.search(p, name) for p in sel.exclude)
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    return get() if callable(get) else None
+
+
+def find_modules(
+    model: nn.Module, selection: ModuleSelection | None = None
+) -> dict[str, ModuleSpec]:
+    """Specs of the modules to track, keyed by qualified name, in model order."""
+    sel = selection or ModuleSelection()
+    head_size = head_size_of(model)
+    specs: dict[str, ModuleSpec] = {}
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None or not _selected(name, module, model, sel):
+            continue
+        n_in, n_out, bias = _features(module, kind)
+        if kind == "embedding" and n_in > MAX_EMBEDDING_VOCAB:
+            raise MsifError(
+                f"cannot track embedding {name!r}: vocabulary {n_in} > {MAX_EMBEDDING_VOCAB} "
+                "makes its one-hot covariance too large"
+            )
+        block = n_out
+        if _wants_split(name, sel):
+            if not head_size or n_out % head_size:
+                raise MsifError(
+                    f"cannot split {name!r} into heads: output {n_out} is not a multiple of "
+                    f"head size {head_size}"
+                )
+            block = head_size
+        specs[name] = ModuleSpec(name, kind, n_in, n_out, bias, block)
+    if not specs:
+        raise MsifError("no module matched the selection: check --include/--exclude patterns")
+    return specs
+
+
+def resolve(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, nn.Module]:
+    """Map specs to the model's modules, refusing any whose name or shape differs."""
+    named = dict(model.named_modules())
+    out = {}
+    for spec in specs:
+        module = named.get(spec.name)
+        kind = _kind(module) if module is not None else None
+        if kind is None:
+            raise MismatchError(f"module {spec.name!r} of the artifact is not in this model")
+        n_in, n_out, bias = _features(module, kind)
+        if (kind, n_in, n_out, bias) != (spec.kind, spec.in_features, spec.out_features,
+                                         spec.has_bias):
+            raise MismatchError(
+                f"module {spec.name!r} has shape {(n_out, n_in)} here but "
+                f"{(spec.out_features, spec.in_features)} in the artifact"
+            )
+        out[spec.name] = module
+    return out
+
+
+def matching_specs(
+    model: nn.Module, specs: dict[str, ModuleSpec]
+) -> tuple[dict[str, ModuleSpec], dict[str, str]]:
+    """Split specs into those the model has with equal shape and those left out (with why)."""
+    named = dict(model.named_modules())
+    kept, left_out = {}, {}
+    for name, spec in specs.items():
+        module = named.get(name)
+        kind = _kind(module) if module is not None else None
+        if kind is None:
+            left_out[name] = "absent from the model"
+            continue
+        n_in, n_out, bias = _features(module, kind)
+        if (kind, n_in, n_out, bias) != (spec.kind, spec.in_features, spec.out_features,
+                                         spec.has_bias):
+            left_out[name] = f"shape {(n_out, n_in)} differs from {spec.shape}"
+            continue
+        kept[name] = spec
+    return kept, left_out
+
+
+def weight_gradient(module: nn.Module, spec: ModuleSpec):
+    """The module's autograd gradient in msif's (out x in') layout (used by tests and checks)."""
+    import torch
+
+    grad = module.weight.grad
+    if spec.kind in ("conv1d", "embedding"):
+        grad = grad.t()
+    if spec.has_bias:
+        grad = torch.cat([grad, module.bias.grad[:, None]], dim=1)
+    return grad

@@ -1,0 +1,175 @@
+"""Corpus scoring: ⟨W_q, ∇ℓ(z)⟩ per module from one forward and backward pass, no stored DW_z."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from msif.covariance import specs_from_meta
+from msif.errors import MismatchError
+from msif.fingerprint import check_fingerprint, model_fingerprint
+from msif.hooks import activations_and_gradients, capture, frozen
+from msif.modules import ModuleSpec, matching_specs
+from msif.passes import gradient_pass
+from msif.precondition import PreconditionedQueries
+from msif.progress import progress_bar
+
+PATHS = ("auto", "materialise", "per-token")
+# Intermediate tensors of the per-token contraction are chunked over queries to this size.
+CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class BatchScores:
+    """Scores (Q, B) of one batch, per-token contributions (Q, B, T) when asked for."""
+
+    scores: torch.Tensor
+    token_scores: torch.Tensor | None = None
+
+
+@dataclass
+class Scores:
+    """Scores (Q, N) of all documents, per-token scores per batch when asked for."""
+
+    values: torch.Tensor
+    query_ids: list[str]
+    modules: list[str]
+    left_out: dict[str, str]
+    token_scores: list[torch.Tensor] | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def path_costs(spec: ModuleSpec, queries: PreconditionedQueries, b: int, t: int) -> dict:
+    """Multiply-add counts of the two ways to score one module (DESIGN §1 "Scoring cost")."""
+    q, o, i = queries.num_queries, spec.out_features, spec.in_dim
+    if spec.name in queries.lowrank:
+        r = queries.lowrank[spec.name][1].shape[-1]
+        per_token = b * t * q * r * (i + o + 1)
+    else:
+        per_token = q * b * t * (min(o, i) * max(o, i) + min(o, i))
+    return {"materialise": b * t * o * i + q * b * o * i, "per-token": per_token}
+
+
+def choose_path(spec, queries, b, t, per_token: bool, path: str) -> str:
+    """The cheaper path unless forced; per-token scores need the per-token path."""
+    if per_token:
+        return "per-token"
+    if path != "auto":
+        return path
+    costs = path_costs(spec, queries, b, t)
+    return min(costs, key=costs.get)
+
+
+def _per_token_dense(a, g, w) -> torch.Tensor:
+    q, o, i = w.shape
+    b, t = a.shape[:2]
+    step = max(1, CHUNK_ELEMENTS // max(1, b * t * min(o, i)))
+    out = []
+    for s in range(0, q, step):
+        wc = w[s : s + step]
+        if i <= o:  # contract through the smaller width
+            out.append(torch.einsum("bto,qoi,bti->qbt", g, wc, a))
+        else:
+            out.append(((torch.einsum("bti,qoi->qbto", a, wc)) * g).sum(-1))
+    return torch.cat(out)
+
+
+def _per_token_lowrank(a, g, usv) -> torch.Tensor:
+    u, s, v = usv
+    gu = torch.einsum("bto,qor->qbtr", g, u)
+    av = torch.einsum("bti,qir->qbtr", a, v)
+    return torch.einsum("qbtr,qr,qbtr->qbt", gu, s, av)
+
+
+def module_scores(a, g, queries: PreconditionedQueries, name: str, path: str, dense_cache: dict):
+    """Scores (Q, B) or per-token (Q, B, T) of one module."""
+    work = a.dtype
+    if path == "per-token":
+        if name in queries.lowrank:
+            usv = tuple(x.to(a.device, work) for x in queries.lowrank[name])
+            return _per_token_lowrank(a, g, usv)
+        return _per_token_dense(a, g, queries.dense[name].to(a.device, work))
+    if name not in dense_cache:
+        dense_cache[name] = queries.weight(name).to(a.device, work)
+    dw = torch.einsum("bto,bti->boi", g, a)
+    return torch.einsum("qoi,boi->qb", dense_cache[name], dw)
+
+
+def _score_batch(model, batch, queries, specs, cap, per_token, path, dense_cache, paths_used):
+    gradient_pass(model, batch, cap)
+    real = batch["attention_mask"].to(next(iter(cap.activations.values())).device)
+    b, t = real.shape
+    total = None
+    for name, spec in specs.items():
+        a, g = activations_and_gradients(cap, name)
+        work = torch.float64 if a.dtype == torch.float64 else torch.float32
+        a = a.to(work) * real[..., None].to(work)
+        g = g.to(work)
+        chosen = choose_path(spec, queries, b, t, per_token, path)
+        paths_used[name] = chosen
+        s = module_scores(a, g, queries, name, chosen, dense_cache)
+        if per_token and s.dim() == 2:
+            raise AssertionError("per-token path must give (Q, B, T)")
+        if not per_token and s.dim() == 3:
+            s = s.sum(-1)
+        total = s if total is None else total + s
+    cap.clear()
+    if per_token:
+        return BatchScores(total.sum(-1), total)
+    return BatchScores(total)
+
+
+def scoring_modules(model: nn.Module, queries: PreconditionedQueries):
+    """Modules scored with this model (present with equal shape) and those left out."""
+    if queries.score_fingerprint is not None:
+        fp = dict(queries.score_fingerprint)
+        check_specs = specs_from_meta(fp)
+        check_fingerprint(fp, model_fingerprint(model, check_specs),
+                          f"the {queries.method} queries' corpus model")
+    kept, left_out = matching_specs(model, queries.specs)
+    if not kept:
+        raise MismatchError("no module of the preconditioned queries is in the scoring model")
+    return kept, {**queries.left_out, **left_out}
+
+
+def score(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    queries: PreconditionedQueries,
+    *,
+    per_token: bool = False,
+    path: str = "auto",
+    progress: bool = False,
+) -> Scores:
+    """Influence scores (Q, N) of every document in batches on every query."""
+    results = list(iter_scores(model, batches, queries, per_token=per_token, path=path,
+                               progress=progress))
+    specs, left_out = scoring_modules(model, queries)
+    values = torch.cat([r.scores for r in results], dim=1) if results else torch.zeros(
+        queries.num_queries, 0)
+    tokens = [r.token_scores for r in results] if per_token else None
+    return Scores(values, list(queries.query_ids), list(specs), left_out, tokens)
+
+
+def iter_scores(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    queries: PreconditionedQueries,
+    *,
+    per_token: bool = False,
+    path: str = "auto",
+    progress: bool = False,
+    paths_used: dict | None = None,
+):
+    """Yield BatchScores batch by batch (streaming; memory independent of corpus size)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}")
+    specs, _ = scoring_modules(model, queries)
+    cache: dict = {}
+    used = paths_used if paths_used is not None else {}
+    with frozen(model), capture(model, specs) as cap:
+        for batch in progress_bar(batches, progress, f"score ({queries.method})"):
+            yield _score_batch(model, batch, queries, specs, cap, per_token, path, cache, used)
