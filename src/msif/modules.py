@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -176,7 +177,18 @@ def find_modules(
         specs[name] = ModuleSpec(name, kind, n_in, n_out, bias, block)
     if not specs:
         raise MsifError("no module matched the selection: check --include/--exclude patterns")
+    _warn_tied(model, specs)
     return specs
+
+
+def _warn_tied(model: nn.Module, specs: dict[str, ModuleSpec]) -> None:
+    head, emb = _output_embeddings(model), _input_embeddings(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    if head is not None and emb is not None and head.weight is emb.weight:
+        if names.get(id(head)) in specs and names.get(id(emb)) in specs:
+            logging.getLogger("msif").warning(
+                "%s and %s share one weight; msif tracks each use as its own module",
+                names[id(head)], names[id(emb)])
 
 
 def resolve(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, nn.Module]:

@@ -28,6 +28,7 @@ class BatchScores:
 
     scores: torch.Tensor
     token_scores: torch.Tensor | None = None
+    ids: list[str] | None = None
 
 
 @dataclass
@@ -117,9 +118,10 @@ def _score_batch(model, batch, queries, specs, cap, per_token, path, dense_cache
             s = s.sum(-1)
         total = s if total is None else total + s
     cap.clear()
+    ids = batch.get("ids")
     if per_token:
-        return BatchScores(total.sum(-1), total)
-    return BatchScores(total)
+        return BatchScores(total.sum(-1), total, ids)
+    return BatchScores(total, None, ids)
 
 
 def scoring_modules(model: nn.Module, queries: PreconditionedQueries):

@@ -1,0 +1,358 @@
+"""One function per pipeline node; the CLI and the KFP components call exactly these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from msif.correction import LambdaSums, fit_lambda
+from msif.covariance import CovarianceSums, fit_covariance
+from msif.data import Example, batches, pad_id_of
+from msif.eigen import Eigenbasis, eigendecompose
+from msif.errors import DataError, MismatchError, MsifError
+from msif.factors import Damping, Factors
+from msif.models import load_model
+from msif.modules import ModuleSelection
+from msif.precondition import PreconditionedQueries, precondition_queries
+from msif.score import iter_scores
+from msif.tables import TableOptions, iter_examples, require_queries, table_kind
+
+log = logging.getLogger("msif")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options shared by the model-running nodes."""
+
+    max_length: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    split_heads: bool = False
+    progress: bool = True
+
+    def selection(self) -> ModuleSelection:
+        """The module selection these options describe."""
+        return ModuleSelection(tuple(self.include), tuple(self.exclude),
+                               split_heads=self.split_heads)
+
+    def table(self) -> TableOptions:
+        """Tokenisation options."""
+        return TableOptions(max_length=self.max_length)
+
+
+def check_shard(shard: int, num_shards: int) -> None:
+    """0 <= shard < num_shards."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise MsifError(f"shard {shard} of {num_shards} is not a valid shard index")
+
+
+def _stage_batches(model, tokenizer, data_uri: str, shard: int, num_shards: int,
+                   opts: RunOptions) -> tuple[Iterator[dict], dict]:
+    from msif.parquet_source import ParquetSource
+
+    check_shard(shard, num_shards)
+    source = ParquetSource.open(data_uri)
+    kind = table_kind(source.schema, data_uri)
+    start, stop = source.shard_range(shard, num_shards)
+    vocab = model.get_input_embeddings().num_embeddings
+    examples = iter_examples(source, tokenizer, kind, opts.table(), vocab, start, stop)
+    info = {"data": data_uri, "data_fingerprint": source.fingerprint(), "shard": shard,
+            "num_shards": num_shards, "rows": [start, stop], "options": _opts_info(opts)}
+    return batches(examples, opts.batch_size, pad_id_of(tokenizer)), info
+
+
+def _opts_info(opts: RunOptions) -> dict:
+    d = asdict(opts)
+    d.pop("progress")
+    d.pop("device")
+    return d
+
+
+def fit_covariance_node(model_uri: str, data_uri: str, stage: str, shard: int, num_shards: int,
+                        out_uri: str, opts: RunOptions) -> None:
+    """Covariance partial sums of one data shard."""
+    from msif.storage import staged_output_dir
+
+    _check_stage(stage)
+    model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
+    data, info = _stage_batches(model, tokenizer, data_uri, shard, num_shards, opts)
+    cov = fit_covariance(model, data, stage=stage, modules=opts.selection(), seed=opts.seed,
+                         progress=opts.progress)
+    cov.info = {**info, "model": model_uri}
+    with staged_output_dir(out_uri, {"node": "fit-covariance", "stage": stage}) as tmp:
+        cov.save(tmp)
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in ("pt", "ft"):
+        raise MsifError(f"stage must be 'pt' or 'ft', not {stage!r}")
+
+
+def _check_shard_set(infos: Sequence[dict], what: str) -> None:
+    # Reducing an incomplete or mixed set of shards would silently give wrong factors.
+    n = {i.get("num_shards") for i in infos}
+    fps = {i.get("data_fingerprint") for i in infos}
+    if len(n) != 1 or len(fps) != 1:
+        raise MismatchError(f"{what} come from different shardings or data")
+    total = n.pop()
+    seen = sorted(i.get("shard") for i in infos)
+    missing = sorted(set(range(total)) - set(seen))
+    if missing:
+        raise MsifError(f"{what}: shard {missing[0]} of {total} is missing")
+    if len(seen) != len(set(seen)):
+        raise MsifError(f"{what}: a shard was given twice")
+
+
+def _load_dirs(uris: Sequence[str], loader):
+    from msif.storage import local_input_dir
+
+    if not uris:
+        raise MsifError("no partial sums given")
+    return [loader(local_input_dir(u)) for u in uris]
+
+
+def eigendecompose_node(partial_uris: Sequence[str], out_uri: str,
+                        dtype: str = "float32") -> None:
+    """Reduce covariance partial sums and eigendecompose them."""
+    from msif.models import DTYPES
+    from msif.storage import staged_output_dir
+
+    parts = _load_dirs(partial_uris, CovarianceSums.load)
+    _check_shard_set([p.info for p in parts], "covariance partial sums")
+    basis = eigendecompose(parts, dtype=DTYPES[dtype])
+    basis.info.update({k: parts[0].info.get(k) for k in ("data", "data_fingerprint", "model")})
+    with staged_output_dir(out_uri, {"node": "eigendecompose", "stage": basis.stage}) as tmp:
+        basis.save(tmp)
+
+
+def fit_lambda_node(model_uri: str, data_uri: str, stage: str, eigenbasis_uri: str, shard: int,
+                    num_shards: int, out_uri: str, opts: RunOptions) -> None:
+    """Λ partial sums of one data shard in a given eigenbasis."""
+    from msif.storage import local_input_dir, staged_output_dir
+
+    _check_stage(stage)
+    basis = Eigenbasis.load(local_input_dir(eigenbasis_uri))
+    if basis.stage != stage:
+        raise MismatchError(f"{eigenbasis_uri} is a {basis.stage!r} eigenbasis, not {stage!r}")
+    model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
+    data, info = _stage_batches(model, tokenizer, data_uri, shard, num_shards, opts)
+    lam = fit_lambda(model, data, basis, seed=opts.seed, progress=opts.progress)
+    lam.info.update(info)
+    with staged_output_dir(out_uri, {"node": "fit-lambda", "stage": stage}) as tmp:
+        lam.save(tmp)
+
+
+def build_factors_node(eigenbasis_uri: str, partial_uris: Sequence[str], out_uri: str) -> None:
+    """Reduce Λ partial sums into the stage's factors."""
+    from msif.storage import local_input_dir, staged_output_dir
+
+    basis = Eigenbasis.load(local_input_dir(eigenbasis_uri))
+    parts = _load_dirs(partial_uris, LambdaSums.load)
+    _check_shard_set([p.info for p in parts], "Λ partial sums")
+    factors = Factors.build(basis, parts)
+    factors.info.update({k: basis.info.get(k) for k in ("data", "model")})
+    with staged_output_dir(out_uri, {"node": "build-factors", "stage": factors.stage}) as tmp:
+        factors.save(tmp)
+
+
+def table_fingerprint(table: pa.Table) -> str:
+    """Content hash of a small table (queries)."""
+    h = hashlib.sha256()
+    for name in sorted(table.column_names):
+        h.update(name.encode())
+        h.update(json.dumps(table.column(name).to_pylist(), sort_keys=True,
+                            default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def query_gradients_node(model_uri: str, queries_uri: str, method: str, out_uri: str,
+                         opts: RunOptions, *, ft_factors_uri: str | None = None,
+                         pt_factors_uri: str | None = None, alpha: float | None = None,
+                         damping_factor: float = 0.1, damping: float | None = None,
+                         rank: int | None = None) -> None:
+    """Precondition the queries' gradients at θ_ft for one method."""
+    from msif.data import tokenize_prompt_completion
+    from msif.parquet_source import read_table
+    from msif.storage import local_input_dir, staged_output_dir
+
+    model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
+    table = read_table(queries_uri)
+    require_queries(table, queries_uri)
+    ids = [str(x) for x in table.column("id").to_pylist()]
+    examples = tokenize_prompt_completion(tokenizer, ids, table.column("prompt").to_pylist(),
+                                          table.column("completion").to_pylist(),
+                                          opts.max_length)
+    ft = (Factors.load(local_input_dir(ft_factors_uri), model=model, stage="ft")
+          if ft_factors_uri and method != "gradient-dot" else None)
+    pt = (Factors.load(local_input_dir(pt_factors_uri), stage="pt")
+          if pt_factors_uri and method == "multi-stage" else None)
+    pq_ = precondition_queries(
+        model, batches(examples, opts.batch_size, pad_id_of(tokenizer)), ids, method=method,
+        ft_factors=ft, pt_factors=pt, alpha=alpha, damping=Damping(damping_factor, damping),
+        rank=rank or None, modules=opts.selection(), progress=opts.progress)
+    pq_.info.update({"queries": queries_uri, "queries_fingerprint": table_fingerprint(table),
+                     "model": model_uri, "max_length": opts.max_length})
+    with staged_output_dir(out_uri, {"node": "query-gradients", "method": method}) as tmp:
+        pq_.save(tmp)
+
+
+@dataclass
+class TopK:
+    """The k highest scores per query seen so far (ties broken by doc id for determinism)."""
+
+    k: int
+    num_queries: int
+    scores: list[np.ndarray] = field(default_factory=list)
+    ids: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.scores = [np.empty(0, np.float64) for _ in range(self.num_queries)]
+        self.ids = [np.empty(0, object) for _ in range(self.num_queries)]
+
+    def update(self, scores: np.ndarray, doc_ids: Sequence[str]) -> None:
+        """Merge a (Q, B) block of scores."""
+        names = np.asarray(doc_ids, dtype=object)
+        for q in range(self.num_queries):
+            s = np.concatenate([self.scores[q], scores[q]])
+            d = np.concatenate([self.ids[q], names])
+            order = np.lexsort((d.astype(str), -s))[: self.k]
+            self.scores[q], self.ids[q] = s[order], d[order]
+
+    def rows(self, q: int) -> list[tuple[str, float]]:
+        """(doc_id, score) of query q, best first."""
+        return list(zip(self.ids[q].tolist(), self.scores[q].tolist(), strict=True))
+
+
+SCORE_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32()),
+    ("rank", pa.int32()), ("tokens", pa.list_(pa.string())),
+    ("token_scores", pa.list_(pa.float32())),
+])
+
+
+@dataclass
+class _Explained:
+    """Token strings and per-token scores of the documents shown in reports."""
+
+    tokens: dict[str, list[str]] = field(default_factory=dict)
+    scores: dict[tuple[int, str], list[float]] = field(default_factory=dict)
+
+
+def _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts):
+    from msif.parquet_source import ParquetSource
+
+    check_shard(shard, num_shards)
+    source = ParquetSource.open(corpus_uri)
+    if table_kind(source.schema, corpus_uri) != "corpus":
+        raise DataError(f"{corpus_uri} is not a corpus: it needs `id` and `text` or `input_ids`")
+    start, stop = source.shard_range(shard, num_shards)
+    vocab = model.get_input_embeddings().num_embeddings
+    examples = iter_examples(source, tokenizer, "corpus", opts.table(), vocab, start, stop)
+    return examples, source, (start, stop)
+
+
+def _explain(model, tokenizer, pq_, keep: dict[str, Example], topk: TopK, explain_k: int,
+             opts: RunOptions) -> _Explained:
+    # A second, per-token pass over only the documents the report will show.
+    wanted = sorted({d for q in range(topk.num_queries) for d, _ in topk.rows(q)[:explain_k]})
+    out = _Explained()
+    if not wanted:
+        return out
+    examples = [keep[d] for d in wanted]
+    for bs in iter_scores(model, batches(examples, opts.batch_size, pad_id_of(tokenizer)), pq_,
+                          per_token=True):
+        for j, doc_id in enumerate(bs.ids):
+            n = len(keep[doc_id].input_ids)
+            out.tokens[doc_id] = tokenizer.convert_ids_to_tokens(keep[doc_id].input_ids)
+            for q in range(topk.num_queries):
+                out.scores[(q, doc_id)] = bs.token_scores[q, j, :n].float().tolist()
+    return out
+
+
+def _track_examples(stream: Iterator[Example], keep: dict[str, Example]) -> Iterator[Example]:
+    for e in stream:
+        keep[e.id] = e
+        yield e
+
+
+def score_node(model_uri: str, corpus_uri: str, preconditioned_uri: str, shard: int,
+               num_shards: int, top_k: int, out_uri: str, opts: RunOptions, *,
+               full: bool = False, explain_k: int = 10, path: str = "auto") -> None:
+    """Score one corpus shard against the preconditioned queries; keep the top-k per query."""
+    from msif.storage import local_input_dir, staged_output_dir
+
+    if top_k < 1:
+        raise MsifError("--top-k must be at least 1")
+    pq_ = PreconditionedQueries.load(local_input_dir(preconditioned_uri))
+    model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
+    examples, source, rows = _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards,
+                                             opts)
+    keep: dict[str, Example] = {}
+    topk = TopK(top_k, pq_.num_queries)
+    paths: dict[str, str] = {}
+    num_docs = 0
+    meta = {"node": "score", "method": pq_.method, "shard": shard, "num_shards": num_shards}
+    with staged_output_dir(out_uri, meta) as tmp:
+        writer = pq.ParquetWriter(tmp / "full_scores.parquet", _FULL_SCHEMA) if full else None
+        stream = batches(_track_examples(examples, keep), opts.batch_size, pad_id_of(tokenizer))
+        for bs in iter_scores(model, stream, pq_, path=path, progress=opts.progress,
+                              paths_used=paths):
+            values = bs.scores.double().cpu().numpy()
+            topk.update(values, bs.ids)
+            num_docs += len(bs.ids)
+            if writer is not None:
+                writer.write_table(_full_rows(pq_.query_ids, bs.ids, values))
+            best = {d for q in range(topk.num_queries) for d, _ in topk.rows(q)}
+            for d in [d for d in keep if d not in best]:
+                del keep[d]
+        if writer is not None:
+            writer.close()
+        explained = _explain(model, tokenizer, pq_, keep, topk, explain_k, opts)
+        pq.write_table(_score_rows(pq_.query_ids, topk, explained), tmp / "scores.parquet")
+        info = {**meta, "corpus": corpus_uri, "corpus_fingerprint": source.fingerprint(),
+                "queries_fingerprint": pq_.info.get("queries_fingerprint"),
+                "num_docs": num_docs, "rows": list(rows), "top_k": top_k,
+                "modules": sorted(paths), "paths": paths, "left_out": pq_.left_out,
+                "damping": pq_.damping, "alpha": pq_.info.get("alpha"), "rank": pq_.rank,
+                "model": model_uri}
+        (tmp / "scores.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+    log.info("scored %d documents of shard %d/%d (%s)", num_docs, shard, num_shards,
+             pq_.method)
+
+
+_FULL_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()),
+                          ("score", pa.float32())])
+
+
+def _full_rows(query_ids, doc_ids, values: np.ndarray) -> pa.Table:
+    q = np.repeat(np.asarray(query_ids, dtype=object), len(doc_ids))
+    d = np.tile(np.asarray(doc_ids, dtype=object), len(query_ids))
+    return pa.table([pa.array(q, pa.string()), pa.array(d, pa.string()),
+                     pa.array(values.reshape(-1), pa.float32())], schema=_FULL_SCHEMA)
+
+
+def _score_rows(query_ids, topk: TopK, explained: _Explained) -> pa.Table:
+    rows = {name: [] for name in SCORE_SCHEMA.names}
+    for q, qid in enumerate(query_ids):
+        for r, (doc_id, s) in enumerate(topk.rows(q), start=1):
+            rows["query_id"].append(qid)
+            rows["doc_id"].append(doc_id)
+            rows["score"].append(s)
+            rows["rank"].append(r)
+            rows["tokens"].append(explained.tokens.get(doc_id, []) if (q, doc_id) in
+                                  explained.scores else [])
+            rows["token_scores"].append(explained.scores.get((q, doc_id), []))
+    return pa.table(rows, schema=SCORE_SCHEMA)
