@@ -24,8 +24,9 @@ def per_example_gradients(model, examples, specs, *, sample=False, seed=0):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             labels = batch["labels"]
             if sample:
-                labels = sample_labels(out.logits.detach(), batch["input_ids"], labels,
-                                       batch["attention_mask"], seed)
+                labels = sample_labels(
+                    out.logits.detach(), batch["input_ids"], labels, batch["attention_mask"], seed
+                )
             sequence_losses(out.logits, labels).sum().backward()
             for name, module in modules.items():
                 grads[name].append(weight_gradient(module, specs[name]).detach().clone())
@@ -43,8 +44,10 @@ def block_diag(q_g: torch.Tensor) -> torch.Tensor:
 
 def kron_basis(factors, name):
     """Q = Q_G ⊗ Q_A, the eigenbasis of row-major vec(out x in') gradients."""
-    return torch.kron(block_diag(factors.gradient_eigvecs[name]).contiguous(),
-                      factors.activation_eigvecs[name].contiguous())
+    return torch.kron(
+        block_diag(factors.gradient_eigvecs[name]).contiguous(),
+        factors.activation_eigvecs[name].contiguous(),
+    )
 
 
 def dense_ekfac(factors, name) -> torch.Tensor:

@@ -49,8 +49,9 @@ def test_one_token_ekfac_inverse_equals_exact_damped_fisher_inverse():
     lam = factors.damping_for(name, Damping(0.1))
     assert lam == pytest.approx(0.1 * float(factors.lambdas[name].mean()))
     v = torch.randn(4, 7, 4, dtype=torch.float64)
-    exact = torch.linalg.solve(fisher + lam * torch.eye(g.numel(), dtype=g.dtype),
-                               v.reshape(4, -1).T).T.reshape(v.shape)
+    exact = torch.linalg.solve(
+        fisher + lam * torch.eye(g.numel(), dtype=g.dtype), v.reshape(4, -1).T
+    ).T.reshape(v.shape)
     got = factors.inverse_apply(name, v, lam)
     torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-9)
 
@@ -67,9 +68,17 @@ def test_block_inverse_equals_dense_inverse_and_leaves_factors_untouched(blocks)
     out = bs * blocks
     spec = msif.ModuleSpec("m", "linear", n_in - 1, out, True, bs)
     q_g = torch.stack([_random_orthogonal(bs, gen) for _ in range(blocks)])
-    factors = Factors("pt", {"m": spec}, {"m": _random_orthogonal(n_in, gen)}, {"m": q_g},
-                      {"m": torch.rand(out, n_in, generator=gen, dtype=torch.float64)}, 1, 1,
-                      {}, 0)
+    factors = Factors(
+        "pt",
+        {"m": spec},
+        {"m": _random_orthogonal(n_in, gen)},
+        {"m": q_g},
+        {"m": torch.rand(out, n_in, generator=gen, dtype=torch.float64)},
+        1,
+        1,
+        {},
+        0,
+    )
     before = {k: v.clone() for k, v in factors.lambdas.items()}
     v = torch.randn(3, out, n_in, generator=gen, dtype=torch.float64)
     got = factors.inverse_apply("m", v, 0.3)
@@ -118,8 +127,15 @@ def test_scores_equal_dense_computation_on_both_paths(two_stage, method, split):
     fft = fit_factors(s.ft, make_batches(s.ft_data, 4), "ft", sel)
     ids = [e.id for e in s.queries]
     pq = msif.precondition_queries(
-        s.ft, make_batches(s.queries, 3), ids, method=method, ft_factors=fft, pt_factors=fpt,
-        alpha=0.02, modules=sel)
+        s.ft,
+        make_batches(s.queries, 3),
+        ids,
+        method=method,
+        ft_factors=fft,
+        pt_factors=fpt,
+        alpha=0.02,
+        modules=sel,
+    )
     specs = pq.specs
     q_grads = per_example_gradients(s.ft, s.queries, specs)
     corpus_model = s.ft if method == "single-stage" else s.pt
@@ -139,12 +155,12 @@ def test_scores_equal_dense_computation_on_both_paths(two_stage, method, split):
     batches = make_batches(s.corpus, 4)
     for path in ("materialise", "per-token"):
         got = msif.score(corpus_model, batches, pq, path=path)
-        torch.testing.assert_close(got.values, expected, rtol=1e-8, atol=1e-8 *
-                                   float(expected.abs().max()))
+        torch.testing.assert_close(
+            got.values, expected, rtol=1e-8, atol=1e-8 * float(expected.abs().max())
+        )
     tok = msif.score(corpus_model, batches, pq, per_token=True)
     summed = torch.cat([t.sum(-1) for t in tok.token_scores], dim=1)
-    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-8 *
-                               float(expected.abs().max()))
+    torch.testing.assert_close(summed, expected, rtol=1e-8, atol=1e-8 * float(expected.abs().max()))
 
 
 def test_multi_stage_differs_from_its_parts(two_stage):
@@ -154,10 +170,12 @@ def test_multi_stage_differs_from_its_parts(two_stage):
     fft = fit_factors(s.ft, make_batches(s.ft_data, 4), "ft")
     ids = [e.id for e in s.queries]
     batches = make_batches(s.queries, 4)
-    multi = msif.precondition_queries(s.ft, batches, ids, ft_factors=fft, pt_factors=fpt,
-                                      alpha=0.02)
-    only_ft = msif.precondition_queries(s.ft, batches, ids, method="single-stage",
-                                        ft_factors=fft, alpha=0.02)
+    multi = msif.precondition_queries(
+        s.ft, batches, ids, ft_factors=fft, pt_factors=fpt, alpha=0.02
+    )
+    only_ft = msif.precondition_queries(
+        s.ft, batches, ids, method="single-stage", ft_factors=fft, alpha=0.02
+    )
     name = next(iter(multi.specs))
     assert not torch.allclose(multi.dense[name], only_ft.dense[name])
     again = fpt.inverse_apply(name, only_ft.dense[name], multi.damping["pt"][name])
@@ -172,17 +190,20 @@ def test_full_rank_queries_reproduce_full_scores(two_stage):
     qb = make_batches(s.queries, 4)
     full = msif.precondition_queries(s.ft, qb, ids, ft_factors=fft, pt_factors=fpt, alpha=0.1)
     full_rank = max(min(sp.shape) for sp in full.specs.values())
-    lr = msif.precondition_queries(s.ft, qb, ids, ft_factors=fft, pt_factors=fpt, alpha=0.1,
-                                   rank=full_rank)
+    lr = msif.precondition_queries(
+        s.ft, qb, ids, ft_factors=fft, pt_factors=fpt, alpha=0.1, rank=full_rank
+    )
     assert lr.lowrank and not lr.dense
     batches = make_batches(s.corpus, 4)
     expected = msif.score(s.pt, batches, full).values
     for path in ("materialise", "per-token"):
         got = msif.score(s.pt, batches, lr, path=path).values
-        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 *
-                                   float(expected.abs().max()))
-    rank1 = msif.precondition_queries(s.ft, qb, ids, ft_factors=fft, pt_factors=fpt,
-                                      alpha=0.1, rank=1)
+        torch.testing.assert_close(
+            got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max())
+        )
+    rank1 = msif.precondition_queries(
+        s.ft, qb, ids, ft_factors=fft, pt_factors=fpt, alpha=0.1, rank=1
+    )
     approx = msif.score(s.pt, batches, rank1).values
     assert not torch.allclose(approx, expected)
     corr = torch.corrcoef(torch.stack([approx.flatten(), expected.flatten()]))[0, 1]

@@ -32,8 +32,10 @@ def examples():
 
 def test_covariance_and_lambda_are_additive_over_shards(model, examples):
     whole = msif.fit_covariance(model, make_batches(examples, 4))
-    parts = [msif.fit_covariance(model, make_batches(examples[:3], 2)),
-             msif.fit_covariance(model, make_batches(examples[3:], 5))]
+    parts = [
+        msif.fit_covariance(model, make_batches(examples[:3], 2)),
+        msif.fit_covariance(model, make_batches(examples[3:], 5)),
+    ]
     total = parts[0] + parts[1]
     assert (total.num_tokens, total.num_sequences) == (whole.num_tokens, whole.num_sequences)
     for k in whole.specs:
@@ -41,8 +43,9 @@ def test_covariance_and_lambda_are_additive_over_shards(model, examples):
         torch.testing.assert_close(total.gradient[k], whole.gradient[k])
     basis = msif.eigendecompose(whole, dtype=torch.float64)
     lam_whole = msif.fit_lambda(model, make_batches(examples, 4), basis)
-    lam_sum = (msif.fit_lambda(model, make_batches(examples[:6], 3), basis)
-               + msif.fit_lambda(model, make_batches(examples[6:], 4), basis))
+    lam_sum = msif.fit_lambda(model, make_batches(examples[:6], 3), basis) + msif.fit_lambda(
+        model, make_batches(examples[6:], 4), basis
+    )
     for k in whole.specs:
         torch.testing.assert_close(lam_sum.sums[k], lam_whole.sums[k])
 
@@ -63,10 +66,12 @@ def test_factors_applied_twice_give_identical_results(model, examples):
     basis = msif.eigendecompose(msif.fit_covariance(model, data), dtype=torch.float64)
     factors = msif.Factors.build(basis, msif.fit_lambda(model, data, basis))
     queries = make_batches(random_examples(2, seed=8, prompt=True), 2)
-    p1 = msif.precondition_queries(model, queries, ["a", "b"], method="single-stage",
-                                   ft_factors=_as_stage(factors, "ft"))
-    p2 = msif.precondition_queries(model, queries, ["a", "b"], method="single-stage",
-                                   ft_factors=_as_stage(factors, "ft"))
+    p1 = msif.precondition_queries(
+        model, queries, ["a", "b"], method="single-stage", ft_factors=_as_stage(factors, "ft")
+    )
+    p2 = msif.precondition_queries(
+        model, queries, ["a", "b"], method="single-stage", ft_factors=_as_stage(factors, "ft")
+    )
     for k in p1.dense:
         assert torch.equal(p1.dense[k], p2.dense[k])
 
@@ -107,21 +112,49 @@ def test_prompt_and_padding_contribute_nothing(model):
     # Token-level: masked and padded positions get no scored-token weight in the covariance.
     cov_pad = msif.fit_covariance(model, [collate([short, long], 0)])
     cov_sep = msif.fit_covariance(model, [collate([short], 0)]) + msif.fit_covariance(
-        model, [collate([long], 0)])
+        model, [collate([long], 0)]
+    )
     assert cov_pad.num_tokens == 2 + 6  # long: labels at positions 1..6
     for k in specs:
         torch.testing.assert_close(cov_pad.activation[k], cov_sep.activation[k])
 
 
-@pytest.mark.parametrize("arch,expected", [
-    ("gpt_neox", ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
-                  "mlp.dense_4h_to_h"]),
-    ("gpt2", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
-    ("llama", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
-    ("bloom", ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
-               "mlp.dense_4h_to_h"]),
-])
+@pytest.mark.parametrize(
+    "arch,expected",
+    [
+        (
+            "gpt_neox",
+            [
+                "attention.query_key_value",
+                "attention.dense",
+                "mlp.dense_h_to_4h",
+                "mlp.dense_4h_to_h",
+            ],
+        ),
+        ("gpt2", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+        (
+            "llama",
+            [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ],
+        ),
+        (
+            "bloom",
+            [
+                "self_attention.query_key_value",
+                "self_attention.dense",
+                "mlp.dense_h_to_4h",
+                "mlp.dense_4h_to_h",
+            ],
+        ),
+    ],
+)
 def test_tracked_modules_and_hook_gradients_match_autograd(arch, expected):
     model = tiny_model(arch)
     specs = find_modules(model)
@@ -135,25 +168,25 @@ def test_tracked_modules_and_hook_gradients_match_autograd(arch, expected):
         torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-11)
     with_head = find_modules(model, ModuleSelection(lm_head=True, embeddings=True))
     assert set(with_head) - set(specs)  # head and embeddings only when asked
-    heads = find_modules(model, ModuleSelection(lm_head=True, embeddings=True,
-                                                include=("^$",)))
+    heads = find_modules(model, ModuleSelection(lm_head=True, embeddings=True, include=("^$",)))
     got = msif.query_gradients(model, make_batches(examples, 3), heads)
     want = per_example_gradients(model, examples, heads)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if head.weight is emb.weight:
         # Tied weights: each module sees its own use; autograd sums both uses.
         (h, e) = sorted(heads, key=lambda n: heads[n].kind != "linear")
-        torch.testing.assert_close(got[h] + got[e].transpose(1, 2), want[h], rtol=1e-9,
-                                   atol=1e-11)
+        torch.testing.assert_close(got[h] + got[e].transpose(1, 2), want[h], rtol=1e-9, atol=1e-11)
         return
     for k in heads:
         torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-11)
 
 
 def test_split_heads_on_fused_projections():
-    for arch, name in [("gpt_neox", "gpt_neox.layers.0.attention.query_key_value"),
-                       ("gpt2", "transformer.h.0.attn.c_attn"),
-                       ("bloom", "transformer.h.0.self_attention.query_key_value")]:
+    for arch, name in [
+        ("gpt_neox", "gpt_neox.layers.0.attention.query_key_value"),
+        ("gpt2", "transformer.h.0.attn.c_attn"),
+        ("bloom", "transformer.h.0.self_attention.query_key_value"),
+    ]:
         specs = find_modules(tiny_model(arch), ModuleSelection(split_heads=True))
         assert (specs[name].block_size, specs[name].num_blocks) == (8, 6)
         others = [s for n, s in specs.items() if n != name and "layers.0" in n]
@@ -194,8 +227,9 @@ def test_partial_sums_round_trip(tmp_path, model, examples):
     basis.save(tmp_path / "e")
     lam = msif.fit_lambda(model, make_batches(examples, 5), msif.Eigenbasis.load(tmp_path / "e"))
     lam.save(tmp_path / "l")
-    assert torch.equal(LambdaSums.load(tmp_path / "l").sums[next(iter(cov.specs))],
-                       lam.sums[next(iter(cov.specs))])
+    assert torch.equal(
+        LambdaSums.load(tmp_path / "l").sums[next(iter(cov.specs))], lam.sums[next(iter(cov.specs))]
+    )
     with pytest.raises(MismatchError, match="holds a 'covariance' artifact"):
         _rename(tmp_path / "c", "covariance", "lambda")
         LambdaSums.load(tmp_path / "c")
@@ -214,27 +248,37 @@ def test_scoring_refuses_queries_made_for_another_corpus_model(model, examples):
         basis = msif.eigendecompose(msif.fit_covariance(m, data, stage=stage))
         fits[stage] = msif.Factors.build(basis, msif.fit_lambda(m, data, basis))
     q = make_batches(random_examples(2, seed=1, prompt=True), 2)
-    pq = msif.precondition_queries(ft, q, ["a", "b"], ft_factors=fits["ft"],
-                                   pt_factors=fits["pt"])
+    pq = msif.precondition_queries(ft, q, ["a", "b"], ft_factors=fits["ft"], pt_factors=fits["pt"])
     with pytest.raises(MismatchError, match="corpus model"):
         msif.score(ft, data, pq)
     with pytest.raises(MismatchError, match="fine-tune factors"):
-        msif.precondition_queries(model, q, ["a", "b"], ft_factors=fits["ft"],
-                                  pt_factors=fits["pt"])
+        msif.precondition_queries(
+            model, q, ["a", "b"], ft_factors=fits["ft"], pt_factors=fits["pt"]
+        )
 
 
 def test_module_left_out_when_missing_from_pre_training_factors(model, examples):
     data = make_batches(examples, 5)
     ft = perturbed(model)
-    basis = msif.eigendecompose(msif.fit_covariance(
-        model, data, stage="pt", modules=ModuleSelection(exclude=(r"layers\.1\.mlp",))))
+    basis = msif.eigendecompose(
+        msif.fit_covariance(
+            model, data, stage="pt", modules=ModuleSelection(exclude=(r"layers\.1\.mlp",))
+        )
+    )
     fpt = msif.Factors.build(basis, msif.fit_lambda(model, data, basis))
     basis = msif.eigendecompose(msif.fit_covariance(ft, data, stage="ft"))
     fft = msif.Factors.build(basis, msif.fit_lambda(ft, data, basis))
-    pq = msif.precondition_queries(ft, make_batches(random_examples(1, 2, prompt=True), 1),
-                                   ["q"], ft_factors=fft, pt_factors=fpt)
-    assert set(pq.left_out) == {"gpt_neox.layers.1.mlp.dense_h_to_4h",
-                                "gpt_neox.layers.1.mlp.dense_4h_to_h"}
+    pq = msif.precondition_queries(
+        ft,
+        make_batches(random_examples(1, 2, prompt=True), 1),
+        ["q"],
+        ft_factors=fft,
+        pt_factors=fpt,
+    )
+    assert set(pq.left_out) == {
+        "gpt_neox.layers.1.mlp.dense_h_to_4h",
+        "gpt_neox.layers.1.mlp.dense_4h_to_h",
+    }
     scores = msif.score(model, data, pq)
     assert scores.left_out == pq.left_out and len(scores.modules) == 6
 

@@ -23,23 +23,49 @@ def tiny_model(arch: str = "gpt_neox", seed: int = 0, dtype=torch.float64):
     """A 2-layer model with hidden 16 and 2 heads (head size 8) in eval mode."""
     torch.manual_seed(seed)
     if arch == "gpt_neox":
-        cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=24,
-                            max_position_embeddings=64, hidden_dropout=0.0,
-                            attention_dropout=0.0)
+        cfg = GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=64,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
         model = GPTNeoXForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         model = GPT2LMHeadModel(cfg)
     elif arch == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=24,
-                          max_position_embeddings=64)
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=64,
+        )
         model = LlamaForCausalLM(cfg)
     elif arch == "bloom":
-        cfg = BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=2, n_head=2,
-                          hidden_dropout=0.0, attention_dropout=0.0)
+        cfg = BloomConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            n_layer=2,
+            n_head=2,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
         model = BloomForCausalLM(cfg)
     else:
         raise ValueError(arch)
@@ -58,8 +84,9 @@ def perturbed(model, scale: float = 0.05, seed: int = 1):
     return other
 
 
-def random_examples(n: int, seed: int, min_len: int = 3, max_len: int = 9,
-                    prompt: bool = False) -> list[Example]:
+def random_examples(
+    n: int, seed: int, min_len: int = 3, max_len: int = 9, prompt: bool = False
+) -> list[Example]:
     """Random token sequences; with prompt=True the first tokens are masked."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -76,5 +103,4 @@ def random_examples(n: int, seed: int, min_len: int = 3, max_len: int = 9,
 
 def make_batches(examples: list[Example], batch_size: int) -> list[dict]:
     """Collate into right-padded batches (pad id 0)."""
-    return [collate(examples[i : i + batch_size], 0) for i in range(0, len(examples),
-                                                                      batch_size)]
+    return [collate(examples[i : i + batch_size], 0) for i in range(0, len(examples), batch_size)]

@@ -41,17 +41,23 @@ class LambdaSums:
         if self.info.get("eigenbasis") != other.info.get("eigenbasis"):
             raise MsifError("cannot combine Λ partial sums fitted in different eigenbases")
         return LambdaSums(
-            self.stage, self.specs, {k: v + other.sums[k] for k, v in self.sums.items()},
-            self.num_tokens + other.num_tokens, self.num_sequences + other.num_sequences,
-            self.fingerprint, self.seed, self.info,
+            self.stage,
+            self.specs,
+            {k: v + other.sums[k] for k, v in self.sums.items()},
+            self.num_tokens + other.num_tokens,
+            self.num_sequences + other.num_sequences,
+            self.fingerprint,
+            self.seed,
+            self.info,
         )
 
     def save(self, directory: str | Path) -> None:
         """Write lambda.safetensors + lambda.json."""
         from msif.tensorfile import save_tensors
 
-        save_tensors(directory, STEM, {f"{k}.lambda": v for k, v in self.sums.items()},
-                     header(self))
+        save_tensors(
+            directory, STEM, {f"{k}.lambda": v for k, v in self.sums.items()}, header(self)
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> LambdaSums:
@@ -60,9 +66,16 @@ class LambdaSums:
 
         t, meta = load_tensors(directory, STEM)
         specs = specs_from_meta(meta)
-        return cls(meta["stage"], specs, {k: t[f"{k}.lambda"] for k in specs},
-                   meta["num_tokens"], meta["num_sequences"], meta["fingerprint"],
-                   meta["seed"], meta.get("info", {}))
+        return cls(
+            meta["stage"],
+            specs,
+            {k: t[f"{k}.lambda"] for k in specs},
+            meta["num_tokens"],
+            meta["num_sequences"],
+            meta["fingerprint"],
+            meta["seed"],
+            meta.get("info", {}),
+        )
 
 
 def eigenbasis_id(basis: Eigenbasis) -> str:
@@ -107,8 +120,16 @@ def fit_lambda(
     check_fingerprint(eigenbasis.fingerprint, model_fingerprint(model, specs), "the eigenbasis")
     seed = eigenbasis.seed if seed is None else seed
     sums = {k: torch.zeros(s.shape, dtype=torch.float64) for k, s in specs.items()}
-    result = LambdaSums(eigenbasis.stage, specs, sums, 0, 0, eigenbasis.fingerprint, seed,
-                        {"eigenbasis": eigenbasis_id(eigenbasis)})
+    result = LambdaSums(
+        eigenbasis.stage,
+        specs,
+        sums,
+        0,
+        0,
+        eigenbasis.fingerprint,
+        seed,
+        {"eigenbasis": eigenbasis_id(eigenbasis)},
+    )
     with frozen(model), capture(model, specs) as cap:
         for batch in progress_bar(batches, progress, f"lambda ({eigenbasis.stage})"):
             labels = gradient_pass(model, batch, cap, sample=True, seed=seed)
@@ -116,8 +137,14 @@ def fit_lambda(
             for name, spec in specs.items():
                 a, g = activations_and_gradients(cap, name)
                 a = a * real[..., None].to(a.dtype)
-                _accumulate(sums[name], spec, a, g, eigenbasis.activation_eigvecs[name],
-                            eigenbasis.gradient_eigvecs[name])
+                _accumulate(
+                    sums[name],
+                    spec,
+                    a,
+                    g,
+                    eigenbasis.activation_eigvecs[name],
+                    eigenbasis.gradient_eigvecs[name],
+                )
             result.num_tokens += int((labels != -100).sum())
             result.num_sequences += int(batch["input_ids"].shape[0])
         cap.clear()

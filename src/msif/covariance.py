@@ -111,8 +111,9 @@ def _accumulate(cov: CovarianceSums, spec: ModuleSpec, a, g, mask) -> None:
     cov.gradient[spec.name] += torch.einsum("nkb,nkc->kbc", g_t, g_t).to("cpu", torch.float64)
 
 
-def empty_sums(stage: str, specs: dict[str, ModuleSpec], fingerprint: dict,
-               seed: int) -> CovarianceSums:
+def empty_sums(
+    stage: str, specs: dict[str, ModuleSpec], fingerprint: dict, seed: int
+) -> CovarianceSums:
     """Zero sums for the given modules."""
     return CovarianceSums(
         stage,

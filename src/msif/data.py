@@ -53,8 +53,10 @@ def prompt_completion_example(
         )
     p = p[-(max_length - len(c)) :]
     if not p:
-        raise DataError(f"row {row_id!r} has an empty prompt: the first completion token "
-                        "would have nothing to be predicted from")
+        raise DataError(
+            f"row {row_id!r} has an empty prompt: the first completion token "
+            "would have nothing to be predicted from"
+        )
     return Example(row_id, p + c, [IGNORE] * len(p) + c)
 
 
@@ -101,8 +103,12 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict:
         input_ids[i, :k] = torch.tensor(e.input_ids)
         labels[i, :k] = torch.tensor(e.labels)
         mask[i, :k] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-            "ids": [e.id for e in examples]}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "ids": [e.id for e in examples],
+    }
 
 
 def batches(examples: Iterable[Example], batch_size: int, pad_id: int = 0) -> Iterator[dict]:
@@ -133,8 +139,9 @@ def check_ids(examples: Iterable[Example], vocab: int) -> None:
     for e in examples:
         bad = [t for t in e.input_ids if t < 0 or t >= vocab]
         if bad:
-            raise MismatchError(f"row {e.id!r} has token id {bad[0]} outside the model's "
-                                f"vocabulary of {vocab}")
+            raise MismatchError(
+                f"row {e.id!r} has token id {bad[0]} outside the model's vocabulary of {vocab}"
+            )
 
 
 pad_id_of = _pad_id

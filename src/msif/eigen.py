@@ -90,7 +90,15 @@ def eigendecompose(
         lg[name], qg[name] = torch.linalg.eigh(g)
     cast = lambda d: {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
     return Eigenbasis(
-        cov.stage, cov.specs, cast(qa), cast(qg), cast(la), cast(lg),
-        cov.num_tokens, cov.num_sequences, cov.fingerprint, cov.seed,
+        cov.stage,
+        cov.specs,
+        cast(qa),
+        cast(qg),
+        cast(la),
+        cast(lg),
+        cov.num_tokens,
+        cov.num_sequences,
+        cov.fingerprint,
+        cov.seed,
         {"dtype": str(dtype).removeprefix("torch.")},
     )

@@ -61,11 +61,23 @@ class Factors:
             raise MsifError("Λ sums hold no sequences: the data had nothing to fit")
         dtype = next(iter(eigenbasis.activation_eigvecs.values())).dtype
         lambdas = {k: (v / lam.num_sequences).to(dtype) for k, v in lam.sums.items()}
-        info = {"dtype": str(dtype).removeprefix("torch."), "msif_version": __version__,
-                "covariance_tokens": eigenbasis.num_tokens}
-        return cls(eigenbasis.stage, eigenbasis.specs, dict(eigenbasis.activation_eigvecs),
-                   dict(eigenbasis.gradient_eigvecs), lambdas, lam.num_tokens,
-                   lam.num_sequences, eigenbasis.fingerprint, eigenbasis.seed, info)
+        info = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "msif_version": __version__,
+            "covariance_tokens": eigenbasis.num_tokens,
+        }
+        return cls(
+            eigenbasis.stage,
+            eigenbasis.specs,
+            dict(eigenbasis.activation_eigvecs),
+            dict(eigenbasis.gradient_eigvecs),
+            lambdas,
+            lam.num_tokens,
+            lam.num_sequences,
+            eigenbasis.fingerprint,
+            eigenbasis.seed,
+            info,
+        )
 
     def save(self, directory: str | Path) -> None:
         """Write factors.safetensors + factors.json."""
@@ -79,26 +91,39 @@ class Factors:
         save_tensors(directory, STEM, tensors, header(self))
 
     @classmethod
-    def load(cls, directory: str | Path, *, model: nn.Module | None = None,
-             stage: str | None = None) -> Factors:
+    def load(
+        cls, directory: str | Path, *, model: nn.Module | None = None, stage: str | None = None
+    ) -> Factors:
         """Read factors; with model, refuse factors fitted for another model or modules."""
         from msif.tensorfile import load_tensors
 
         t, meta = load_tensors(directory, STEM)
         specs = specs_from_meta(meta)
-        missing = [f"{k}.{x}" for k in specs for x in ("Q_A", "Q_G", "lambda")
-                   if f"{k}.{x}" not in t]
+        missing = [
+            f"{k}.{x}" for k in specs for x in ("Q_A", "Q_G", "lambda") if f"{k}.{x}" not in t
+        ]
         if missing:
             raise MsifError(f"factors in {directory} are incomplete: missing {missing[0]}")
-        f = cls(meta["stage"], specs, {k: t[f"{k}.Q_A"] for k in specs},
-                {k: t[f"{k}.Q_G"] for k in specs}, {k: t[f"{k}.lambda"] for k in specs},
-                meta["num_tokens"], meta["num_sequences"], meta["fingerprint"], meta["seed"],
-                meta.get("info", {}))
+        f = cls(
+            meta["stage"],
+            specs,
+            {k: t[f"{k}.Q_A"] for k in specs},
+            {k: t[f"{k}.Q_G"] for k in specs},
+            {k: t[f"{k}.lambda"] for k in specs},
+            meta["num_tokens"],
+            meta["num_sequences"],
+            meta["fingerprint"],
+            meta["seed"],
+            meta.get("info", {}),
+        )
         if stage is not None and f.stage != stage:
             raise MismatchError(f"{directory} holds {f.stage!r} factors, expected {stage!r}")
         if model is not None:
-            check_fingerprint(f.fingerprint, model_fingerprint(model, specs),
-                              f"the {f.stage} factors in {directory}")
+            check_fingerprint(
+                f.fingerprint,
+                model_fingerprint(model, specs),
+                f"the {f.stage} factors in {directory}",
+            )
         return f
 
     def damping_for(self, name: str, damping: Damping) -> float:
@@ -112,6 +137,7 @@ class Factors:
         lam = self.lambdas[name].to(v.device, v.dtype)
         rotated = rotate_output((v @ q_a).transpose(-1, -2), q_g).transpose(-1, -2)
         rotated = rotated / (lam + lambda_)
-        return rotate_output(rotated.transpose(-1, -2), q_g.transpose(-1, -2)).transpose(
-            -1, -2
-        ) @ q_a.T
+        return (
+            rotate_output(rotated.transpose(-1, -2), q_g.transpose(-1, -2)).transpose(-1, -2)
+            @ q_a.T
+        )

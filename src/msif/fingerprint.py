@@ -19,8 +19,9 @@ def model_fingerprint(model: nn.Module, specs: dict[str, ModuleSpec]) -> dict:
     weights = hashlib.sha256()
     for name, module in resolve(model, specs.values()).items():
         spec = specs[name]
-        arch.update(repr((name, spec.kind, spec.in_features, spec.out_features,
-                          spec.has_bias)).encode())
+        arch.update(
+            repr((name, spec.kind, spec.in_features, spec.out_features, spec.has_bias)).encode()
+        )
         for p in (module.weight, getattr(module, "bias", None)):
             if p is not None:
                 # float32 bytes: the same checkpoint hashes alike in fp32 and bf16-upcast form

@@ -10,8 +10,12 @@ from msif.data import check_tokenizer
 from msif.errors import MsifError
 
 log = logging.getLogger("msif")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64,
-          "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "float16": torch.float16,
+}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -23,8 +27,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_model(uri: str, *, device: str = "auto", dtype: str = "float32",
-               trust_remote_code: bool = False):
+def load_model(
+    uri: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False
+):
     """(model in eval mode, tokenizer) from a save_pretrained directory or gs:// prefix."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,13 +44,15 @@ def load_model(uri: str, *, device: str = "auto", dtype: str = "float32",
         raise MsifError(f"cannot load a tokenizer from {uri}: {_first_line(e)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError, TypeError) as e:
         raise MsifError(f"cannot load a causal LM from {uri}: {_first_line(e)}") from None
     model.to(resolve_device(device)).eval()
     check_tokenizer(tokenizer, model)
-    log.info("loaded %s (%s, %d parameters)", uri, dtype,
-             sum(p.numel() for p in model.parameters()))
+    log.info(
+        "loaded %s (%s, %d parameters)", uri, dtype, sum(p.numel() for p in model.parameters())
+    )
     return model, tokenizer
 
 

@@ -74,8 +74,10 @@ class ModuleSelection:
     def to_dict(self) -> dict:
         """JSON-ready form."""
         d = asdict(self)
-        d["include"], d["exclude"], d["extra"] = list(self.include), list(self.exclude), list(
-            self.extra
+        d["include"], d["exclude"], d["extra"] = (
+            list(self.include),
+            list(self.exclude),
+            list(self.extra),
         )
         if isinstance(self.split_heads, tuple):
             d["split_heads"] = list(self.split_heads)
@@ -188,7 +190,9 @@ def _warn_tied(model: nn.Module, specs: dict[str, ModuleSpec]) -> None:
         if names.get(id(head)) in specs and names.get(id(emb)) in specs:
             logging.getLogger("msif").warning(
                 "%s and %s share one weight; msif tracks each use as its own module",
-                names[id(head)], names[id(emb)])
+                names[id(head)],
+                names[id(emb)],
+            )
 
 
 def resolve(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, nn.Module]:
@@ -201,8 +205,12 @@ def resolve(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, nn.Modul
         if kind is None:
             raise MismatchError(f"module {spec.name!r} of the artifact is not in this model")
         n_in, n_out, bias = _features(module, kind)
-        if (kind, n_in, n_out, bias) != (spec.kind, spec.in_features, spec.out_features,
-                                         spec.has_bias):
+        if (kind, n_in, n_out, bias) != (
+            spec.kind,
+            spec.in_features,
+            spec.out_features,
+            spec.has_bias,
+        ):
             raise MismatchError(
                 f"module {spec.name!r} has shape {(n_out, n_in)} here but "
                 f"{(spec.out_features, spec.in_features)} in the artifact"
@@ -224,8 +232,12 @@ def matching_specs(
             left_out[name] = "absent from the model"
             continue
         n_in, n_out, bias = _features(module, kind)
-        if (kind, n_in, n_out, bias) != (spec.kind, spec.in_features, spec.out_features,
-                                         spec.has_bias):
+        if (kind, n_in, n_out, bias) != (
+            spec.kind,
+            spec.in_features,
+            spec.out_features,
+            spec.has_bias,
+        ):
             left_out[name] = f"shape {(n_out, n_in)} differs from {spec.shape}"
             continue
         kept[name] = spec

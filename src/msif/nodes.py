@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from msif.correction import LambdaSums, fit_lambda
 from msif.covariance import CovarianceSums, fit_covariance
@@ -45,8 +44,9 @@ class RunOptions:
 
     def selection(self) -> ModuleSelection:
         """The module selection these options describe."""
-        return ModuleSelection(tuple(self.include), tuple(self.exclude),
-                               split_heads=self.split_heads)
+        return ModuleSelection(
+            tuple(self.include), tuple(self.exclude), split_heads=self.split_heads
+        )
 
     def table(self) -> TableOptions:
         """Tokenisation options."""
@@ -59,8 +59,9 @@ def check_shard(shard: int, num_shards: int) -> None:
         raise MsifError(f"shard {shard} of {num_shards} is not a valid shard index")
 
 
-def _stage_batches(model, tokenizer, data_uri: str, shard: int, num_shards: int,
-                   opts: RunOptions) -> tuple[Iterator[dict], dict]:
+def _stage_batches(
+    model, tokenizer, data_uri: str, shard: int, num_shards: int, opts: RunOptions
+) -> tuple[Iterator[dict], dict]:
     from msif.parquet_source import ParquetSource
 
     check_shard(shard, num_shards)
@@ -69,8 +70,14 @@ def _stage_batches(model, tokenizer, data_uri: str, shard: int, num_shards: int,
     start, stop = source.shard_range(shard, num_shards)
     vocab = model.get_input_embeddings().num_embeddings
     examples = iter_examples(source, tokenizer, kind, opts.table(), vocab, start, stop)
-    info = {"data": data_uri, "data_fingerprint": source.fingerprint(), "shard": shard,
-            "num_shards": num_shards, "rows": [start, stop], "options": _opts_info(opts)}
+    info = {
+        "data": data_uri,
+        "data_fingerprint": source.fingerprint(),
+        "shard": shard,
+        "num_shards": num_shards,
+        "rows": [start, stop],
+        "options": _opts_info(opts),
+    }
     return batches(examples, opts.batch_size, pad_id_of(tokenizer)), info
 
 
@@ -81,16 +88,24 @@ def _opts_info(opts: RunOptions) -> dict:
     return d
 
 
-def fit_covariance_node(model_uri: str, data_uri: str, stage: str, shard: int, num_shards: int,
-                        out_uri: str, opts: RunOptions) -> None:
+def fit_covariance_node(
+    model_uri: str,
+    data_uri: str,
+    stage: str,
+    shard: int,
+    num_shards: int,
+    out_uri: str,
+    opts: RunOptions,
+) -> None:
     """Covariance partial sums of one data shard."""
     from msif.storage import staged_output_dir
 
     _check_stage(stage)
     model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
     data, info = _stage_batches(model, tokenizer, data_uri, shard, num_shards, opts)
-    cov = fit_covariance(model, data, stage=stage, modules=opts.selection(), seed=opts.seed,
-                         progress=opts.progress)
+    cov = fit_covariance(
+        model, data, stage=stage, modules=opts.selection(), seed=opts.seed, progress=opts.progress
+    )
     cov.info = {**info, "model": model_uri}
     with staged_output_dir(out_uri, {"node": "fit-covariance", "stage": stage}) as tmp:
         cov.save(tmp)
@@ -124,8 +139,7 @@ def _load_dirs(uris: Sequence[str], loader):
     return [loader(local_input_dir(u)) for u in uris]
 
 
-def eigendecompose_node(partial_uris: Sequence[str], out_uri: str,
-                        dtype: str = "float32") -> None:
+def eigendecompose_node(partial_uris: Sequence[str], out_uri: str, dtype: str = "float32") -> None:
     """Reduce covariance partial sums and eigendecompose them."""
     from msif.models import DTYPES
     from msif.storage import staged_output_dir
@@ -138,8 +152,16 @@ def eigendecompose_node(partial_uris: Sequence[str], out_uri: str,
         basis.save(tmp)
 
 
-def fit_lambda_node(model_uri: str, data_uri: str, stage: str, eigenbasis_uri: str, shard: int,
-                    num_shards: int, out_uri: str, opts: RunOptions) -> None:
+def fit_lambda_node(
+    model_uri: str,
+    data_uri: str,
+    stage: str,
+    eigenbasis_uri: str,
+    shard: int,
+    num_shards: int,
+    out_uri: str,
+    opts: RunOptions,
+) -> None:
     """Λ partial sums of one data shard in a given eigenbasis."""
     from msif.storage import local_input_dir, staged_output_dir
 
@@ -173,16 +195,24 @@ def table_fingerprint(table: pa.Table) -> str:
     h = hashlib.sha256()
     for name in sorted(table.column_names):
         h.update(name.encode())
-        h.update(json.dumps(table.column(name).to_pylist(), sort_keys=True,
-                            default=str).encode())
+        h.update(json.dumps(table.column(name).to_pylist(), sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
-def query_gradients_node(model_uri: str, queries_uri: str, method: str, out_uri: str,
-                         opts: RunOptions, *, ft_factors_uri: str | None = None,
-                         pt_factors_uri: str | None = None, alpha: float | None = None,
-                         damping_factor: float = 0.1, damping: float | None = None,
-                         rank: int | None = None) -> None:
+def query_gradients_node(
+    model_uri: str,
+    queries_uri: str,
+    method: str,
+    out_uri: str,
+    opts: RunOptions,
+    *,
+    ft_factors_uri: str | None = None,
+    pt_factors_uri: str | None = None,
+    alpha: float | None = None,
+    damping_factor: float = 0.1,
+    damping: float | None = None,
+    rank: int | None = None,
+) -> None:
     """Precondition the queries' gradients at θ_ft for one method."""
     from msif.data import tokenize_prompt_completion
     from msif.parquet_source import read_table
@@ -192,19 +222,44 @@ def query_gradients_node(model_uri: str, queries_uri: str, method: str, out_uri:
     table = read_table(queries_uri)
     require_queries(table, queries_uri)
     ids = [str(x) for x in table.column("id").to_pylist()]
-    examples = tokenize_prompt_completion(tokenizer, ids, table.column("prompt").to_pylist(),
-                                          table.column("completion").to_pylist(),
-                                          opts.max_length)
-    ft = (Factors.load(local_input_dir(ft_factors_uri), model=model, stage="ft")
-          if ft_factors_uri and method != "gradient-dot" else None)
-    pt = (Factors.load(local_input_dir(pt_factors_uri), stage="pt")
-          if pt_factors_uri and method == "multi-stage" else None)
+    examples = tokenize_prompt_completion(
+        tokenizer,
+        ids,
+        table.column("prompt").to_pylist(),
+        table.column("completion").to_pylist(),
+        opts.max_length,
+    )
+    ft = (
+        Factors.load(local_input_dir(ft_factors_uri), model=model, stage="ft")
+        if ft_factors_uri and method != "gradient-dot"
+        else None
+    )
+    pt = (
+        Factors.load(local_input_dir(pt_factors_uri), stage="pt")
+        if pt_factors_uri and method == "multi-stage"
+        else None
+    )
     pq_ = precondition_queries(
-        model, batches(examples, opts.batch_size, pad_id_of(tokenizer)), ids, method=method,
-        ft_factors=ft, pt_factors=pt, alpha=alpha, damping=Damping(damping_factor, damping),
-        rank=rank or None, modules=opts.selection(), progress=opts.progress)
-    pq_.info.update({"queries": queries_uri, "queries_fingerprint": table_fingerprint(table),
-                     "model": model_uri, "max_length": opts.max_length})
+        model,
+        batches(examples, opts.batch_size, pad_id_of(tokenizer)),
+        ids,
+        method=method,
+        ft_factors=ft,
+        pt_factors=pt,
+        alpha=alpha,
+        damping=Damping(damping_factor, damping),
+        rank=rank or None,
+        modules=opts.selection(),
+        progress=opts.progress,
+    )
+    pq_.info.update(
+        {
+            "queries": queries_uri,
+            "queries_fingerprint": table_fingerprint(table),
+            "model": model_uri,
+            "max_length": opts.max_length,
+        }
+    )
     with staged_output_dir(out_uri, {"node": "query-gradients", "method": method}) as tmp:
         pq_.save(tmp)
 
@@ -236,11 +291,16 @@ class TopK:
         return list(zip(self.ids[q].tolist(), self.scores[q].tolist(), strict=True))
 
 
-SCORE_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32()),
-    ("rank", pa.int32()), ("tokens", pa.list_(pa.string())),
-    ("token_scores", pa.list_(pa.float32())),
-])
+SCORE_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("score", pa.float32()),
+        ("rank", pa.int32()),
+        ("tokens", pa.list_(pa.string())),
+        ("token_scores", pa.list_(pa.float32())),
+    ]
+)
 
 
 @dataclass
@@ -264,16 +324,18 @@ def _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts):
     return examples, source, (start, stop)
 
 
-def _explain(model, tokenizer, pq_, keep: dict[str, Example], topk: TopK, explain_k: int,
-             opts: RunOptions) -> _Explained:
+def _explain(
+    model, tokenizer, pq_, keep: dict[str, Example], topk: TopK, explain_k: int, opts: RunOptions
+) -> _Explained:
     # A second, per-token pass over only the documents the report will show.
     wanted = sorted({d for q in range(topk.num_queries) for d, _ in topk.rows(q)[:explain_k]})
     out = _Explained()
     if not wanted:
         return out
     examples = [keep[d] for d in wanted]
-    for bs in iter_scores(model, batches(examples, opts.batch_size, pad_id_of(tokenizer)), pq_,
-                          per_token=True):
+    for bs in iter_scores(
+        model, batches(examples, opts.batch_size, pad_id_of(tokenizer)), pq_, per_token=True
+    ):
         for j, doc_id in enumerate(bs.ids):
             n = len(keep[doc_id].input_ids)
             out.tokens[doc_id] = tokenizer.convert_ids_to_tokens(keep[doc_id].input_ids)
@@ -288,9 +350,20 @@ def _track_examples(stream: Iterator[Example], keep: dict[str, Example]) -> Iter
         yield e
 
 
-def score_node(model_uri: str, corpus_uri: str, preconditioned_uri: str, shard: int,
-               num_shards: int, top_k: int, out_uri: str, opts: RunOptions, *,
-               full: bool = False, explain_k: int = 10, path: str = "auto") -> None:
+def score_node(
+    model_uri: str,
+    corpus_uri: str,
+    preconditioned_uri: str,
+    shard: int,
+    num_shards: int,
+    top_k: int,
+    out_uri: str,
+    opts: RunOptions,
+    *,
+    full: bool = False,
+    explain_k: int = 10,
+    path: str = "auto",
+) -> None:
     """Score one corpus shard against the preconditioned queries; keep the top-k per query."""
     from msif.storage import local_input_dir, staged_output_dir
 
@@ -298,8 +371,7 @@ def score_node(model_uri: str, corpus_uri: str, preconditioned_uri: str, shard: 
         raise MsifError("--top-k must be at least 1")
     pq_ = PreconditionedQueries.load(local_input_dir(preconditioned_uri))
     model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
-    examples, source, rows = _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards,
-                                             opts)
+    examples, source, rows = _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts)
     keep: dict[str, Example] = {}
     topk = TopK(top_k, pq_.num_queries)
     paths: dict[str, str] = {}
@@ -308,8 +380,9 @@ def score_node(model_uri: str, corpus_uri: str, preconditioned_uri: str, shard: 
     with staged_output_dir(out_uri, meta) as tmp:
         writer = pq.ParquetWriter(tmp / "full_scores.parquet", _FULL_SCHEMA) if full else None
         stream = batches(_track_examples(examples, keep), opts.batch_size, pad_id_of(tokenizer))
-        for bs in iter_scores(model, stream, pq_, path=path, progress=opts.progress,
-                              paths_used=paths):
+        for bs in iter_scores(
+            model, stream, pq_, path=path, progress=opts.progress, paths_used=paths
+        ):
             values = bs.scores.double().cpu().numpy()
             topk.update(values, bs.ids)
             num_docs += len(bs.ids)
@@ -322,26 +395,42 @@ def score_node(model_uri: str, corpus_uri: str, preconditioned_uri: str, shard: 
             writer.close()
         explained = _explain(model, tokenizer, pq_, keep, topk, explain_k, opts)
         pq.write_table(_score_rows(pq_.query_ids, topk, explained), tmp / "scores.parquet")
-        info = {**meta, "corpus": corpus_uri, "corpus_fingerprint": source.fingerprint(),
-                "queries_fingerprint": pq_.info.get("queries_fingerprint"),
-                "num_docs": num_docs, "rows": list(rows), "top_k": top_k,
-                "modules": sorted(paths), "paths": paths, "left_out": pq_.left_out,
-                "damping": pq_.damping, "alpha": pq_.info.get("alpha"), "rank": pq_.rank,
-                "model": model_uri}
+        info = {
+            **meta,
+            "corpus": corpus_uri,
+            "corpus_fingerprint": source.fingerprint(),
+            "queries_fingerprint": pq_.info.get("queries_fingerprint"),
+            "num_docs": num_docs,
+            "rows": list(rows),
+            "top_k": top_k,
+            "modules": sorted(paths),
+            "paths": paths,
+            "left_out": pq_.left_out,
+            "damping": pq_.damping,
+            "alpha": pq_.info.get("alpha"),
+            "rank": pq_.rank,
+            "model": model_uri,
+        }
         (tmp / "scores.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-    log.info("scored %d documents of shard %d/%d (%s)", num_docs, shard, num_shards,
-             pq_.method)
+    log.info("scored %d documents of shard %d/%d (%s)", num_docs, shard, num_shards, pq_.method)
 
 
-_FULL_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()),
-                          ("score", pa.float32())])
+_FULL_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32())]
+)
 
 
 def _full_rows(query_ids, doc_ids, values: np.ndarray) -> pa.Table:
     q = np.repeat(np.asarray(query_ids, dtype=object), len(doc_ids))
     d = np.tile(np.asarray(doc_ids, dtype=object), len(query_ids))
-    return pa.table([pa.array(q, pa.string()), pa.array(d, pa.string()),
-                     pa.array(values.reshape(-1), pa.float32())], schema=_FULL_SCHEMA)
+    return pa.table(
+        [
+            pa.array(q, pa.string()),
+            pa.array(d, pa.string()),
+            pa.array(values.reshape(-1), pa.float32()),
+        ],
+        schema=_FULL_SCHEMA,
+    )
 
 
 def _score_rows(query_ids, topk: TopK, explained: _Explained) -> pa.Table:
@@ -352,7 +441,226 @@ def _score_rows(query_ids, topk: TopK, explained: _Explained) -> pa.Table:
             rows["doc_id"].append(doc_id)
             rows["score"].append(s)
             rows["rank"].append(r)
-            rows["tokens"].append(explained.tokens.get(doc_id, []) if (q, doc_id) in
-                                  explained.scores else [])
+            rows["tokens"].append(
+                explained.tokens.get(doc_id, []) if (q, doc_id) in explained.scores else []
+            )
             rows["token_scores"].append(explained.scores.get((q, doc_id), []))
     return pa.table(rows, schema=SCORE_SCHEMA)
+
+
+def bm25_node(corpus_uri: str, queries_uri: str, top_k: int, out_uri: str) -> None:
+    """BM25 baseline over the corpus text, written in the shard-scores format (shard 0 of 1)."""
+    from msif.bm25 import BM25Index
+    from msif.parquet_source import ParquetSource, read_table
+    from msif.storage import staged_output_dir
+
+    source = ParquetSource.open(corpus_uri)
+    if "text" not in source.schema.names or "id" not in source.schema.names:
+        raise DataError(f"BM25 needs `id` and `text` columns in {corpus_uri}")
+    ids, texts = [], []
+    for b in source.iter_batches(["id", "text"]):
+        ids += [str(x) for x in b.column("id").to_pylist()]
+        texts += [str(x or "") for x in b.column("text").to_pylist()]
+    table = read_table(queries_uri)
+    require_queries(table, queries_uri)
+    index = BM25Index.build(ids, texts)
+    qids = [str(x) for x in table.column("id").to_pylist()]
+    texts_q = [
+        f"{p} {c}"
+        for p, c in zip(
+            table.column("prompt").to_pylist(), table.column("completion").to_pylist(), strict=True
+        )
+    ]
+    topk = TopK(top_k, len(qids))
+    topk.update(np.stack([index.score(t) for t in texts_q]), ids)
+    meta = {"node": "bm25", "method": "bm25", "shard": 0, "num_shards": 1}
+    with staged_output_dir(out_uri, meta) as tmp:
+        pq.write_table(_score_rows(qids, topk, _Explained()), tmp / "scores.parquet")
+        info = {
+            **meta,
+            "corpus": corpus_uri,
+            "corpus_fingerprint": source.fingerprint(),
+            "queries_fingerprint": table_fingerprint(table),
+            "num_docs": len(ids),
+            "top_k": top_k,
+            "modules": [],
+            "left_out": {},
+        }
+        (tmp / "scores.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+
+
+def _load_shard_scores(uris: Sequence[str]) -> dict[str, list[tuple[dict, pa.Table]]]:
+    from msif.storage import local_input_dir
+
+    by_method: dict[str, list[tuple[dict, pa.Table]]] = {}
+    for uri in uris:
+        d = local_input_dir(uri)
+        if not (d / "scores.json").is_file() or not (d / "scores.parquet").is_file():
+            raise MsifError(f"{uri} is not a shard-scores directory")
+        info = json.loads((d / "scores.json").read_text())
+        by_method.setdefault(info["method"], []).append((info, pq.read_table(d / "scores.parquet")))
+    return by_method
+
+
+def _check_scores(
+    method: str, shards: list[tuple[dict, pa.Table]], corpus_fp: str, queries_fp: str
+) -> None:
+    infos = [i for i, _ in shards]
+    for i in infos:
+        if i.get("corpus_fingerprint") != corpus_fp:
+            raise MismatchError(f"{method} shard {i.get('shard')} was scored on another corpus")
+        if i.get("queries_fingerprint") != queries_fp:
+            raise MismatchError(f"{method} shard {i.get('shard')} was scored for other queries")
+    _check_shard_set(
+        [{**i, "data_fingerprint": i.get("corpus_fingerprint")} for i in infos],
+        f"{method} shard scores",
+    )
+
+
+def merge_shards(tables: Sequence[pa.Table], top_k: int) -> pa.Table:
+    """Merge shards' top-k tables into one global top-k per query, ranks renumbered."""
+    table = pa.concat_tables(tables)
+    qid = np.asarray(table.column("query_id").to_pylist(), dtype=object)
+    did = np.asarray(table.column("doc_id").to_pylist(), dtype=object)
+    score = table.column("score").to_numpy()
+    order = np.lexsort((did.astype(str), -score, qid.astype(str)))
+    keep, ranks, count, last = [], [], 0, None
+    for i in order:
+        count = count + 1 if qid[i] == last else 1
+        last = qid[i]
+        if count <= top_k:
+            keep.append(i)
+            ranks.append(count)
+    out = table.take(pa.array(keep, pa.int64()))
+    return out.set_column(out.schema.get_field_index("rank"), "rank", pa.array(ranks, pa.int32()))
+
+
+def _snippets(corpus_uri: str, wanted: set[str], limit: int = 600) -> dict[str, str]:
+    from msif.parquet_source import ParquetSource
+
+    source = ParquetSource.open(corpus_uri)
+    if "text" not in source.schema.names:
+        return {}
+    out = {}
+    for b in source.iter_batches(["id", "text"]):
+        for doc_id, text in zip(
+            b.column("id").to_pylist(), b.column("text").to_pylist(), strict=True
+        ):
+            if str(doc_id) in wanted:
+                out[str(doc_id)] = str(text or "")[:limit]
+    return out
+
+
+def _lambda_spectra(factor_uris: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    from msif.storage import local_input_dir
+
+    spectra: dict[str, dict[str, np.ndarray]] = {}
+    for uri in factor_uris:
+        f = Factors.load(local_input_dir(uri))
+        spectra[f.stage] = {
+            k: np.sort(v.double().reshape(-1).numpy())[::-1] for k, v in f.lambdas.items()
+        }
+    return spectra
+
+
+def rank_node(
+    score_uris: Sequence[str],
+    corpus_uri: str,
+    queries_uri: str,
+    top_k: int,
+    out_uri: str,
+    *,
+    factor_uris: Sequence[str] = (),
+    report_k: int = 5,
+) -> dict:
+    """Merge shard scores per method, evaluate against relevant_ids, write report + metrics."""
+    from msif.metrics import evaluate_rankings
+    from msif.parquet_source import ParquetSource, read_table
+    from msif.report import write_report
+    from msif.storage import staged_output_dir
+
+    queries = read_table(queries_uri)
+    require_queries(queries, queries_uri)
+    corpus_fp = ParquetSource.open(corpus_uri).fingerprint()
+    by_method = _load_shard_scores(score_uris)
+    merged, run_info = {}, {"methods": {}}
+    for method, shards in sorted(by_method.items()):
+        _check_scores(method, shards, corpus_fp, table_fingerprint(queries))
+        merged[method] = merge_shards([t for _, t in shards], top_k)
+        info = shards[0][0]
+        run_info["methods"][method] = {
+            k: info.get(k)
+            for k in ("modules", "left_out", "damping", "alpha", "rank", "model", "num_shards")
+        }
+    ranking = _ranking_table(merged, queries, corpus_uri)
+    relevant = _relevant(queries)
+    metrics = {"methods": {}, "top_k": top_k}
+    for method, table in merged.items():
+        lists = {}
+        for q, d in zip(
+            table.column("query_id").to_pylist(), table.column("doc_id").to_pylist(), strict=True
+        ):
+            lists.setdefault(q, []).append(d)
+        metrics["methods"][method] = evaluate_rankings(lists, relevant, k=10)
+    spectra = _lambda_spectra(factor_uris) if factor_uris else None
+    with staged_output_dir(out_uri, {"node": "rank"}) as tmp:
+        pq.write_table(ranking, tmp / "ranking.parquet")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        shown = ranking.filter(pa.compute.less_equal(ranking.column("rank"), report_k))
+        write_report(Path(tmp), shown, queries, metrics, run_info, spectra)
+    return metrics
+
+
+def _relevant(queries: pa.Table) -> dict[str, list[str]]:
+    if "relevant_ids" not in queries.column_names:
+        return {}
+    return {
+        str(q): [str(x) for x in (r or [])]
+        for q, r in zip(
+            queries.column("id").to_pylist(),
+            queries.column("relevant_ids").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+RANKING_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("query_id", pa.string()),
+        ("rank", pa.int32()),
+        ("doc_id", pa.string()),
+        ("score", pa.float32()),
+        ("text", pa.string()),
+        ("tokens", pa.list_(pa.string())),
+        ("token_scores", pa.list_(pa.float32())),
+        ("relevant", pa.bool_()),
+    ]
+)
+
+
+def _ranking_table(merged: dict[str, pa.Table], queries: pa.Table, corpus_uri: str) -> pa.Table:
+    wanted = {d for t in merged.values() for d in t.column("doc_id").to_pylist()}
+    texts = _snippets(corpus_uri, wanted)
+    relevant = {q: set(r) for q, r in _relevant(queries).items()}
+    parts = []
+    for method, t in sorted(merged.items()):
+        q = t.column("query_id").to_pylist()
+        d = t.column("doc_id").to_pylist()
+        parts.append(
+            pa.table(
+                {
+                    "method": [method] * t.num_rows,
+                    "query_id": q,
+                    "rank": t.column("rank"),
+                    "doc_id": d,
+                    "score": t.column("score"),
+                    "text": [texts.get(x, "") for x in d],
+                    "tokens": t.column("tokens"),
+                    "token_scores": t.column("token_scores"),
+                    "relevant": [x in relevant.get(qq, set()) for qq, x in zip(q, d, strict=True)],
+                },
+                schema=RANKING_SCHEMA,
+            )
+        )
+    return pa.concat_tables(parts) if parts else RANKING_SCHEMA.empty_table()

@@ -50,10 +50,16 @@ class PreconditionedQueries:
         tensors = {f"{k}.W": v for k, v in self.dense.items()}
         for k, (u, s, v) in self.lowrank.items():
             tensors.update({f"{k}.U": u, f"{k}.S": s, f"{k}.V": v})
-        meta = {"query_ids": self.query_ids, "method": self.method, "rank": self.rank,
-                "modules": [s.to_dict() for s in self.specs.values()],
-                "damping": self.damping, "score_fingerprint": self.score_fingerprint,
-                "left_out": self.left_out, "info": self.info}
+        meta = {
+            "query_ids": self.query_ids,
+            "method": self.method,
+            "rank": self.rank,
+            "modules": [s.to_dict() for s in self.specs.values()],
+            "damping": self.damping,
+            "score_fingerprint": self.score_fingerprint,
+            "left_out": self.left_out,
+            "info": self.info,
+        }
         save_tensors(directory, STEM, tensors, meta)
 
     @classmethod
@@ -64,9 +70,16 @@ class PreconditionedQueries:
 
         t, meta = load_tensors(directory, STEM)
         specs = specs_from_meta(meta)
-        pq = cls(meta["query_ids"], meta["method"], specs, rank=meta["rank"],
-                 damping=meta["damping"], score_fingerprint=meta["score_fingerprint"],
-                 left_out=meta["left_out"], info=meta.get("info", {}))
+        pq = cls(
+            meta["query_ids"],
+            meta["method"],
+            specs,
+            rank=meta["rank"],
+            damping=meta["damping"],
+            score_fingerprint=meta["score_fingerprint"],
+            left_out=meta["left_out"],
+            info=meta.get("info", {}),
+        )
         for k in specs:
             if f"{k}.W" in t:
                 pq.dense[k] = t[f"{k}.W"]
@@ -154,11 +167,17 @@ def precondition_queries(
     if method not in METHODS:
         raise MsifError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     damping = damping or Damping()
-    need = {"multi-stage": (ft_factors, pt_factors), "single-stage": (ft_factors,),
-            "gradient-dot": ()}[method]
+    need = {
+        "multi-stage": (ft_factors, pt_factors),
+        "single-stage": (ft_factors,),
+        "gradient-dot": (),
+    }[method]
     if any(f is None for f in need):
-        raise MsifError(f"method {method} needs " + " and ".join(
-            ("fine-tune", "pre-train")[: len(need)]) + " factors")
+        raise MsifError(
+            f"method {method} needs "
+            + " and ".join(("fine-tune", "pre-train")[: len(need)])
+            + " factors"
+        )
     if ft_factors is not None and ft_factors.stage != "ft":
         raise MismatchError(f"ft_factors hold {ft_factors.stage!r} factors")
     if pt_factors is not None and pt_factors.stage != "pt":
@@ -194,8 +213,11 @@ def precondition_queries(
         else:
             out.dense[name] = w
     out.score_fingerprint = _score_fingerprint(method, fp, ft_factors, pt_factors)
-    out.info = {"alpha": alpha, "damping_factor": damping.factor,
-                "damping_absolute": damping.absolute}
+    out.info = {
+        "alpha": alpha,
+        "damping_factor": damping.factor,
+        "damping_absolute": damping.absolute,
+    }
     return out
 
 
@@ -204,6 +226,8 @@ def _score_fingerprint(method, query_fp, ft_factors, pt_factors) -> dict | None:
     if method == "single-stage":
         return {**query_fp, "modules": [s.to_dict() for s in ft_factors.specs.values()]}
     if method == "multi-stage":
-        return {**pt_factors.fingerprint,
-                "modules": [s.to_dict() for s in pt_factors.specs.values()]}
+        return {
+            **pt_factors.fingerprint,
+            "modules": [s.to_dict() for s in pt_factors.specs.values()],
+        }
     return None

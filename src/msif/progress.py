@@ -20,5 +20,10 @@ def progress_bar(items: Iterable[T], enabled: bool, desc: str) -> Iterator[T]:
         count += 1
         yield item
     elapsed = time.perf_counter() - start
-    log.info("%s: %d batches in %.1fs (%.2f batches/s)", desc, count, elapsed,
-             count / elapsed if elapsed else 0.0)
+    log.info(
+        "%s: %d batches in %.1fs (%.2f batches/s)",
+        desc,
+        count,
+        elapsed,
+        count / elapsed if elapsed else 0.0,
+    )

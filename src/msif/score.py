@@ -129,8 +129,9 @@ def scoring_modules(model: nn.Module, queries: PreconditionedQueries):
     if queries.score_fingerprint is not None:
         fp = dict(queries.score_fingerprint)
         check_specs = specs_from_meta(fp)
-        check_fingerprint(fp, model_fingerprint(model, check_specs),
-                          f"the {queries.method} queries' corpus model")
+        check_fingerprint(
+            fp, model_fingerprint(model, check_specs), f"the {queries.method} queries' corpus model"
+        )
     kept, left_out = matching_specs(model, queries.specs)
     if not kept:
         raise MismatchError("no module of the preconditioned queries is in the scoring model")
@@ -147,11 +148,15 @@ def score(
     progress: bool = False,
 ) -> Scores:
     """Influence scores (Q, N) of every document in batches on every query."""
-    results = list(iter_scores(model, batches, queries, per_token=per_token, path=path,
-                               progress=progress))
+    results = list(
+        iter_scores(model, batches, queries, per_token=per_token, path=path, progress=progress)
+    )
     specs, left_out = scoring_modules(model, queries)
-    values = torch.cat([r.scores for r in results], dim=1) if results else torch.zeros(
-        queries.num_queries, 0)
+    values = (
+        torch.cat([r.scores for r in results], dim=1)
+        if results
+        else torch.zeros(queries.num_queries, 0)
+    )
     tokens = [r.token_scores for r in results] if per_token else None
     return Scores(values, list(queries.query_ids), list(specs), left_out, tokens)
 

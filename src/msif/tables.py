@@ -29,8 +29,10 @@ def table_kind(schema: pa.Schema, uri: str) -> str:
         return "pairs"
     if "id" in names and ("text" in names or "input_ids" in names):
         return "corpus"
-    raise DataError(f"{uri} has columns [{', '.join(schema.names)}]; expected "
-                    f"{KINDS['corpus']} (corpus) or {KINDS['pairs']} (fine-tune data/queries)")
+    raise DataError(
+        f"{uri} has columns [{', '.join(schema.names)}]; expected "
+        f"{KINDS['corpus']} (corpus) or {KINDS['pairs']} (fine-tune data/queries)"
+    )
 
 
 def require_queries(table: pa.Table, uri: str) -> None:
@@ -45,16 +47,24 @@ def require_queries(table: pa.Table, uri: str) -> None:
         raise DataError(f"queries {uri} repeat an id")
 
 
-def batch_examples(batch: pa.RecordBatch, first_row: int, tokenizer, kind: str,
-                   opts: TableOptions, vocab: int) -> list[Example]:
+def batch_examples(
+    batch: pa.RecordBatch, first_row: int, tokenizer, kind: str, opts: TableOptions, vocab: int
+) -> list[Example]:
     """Tokenise one record batch; rows without ids are named by their global row index."""
     cols = batch.schema.names
-    ids = ([str(x) for x in batch.column("id").to_pylist()] if "id" in cols
-           else [f"row-{first_row + i}" for i in range(batch.num_rows)])
+    ids = (
+        [str(x) for x in batch.column("id").to_pylist()]
+        if "id" in cols
+        else [f"row-{first_row + i}" for i in range(batch.num_rows)]
+    )
     if kind == "pairs":
-        return tokenize_prompt_completion(tokenizer, ids, batch.column("prompt").to_pylist(),
-                                          batch.column("completion").to_pylist(),
-                                          opts.max_length)
+        return tokenize_prompt_completion(
+            tokenizer,
+            ids,
+            batch.column("prompt").to_pylist(),
+            batch.column("completion").to_pylist(),
+            opts.max_length,
+        )
     if "input_ids" in cols:
         out = []
         for doc_id, seq in zip(ids, batch.column("input_ids").to_pylist(), strict=True):
@@ -66,8 +76,15 @@ def batch_examples(batch: pa.RecordBatch, first_row: int, tokenizer, kind: str,
     return tokenize_documents(tokenizer, ids, batch.column("text").to_pylist(), opts.max_length)
 
 
-def iter_examples(source, tokenizer, kind: str, opts: TableOptions, vocab: int,
-                  start: int = 0, stop: int | None = None) -> Iterator[Example]:
+def iter_examples(
+    source,
+    tokenizer,
+    kind: str,
+    opts: TableOptions,
+    vocab: int,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[Example]:
     """Stream examples of rows [start, stop) of a ParquetSource."""
     names = source.schema.names
     wanted = [c for c in ("id", "text", "input_ids", "prompt", "completion") if c in names]

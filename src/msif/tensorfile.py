@@ -22,8 +22,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_tensors(directory: str | Path, stem: str, tensors: dict[str, torch.Tensor],
-                 meta: dict) -> None:
+def save_tensors(
+    directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     """Write stem.safetensors and stem.json (kind, version, checksum, metadata) into directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

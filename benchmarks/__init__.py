@@ -1,0 +1,1 @@
+"""msif benchmarks: speed, memory and attribution quality, with recorded results."""
