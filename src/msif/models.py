@@ -32,8 +32,11 @@ def load_model(
 ):
     """(model in eval mode, tokenizer) from a save_pretrained directory or gs:// prefix."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from msif.storage import fetch_model_dir
+
+    hf_logging.disable_progress_bar()  # one bar per node is ours; theirs per load is noise
 
     if dtype not in DTYPES:
         raise MsifError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -101,14 +101,13 @@ def module_scores(a, g, queries: PreconditionedQueries, name: str, path: str, de
 
 def _score_batch(model, batch, queries, specs, cap, per_token, path, dense_cache, paths_used):
     gradient_pass(model, batch, cap)
-    real = batch["attention_mask"].to(next(iter(cap.activations.values())).device)
-    b, t = real.shape
+    b, t = batch["input_ids"].shape
     total = None
     for name, spec in specs.items():
         a, g = activations_and_gradients(cap, name)
         work = torch.float64 if a.dtype == torch.float64 else torch.float32
-        a = a.to(work) * real[..., None].to(work)
-        g = g.to(work)
+        # Padding needs no mask here: its output gradient g is exactly zero.
+        a, g = a.to(work), g.to(work)
         chosen = choose_path(spec, queries, b, t, per_token, path)
         paths_used[name] = chosen
         s = module_scores(a, g, queries, name, chosen, dense_cache)
@@ -148,17 +147,13 @@ def score(
     progress: bool = False,
 ) -> Scores:
     """Influence scores (Q, N) of every document in batches on every query."""
-    results = list(
-        iter_scores(model, batches, queries, per_token=per_token, path=path, progress=progress)
-    )
     specs, left_out = scoring_modules(model, queries)
-    values = (
-        torch.cat([r.scores for r in results], dim=1)
-        if results
-        else torch.zeros(queries.num_queries, 0)
-    )
+    paths: dict[str, str] = {}
+    results = list(_iter(model, batches, queries, specs, per_token, path, progress, paths))
+    values = (torch.cat([r.scores for r in results], dim=1) if results
+              else torch.zeros(queries.num_queries, 0))
     tokens = [r.token_scores for r in results] if per_token else None
-    return Scores(values, list(queries.query_ids), list(specs), left_out, tokens)
+    return Scores(values, list(queries.query_ids), list(specs), left_out, tokens, paths)
 
 
 def iter_scores(
@@ -170,13 +165,17 @@ def iter_scores(
     path: str = "auto",
     progress: bool = False,
     paths_used: dict | None = None,
-):
+) -> Iterator[BatchScores]:
     """Yield BatchScores batch by batch (streaming; memory independent of corpus size)."""
+    specs, _ = scoring_modules(model, queries)
+    used = paths_used if paths_used is not None else {}
+    yield from _iter(model, batches, queries, specs, per_token, path, progress, used)
+
+
+def _iter(model, batches, queries, specs, per_token, path, progress, used):
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}")
-    specs, _ = scoring_modules(model, queries)
     cache: dict = {}
-    used = paths_used if paths_used is not None else {}
     with frozen(model), capture(model, specs) as cap:
         for batch in progress_bar(batches, progress, f"score ({queries.method})"):
             yield _score_batch(model, batch, queries, specs, cap, per_token, path, cache, used)
