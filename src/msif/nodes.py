@@ -24,6 +24,7 @@ from msif.modules import ModuleSelection
 from msif.precondition import PreconditionedQueries, precondition_queries
 from msif.score import iter_scores
 from msif.tables import TableOptions, iter_examples, require_queries, table_kind
+from msif.topk import TopK, merge_topk
 
 log = logging.getLogger("msif")
 
@@ -265,50 +266,11 @@ def query_gradients_node(
 
 
 @dataclass
-class TopK:
-    """The k highest scores per query seen so far (ties broken by doc id for determinism)."""
-
-    k: int
-    num_queries: int
-    scores: list[np.ndarray] = field(default_factory=list)
-    ids: list[np.ndarray] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.scores = [np.empty(0, np.float64) for _ in range(self.num_queries)]
-        self.ids = [np.empty(0, object) for _ in range(self.num_queries)]
-
-    def update(self, scores: np.ndarray, doc_ids: Sequence[str]) -> None:
-        """Merge a (Q, B) block of scores."""
-        names = np.asarray(doc_ids, dtype=object)
-        for q in range(self.num_queries):
-            s = np.concatenate([self.scores[q], scores[q]])
-            d = np.concatenate([self.ids[q], names])
-            order = np.lexsort((d.astype(str), -s))[: self.k]
-            self.scores[q], self.ids[q] = s[order], d[order]
-
-    def rows(self, q: int) -> list[tuple[str, float]]:
-        """(doc_id, score) of query q, best first."""
-        return list(zip(self.ids[q].tolist(), self.scores[q].tolist(), strict=True))
-
-
-SCORE_SCHEMA = pa.schema(
-    [
-        ("query_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("score", pa.float32()),
-        ("rank", pa.int32()),
-        ("tokens", pa.list_(pa.string())),
-        ("token_scores", pa.list_(pa.float32())),
-    ]
-)
-
-
-@dataclass
 class _Explained:
     """Token strings and per-token scores of the documents shown in reports."""
 
     tokens: dict[str, list[str]] = field(default_factory=dict)
-    scores: dict[tuple[int, str], list[float]] = field(default_factory=dict)
+    scores: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
 
 def _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts):
@@ -324,29 +286,26 @@ def _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts):
     return examples, source, (start, stop)
 
 
-def _explain(
-    model, tokenizer, pq_, keep: dict[str, Example], topk: TopK, explain_k: int, opts: RunOptions
-) -> _Explained:
+def _explain(model, tokenizer, pq_, topk: TopK, explain_k: int, opts: RunOptions) -> _Explained:
     # A second, per-token pass over only the documents the report will show.
     wanted = sorted({d for q in range(topk.num_queries) for d, _ in topk.rows(q)[:explain_k]})
     out = _Explained()
     if not wanted:
         return out
-    examples = [keep[d] for d in wanted]
-    for bs in iter_scores(
-        model, batches(examples, opts.batch_size, pad_id_of(tokenizer)), pq_, per_token=True
-    ):
+    examples = {d: topk.extra(d) for d in wanted}
+    stream = batches(list(examples.values()), opts.batch_size, pad_id_of(tokenizer))
+    for bs in iter_scores(model, stream, pq_, per_token=True):
         for j, doc_id in enumerate(bs.ids):
-            n = len(keep[doc_id].input_ids)
-            out.tokens[doc_id] = tokenizer.convert_ids_to_tokens(keep[doc_id].input_ids)
-            for q in range(topk.num_queries):
-                out.scores[(q, doc_id)] = bs.token_scores[q, j, :n].float().tolist()
+            n = len(examples[doc_id].input_ids)
+            out.tokens[doc_id] = tokenizer.convert_ids_to_tokens(examples[doc_id].input_ids)
+            for q, qid in enumerate(pq_.query_ids):
+                out.scores[(qid, doc_id)] = bs.token_scores[q, j, :n].float().tolist()
     return out
 
 
-def _track_examples(stream: Iterator[Example], keep: dict[str, Example]) -> Iterator[Example]:
+def _tracked(stream: Iterator[Example], seen: list[Example]) -> Iterator[Example]:
     for e in stream:
-        keep[e.id] = e
+        seen.append(e)
         yield e
 
 
@@ -372,29 +331,29 @@ def score_node(
     pq_ = PreconditionedQueries.load(local_input_dir(preconditioned_uri))
     model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
     examples, source, rows = _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts)
-    keep: dict[str, Example] = {}
+    pending: list[Example] = []
     topk = TopK(top_k, pq_.num_queries)
     paths: dict[str, str] = {}
     num_docs = 0
     meta = {"node": "score", "method": pq_.method, "shard": shard, "num_shards": num_shards}
     with staged_output_dir(out_uri, meta) as tmp:
         writer = pq.ParquetWriter(tmp / "full_scores.parquet", _FULL_SCHEMA) if full else None
-        stream = batches(_track_examples(examples, keep), opts.batch_size, pad_id_of(tokenizer))
+        stream = batches(_tracked(examples, pending), opts.batch_size, pad_id_of(tokenizer))
         for bs in iter_scores(
             model, stream, pq_, path=path, progress=opts.progress, paths_used=paths
         ):
             values = bs.scores.double().cpu().numpy()
-            topk.update(values, bs.ids)
+            # The examples are kept only while they are in some query's top-k.
+            topk.update(values, bs.ids, extras=pending[: len(bs.ids)])
+            del pending[: len(bs.ids)]
             num_docs += len(bs.ids)
             if writer is not None:
                 writer.write_table(_full_rows(pq_.query_ids, bs.ids, values))
-            best = {d for q in range(topk.num_queries) for d, _ in topk.rows(q)}
-            for d in [d for d in keep if d not in best]:
-                del keep[d]
         if writer is not None:
             writer.close()
-        explained = _explain(model, tokenizer, pq_, keep, topk, explain_k, opts)
-        pq.write_table(_score_rows(pq_.query_ids, topk, explained), tmp / "scores.parquet")
+        explained = _explain(model, tokenizer, pq_, topk, explain_k, opts)
+        table = topk.to_table(pq_.query_ids, explained.tokens, explained.scores)
+        pq.write_table(table, tmp / "scores.parquet")
         info = {
             **meta,
             "corpus": corpus_uri,
@@ -433,21 +392,6 @@ def _full_rows(query_ids, doc_ids, values: np.ndarray) -> pa.Table:
     )
 
 
-def _score_rows(query_ids, topk: TopK, explained: _Explained) -> pa.Table:
-    rows = {name: [] for name in SCORE_SCHEMA.names}
-    for q, qid in enumerate(query_ids):
-        for r, (doc_id, s) in enumerate(topk.rows(q), start=1):
-            rows["query_id"].append(qid)
-            rows["doc_id"].append(doc_id)
-            rows["score"].append(s)
-            rows["rank"].append(r)
-            rows["tokens"].append(
-                explained.tokens.get(doc_id, []) if (q, doc_id) in explained.scores else []
-            )
-            rows["token_scores"].append(explained.scores.get((q, doc_id), []))
-    return pa.table(rows, schema=SCORE_SCHEMA)
-
-
 def bm25_node(corpus_uri: str, queries_uri: str, top_k: int, out_uri: str) -> None:
     """BM25 baseline over the corpus text, written in the shard-scores format (shard 0 of 1)."""
     from msif.bm25 import BM25Index
@@ -475,7 +419,7 @@ def bm25_node(corpus_uri: str, queries_uri: str, top_k: int, out_uri: str) -> No
     topk.update(np.stack([index.score(t) for t in texts_q]), ids)
     meta = {"node": "bm25", "method": "bm25", "shard": 0, "num_shards": 1}
     with staged_output_dir(out_uri, meta) as tmp:
-        pq.write_table(_score_rows(qids, topk, _Explained()), tmp / "scores.parquet")
+        pq.write_table(topk.to_table(qids), tmp / "scores.parquet")
         info = {
             **meta,
             "corpus": corpus_uri,
@@ -515,24 +459,6 @@ def _check_scores(
         [{**i, "data_fingerprint": i.get("corpus_fingerprint")} for i in infos],
         f"{method} shard scores",
     )
-
-
-def merge_shards(tables: Sequence[pa.Table], top_k: int) -> pa.Table:
-    """Merge shards' top-k tables into one global top-k per query, ranks renumbered."""
-    table = pa.concat_tables(tables)
-    qid = np.asarray(table.column("query_id").to_pylist(), dtype=object)
-    did = np.asarray(table.column("doc_id").to_pylist(), dtype=object)
-    score = table.column("score").to_numpy()
-    order = np.lexsort((did.astype(str), -score, qid.astype(str)))
-    keep, ranks, count, last = [], [], 0, None
-    for i in order:
-        count = count + 1 if qid[i] == last else 1
-        last = qid[i]
-        if count <= top_k:
-            keep.append(i)
-            ranks.append(count)
-    out = table.take(pa.array(keep, pa.int64()))
-    return out.set_column(out.schema.get_field_index("rank"), "rank", pa.array(ranks, pa.int32()))
 
 
 def _snippets(corpus_uri: str, wanted: set[str], limit: int = 600) -> dict[str, str]:
@@ -586,7 +512,7 @@ def rank_node(
     merged, run_info = {}, {"methods": {}}
     for method, shards in sorted(by_method.items()):
         _check_scores(method, shards, corpus_fp, table_fingerprint(queries))
-        merged[method] = merge_shards([t for _, t in shards], top_k)
+        merged[method] = merge_topk([t for _, t in shards], top_k)
         info = shards[0][0]
         run_info["methods"][method] = {
             k: info.get(k)
@@ -607,7 +533,8 @@ def rank_node(
         pq.write_table(ranking, tmp / "ranking.parquet")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         shown = ranking.filter(pa.compute.less_equal(ranking.column("rank"), report_k))
-        write_report(Path(tmp), shown, queries, metrics, run_info, spectra)
+        samples = {m: t.column("score").to_numpy() for m, t in merged.items()}
+        write_report(Path(tmp), shown, queries, metrics, run_info, spectra, score_samples=samples)
     return metrics
 
 
