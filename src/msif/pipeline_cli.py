@@ -1,0 +1,412 @@
+"""`msif pipeline compile|submit|schedule`: build the KFP pipeline YAML and run it on a cluster.
+
+Credentials never travel as arguments. `submit` and `schedule` authenticate the way kfp does
+from the environment: `KF_PIPELINES_SA_TOKEN_PATH` (a projected service-account token file,
+re-read on every request), `MSIF_KFP_TOKEN` (a bearer token, e.g. an IAP identity token in
+CI), or kfp's own `KF_PIPELINES_IAP_OAUTH2_CLIENT_ID` / `KF_PIPELINES_APP_OAUTH2_CLIENT_*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from msif.errors import MsifError
+
+PIPELINE_FILE = "multi_stage_influence.yaml"
+TOKEN_ENV = "MSIF_KFP_TOKEN"
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+# A container image reference: [registry[:port]/]path[:tag][@sha256:digest], lower-case path.
+_IMAGE_RE = re.compile(
+    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
+    r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+_CRON_FIELD_RE = re.compile(r"^[0-9A-Za-z*?/,#LW-]+$")
+_CRON_DESCRIPTORS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight"}
+_CRON_DESCRIPTORS |= {"@hourly"}
+_PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "STRING": (str,),
+    "NUMBER_INTEGER": (int,),
+    "NUMBER_DOUBLE": (int, float),
+    "BOOLEAN": (bool,),
+    "STRUCT": (dict,),
+    "LIST": (list,),
+}
+
+
+class PipelineCliError(MsifError):
+    """Bad pipeline options, parameters or package, or a KFP API that refused a request."""
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def default_package() -> Path:
+    """The compiled pipeline YAML shipped inside the msif.pipelines package."""
+    import msif.pipelines
+
+    return Path(msif.pipelines.__file__).with_name(PIPELINE_FILE)
+
+
+def check_image(image: str) -> str:
+    """Return image if it is a container image reference, else raise PipelineCliError."""
+    if not _IMAGE_RE.match(image):
+        raise PipelineCliError(f"--image {image!r} is not a container image reference")
+    return image
+
+
+@contextmanager
+def _components_in(image: str) -> Iterator[Any]:
+    """Re-import components and pipeline with MSIF_IMAGE=image; restore both afterwards."""
+    from msif.components import COMPONENT_MODULES, IMAGE_ENV
+    from msif.components import image as current
+
+    if current.IMAGE == image:
+        yield importlib.import_module("msif.pipelines.multi_stage_influence")
+        return
+
+    def reload_all():
+        for name in (*COMPONENT_MODULES, "msif.components", "msif.pipelines.multi_stage_influence"):
+            module = sys.modules.get(name)
+            module = importlib.reload(module) if module else importlib.import_module(name)
+        return module
+
+    old = os.environ.get(IMAGE_ENV)
+    os.environ[IMAGE_ENV] = image
+    try:
+        yield reload_all()
+    finally:
+        if old is None:
+            os.environ.pop(IMAGE_ENV, None)
+        else:
+            os.environ[IMAGE_ENV] = old
+        reload_all()
+
+
+def compile_pipeline(
+    out: Path,
+    image: str | None = None,
+    accelerator_type: str | None = None,
+    accelerator_count: int | None = None,
+    gke_accelerator: str | None = None,
+) -> Path:
+    """Compile the pipeline to out (atomically); None keeps the default of each setting.
+
+    The image defaults to $MSIF_IMAGE, else `msif.components.image.DEFAULT_IMAGE`; the
+    accelerator settings become the defaults of the pipeline's run-time parameters.
+    """
+    from kfp import compiler
+
+    from msif.components.image import DEFAULT_IMAGE, IMAGE_ENV
+
+    image = check_image(image or os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE)
+    if accelerator_count is not None and accelerator_count < 0:
+        raise PipelineCliError(f"--accelerator-count must be >= 0, not {accelerator_count}")
+    out = Path(out)
+    with _components_in(image) as module:
+        given = {
+            "accelerator_type": accelerator_type,
+            "accelerator_count": accelerator_count,
+            "gke_accelerator": gke_accelerator,
+        }
+        defaults = module.PipelineDefaults(**{k: v for k, v in given.items() if v is not None})
+        pipeline = module.build_pipeline(defaults)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The compiler creates the file itself, so it gets the usual umask permissions.
+        tmp = str(out.with_name(f".{out.name}.{os.getpid()}.tmp.yaml"))
+        try:
+            compiler.Compiler().compile(pipeline, tmp)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out
+
+
+def _compile_command(args: argparse.Namespace) -> int:
+    out = compile_pipeline(
+        Path(args.out) if args.out else default_package(),
+        image=args.image,
+        accelerator_type=args.accelerator_type,
+        accelerator_count=args.accelerator_count,
+        gke_accelerator=args.gke_accelerator,
+    )
+    print(out)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def package_parameters(package: Path) -> dict[str, dict]:
+    """The root input parameters of a compiled pipeline YAML (name → IR definition)."""
+    try:
+        docs = list(yaml.safe_load_all(Path(package).read_text()))
+    except FileNotFoundError:
+        raise PipelineCliError(f"pipeline package {package} does not exist") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineCliError(f"cannot read pipeline package {package}: {exc}") from None
+    spec = docs[0] if docs and isinstance(docs[0], dict) else {}
+    root = spec.get("root", {})
+    if "pipelineInfo" not in spec or "dag" not in root:
+        raise PipelineCliError(f"{package} is not a compiled KFP pipeline")
+    return root.get("inputDefinitions", {}).get("parameters", {})
+
+
+def load_params(path: Path, package: Path) -> dict[str, Any]:
+    """Read a YAML mapping of pipeline parameters and check it against the package."""
+    try:
+        params = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise PipelineCliError(f"parameter file {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineCliError(f"cannot read parameter file {path}: {exc}") from None
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise PipelineCliError(f"{path} must hold a mapping of pipeline parameters")
+    check_params(params, package_parameters(package), str(path))
+    return params
+
+
+def check_params(params: dict[str, Any], definitions: dict[str, dict], where: str) -> None:
+    """Unknown, missing and mistyped parameters become one clear error line."""
+    unknown = sorted(set(params) - set(definitions))
+    if unknown:
+        raise PipelineCliError(
+            f"{where}: unknown pipeline parameter(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(definitions))})"
+        )
+    missing = sorted(
+        name
+        for name, d in definitions.items()
+        if name not in params and "defaultValue" not in d and not d.get("isOptional")
+    )
+    if missing:
+        raise PipelineCliError(f"{where}: missing pipeline parameter(s) {', '.join(missing)}")
+    for name, value in params.items():
+        kind = definitions[name].get("parameterType", "STRING")
+        allowed = _PARAM_TYPES.get(kind, (object,))
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            raise PipelineCliError(
+                f"{where}: parameter {name} must be {kind.lower()}, not {value!r}"
+            )
+
+
+# ----------------------------------------------------------------------------- KFP API
+
+
+def kfp_client(host: str, namespace: str | None):
+    """A kfp.Client for host with credentials from the environment only."""
+    import kfp
+
+    kwargs: dict[str, Any] = {"host": host}
+    if namespace:
+        kwargs["namespace"] = namespace
+    if os.environ.get(TOKEN_ENV):
+        kwargs["existing_token"] = os.environ[TOKEN_ENV]
+    elif os.environ.get(SA_TOKEN_PATH_ENV):
+        # kfp reads the file named by KF_PIPELINES_SA_TOKEN_PATH and re-reads it per request.
+        kwargs["credentials"] = kfp.client.ServiceAccountTokenVolumeCredentials()
+    try:
+        return kfp.Client(**kwargs)
+    except Exception as exc:  # kfp raises bare exceptions of many kinds while connecting
+        raise PipelineCliError(f"cannot reach the KFP API at {host}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
+    if status is not None:
+        body = (getattr(exc, "body", "") or "").strip().replace("\n", " ")
+        return f"HTTP {status} {reason or ''}".strip() + (f": {body[:200]}" if body else "")
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@contextmanager
+def _api_errors(host: str, action: str) -> Iterator[None]:
+    try:
+        yield
+    except MsifError:
+        raise
+    except Exception as exc:  # ApiException, urllib3 and socket errors: one line each
+        raise PipelineCliError(f"KFP API at {host} failed to {action}: {_reason(exc)}") from None
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    package = Path(args.package) if args.package else default_package()
+    return {
+        "package": package,
+        "params": load_params(Path(args.params), package),
+        "pipeline_root": args.pipeline_root,
+        "service_account": args.service_account,
+        "enable_caching": False if args.no_cache else None,
+    }
+
+
+def submit(args: argparse.Namespace) -> dict[str, str]:
+    """Create (or reuse) the experiment and start one run of the package; return their ids."""
+    opts = _run_options(args)
+    run_name = args.run_name or f"multi-stage-influence {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    client = kfp_client(args.host, args.namespace)
+    with _api_errors(args.host, "create the run"):
+        result = client.create_run_from_pipeline_package(
+            pipeline_file=str(opts["package"]),
+            arguments=opts["params"],
+            run_name=run_name,
+            experiment_name=args.experiment,
+            namespace=args.namespace,
+            pipeline_root=opts["pipeline_root"],
+            enable_caching=opts["enable_caching"],
+            service_account=opts["service_account"],
+        )
+    run = result.run_info
+    return {"run_id": run.run_id, "experiment_id": run.experiment_id, "run_name": run_name}
+
+
+def check_cron(cron: str) -> str:
+    """Return cron if KFP accepts it: 6 fields, seconds first, or a @descriptor."""
+    text = cron.strip()
+    if text in _CRON_DESCRIPTORS or re.match(r"^@every \d+(\.\d+)?(ns|us|ms|s|m|h)+$", text):
+        return text
+    fields = text.split()
+    if len(fields) == 5:
+        raise PipelineCliError(
+            f"--cron {cron!r} has 5 fields; KFP cron has 6 with seconds first, e.g. '0 {text}'"
+        )
+    if len(fields) != 6 or not all(_CRON_FIELD_RE.match(f) for f in fields):
+        raise PipelineCliError(
+            f"--cron {cron!r} is not a KFP cron expression "
+            "(6 fields: second minute hour day-of-month month day-of-week)"
+        )
+    return " ".join(fields)
+
+
+def schedule(args: argparse.Namespace) -> dict[str, str]:
+    """Create (or reuse) the experiment and a recurring run on a cron schedule."""
+    cron = check_cron(args.cron)
+    if args.max_concurrency < 1:
+        raise PipelineCliError(f"--max-concurrency must be >= 1, not {args.max_concurrency}")
+    opts = _run_options(args)
+    client = kfp_client(args.host, args.namespace)
+    with _api_errors(args.host, "create the experiment"):
+        experiment = client.create_experiment(name=args.experiment, namespace=args.namespace)
+    with _api_errors(args.host, "create the recurring run"):
+        job = client.create_recurring_run(
+            experiment_id=experiment.experiment_id,
+            job_name=args.name,
+            cron_expression=cron,
+            max_concurrency=args.max_concurrency,
+            no_catchup=not args.catchup,
+            params=opts["params"],
+            pipeline_package_path=str(opts["package"]),
+            pipeline_root=opts["pipeline_root"],
+            enable_caching=opts["enable_caching"],
+            service_account=opts["service_account"],
+        )
+    return {
+        "recurring_run_id": job.recurring_run_id,
+        "experiment_id": experiment.experiment_id,
+        "cron": cron,
+    }
+
+
+def _print_result(fn):
+    def run(args: argparse.Namespace) -> int:
+        print(json.dumps(fn(args), sort_keys=True))
+        return 0
+
+    return run
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://HOST/pipeline")
+    p.add_argument("--experiment", required=True, help="experiment name (created if missing)")
+    p.add_argument("--params", required=True, help="YAML mapping of pipeline parameters")
+    p.add_argument("--package", help="compiled pipeline YAML (default: the packaged one)")
+    p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user clusters)")
+    p.add_argument("--pipeline-root", help="artifact root for this run, e.g. gs://BUCKET/msif")
+    p.add_argument("--service-account", help="Kubernetes service account the run's pods use")
+    p.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
+
+
+def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `pipeline compile|submit|schedule` to an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "pipeline",
+        help="compile, submit or schedule the Kubeflow pipeline",
+        description="Compile the KFP v2 pipeline YAML, submit a run, or schedule recurring "
+        "runs. Credentials come from the environment only (KF_PIPELINES_SA_TOKEN_PATH, "
+        f"{TOKEN_ENV}, kfp's IAP variables).",
+    )
+    actions = parser.add_subparsers(dest="pipeline_action", metavar="ACTION")
+    parser.set_defaults(run=lambda a: _usage(parser))
+
+    p = actions.add_parser("compile", help="write the compiled pipeline YAML")
+    p.add_argument("--out", help=f"output file (default: the packaged {PIPELINE_FILE})")
+    p.add_argument("--image", help="component image (sets MSIF_IMAGE while compiling)")
+    p.add_argument("--accelerator-type", help="default accelerator resource (nvidia.com/gpu)")
+    p.add_argument("--accelerator-count", type=int, help="default accelerators per GPU node (1)")
+    p.add_argument(
+        "--gke-accelerator",
+        help="default GKE GPU model for the node selector (nvidia-l4; '' for none)",
+    )
+    p.set_defaults(run=_compile_command)
+
+    p = actions.add_parser("submit", help="start one run on a KFP cluster")
+    _run_arguments(p)
+    p.add_argument("--run-name", help="run name (default: pipeline name and local time)")
+    p.set_defaults(run=_print_result(submit))
+
+    p = actions.add_parser("schedule", help="create a recurring run (KFP cron, 6 fields)")
+    _run_arguments(p)
+    p.add_argument("--cron", required=True, help='e.g. "0 0 3 * * *" = 03:00:00 every day')
+    p.add_argument("--name", required=True, help="recurring run name")
+    p.add_argument("--max-concurrency", type=int, default=1, help="parallel runs allowed (1)")
+    p.add_argument("--catchup", action="store_true", help="backfill runs missed while paused")
+    p.set_defaults(run=_print_result(schedule))
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_usage(sys.stderr)
+    print("msif: error: choose an action: compile, submit or schedule", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A standalone `msif` parser holding only the pipeline commands."""
+    parser = argparse.ArgumentParser(prog="msif")
+    add_pipeline_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `msif pipeline ...` standalone; errors are one line on stderr and exit code 1."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not hasattr(args, "run"):
+        build_parser().print_usage(sys.stderr)
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except MsifError as exc:
+        print(f"msif: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from msif.testing import DEFAULT_BUCKET, Emulator, EmulatorError, gcs_emulator as _gcs_emulator
+
+# ----------------------------------------------------------------------------- GCS emulator
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory) -> Emulator:
+    """A real gcp-storage-emulator process for the session, with bucket `msif-test`.
+
+    Sets STORAGE_EMULATOR_HOST (so msif.storage talks to it), a short retry base delay and
+    a session-private download cache (MSIF_CACHE_DIR) for as long as the session runs.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            with _gcs_emulator() as emulator:
+                emulator.create_bucket(DEFAULT_BUCKET)
+                mp.setenv("STORAGE_EMULATOR_HOST", emulator.endpoint)
+                mp.setenv("MSIF_STORAGE_RETRY_BASE", "0.01")
+                mp.setenv("MSIF_CACHE_DIR", str(tmp_path_factory.mktemp("msif-cache")))
+                yield emulator
+        except EmulatorError as exc:
+            pytest.skip(str(exc))
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator) -> str:
+    """The URI of the emulator's test bucket, `gs://msif-test`."""
+    return f"gs://{DEFAULT_BUCKET}"
+
+
+@pytest.fixture
+def gcs_prefix(gcs_bucket, request) -> str:
+    """A fresh, empty gs:// prefix in the test bucket, unique to this test."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
+    return f"{gcs_bucket}/{name}-{uuid.uuid4().hex[:8]}"
