@@ -21,10 +21,15 @@ def rank(
     report: Output[Markdown],
     report_html: Output[HTML],
 ):
-    """`msif rank`, then the metrics, Markdown and HTML report as KFP UI artifacts."""
-    from msif.components.outputs import publish_rank_outputs
+    """`msif rank`, then its metrics and reports as the KFP UI's Metrics/Markdown/HTML."""
+    # Only msif.cli and msif.metrics here: in a pod, kfp's runtime-only `dsl` cannot define
+    # components, so importing msif.components would fail.
+    import json
+    import shutil
+    from pathlib import Path
 
     from msif.cli import main
+    from msif.metrics import kfp_metrics
 
     shards = [*multi_stage_scores, *single_stage_scores, *gradient_dot_scores, bm25_scores]
     argv = ["rank", "--scores", *[s.path for s in shards]]
@@ -33,4 +38,9 @@ def rank(
     rc = main([*argv, "--out", ranking.path])
     if rc != 0:
         raise RuntimeError(f"msif rank failed with exit code {rc}")
-    publish_rank_outputs(ranking.path, metrics, report.path, report_html.path)
+    out = Path(ranking.path)
+    for name, value in sorted(kfp_metrics(json.loads((out / "metrics.json").read_text())).items()):
+        metrics.log_metric(name, value)
+    for source, target in ((out / "report.md", report), (out / "report.html", report_html)):
+        Path(target.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target.path)

@@ -109,9 +109,9 @@ def _on_gpu(task: PipelineTask, gpu: _Gpu, name: str) -> PipelineTask:
     task.set_cpu_request(gpu.cpu)
     task.set_memory_request(gpu.memory)
     # kfp 2.17.3 does not thread parameters used only in resource settings into the DAG of
-    # an enclosing ParallelFor: the loop's task would reference an input its DAG lacks (the
-    # local runner fails with "Parent pipeline input argument ... not found", and so would
-    # the backend's driver). Registering them as inputs of the task threads them through.
+    # an enclosing ParallelFor: the loop's task would name an input its DAG never declares
+    # (kfp.local stops with "Parent pipeline input argument ... not found"). Registering
+    # them as channels of the task threads them through like any other input.
     task.register_pipeline_channels(
         [gpu.accelerator_type, gpu.accelerator_count, gpu.cpu, gpu.memory]
     )

@@ -424,44 +424,126 @@ def test_compile_bad_options_write_nothing(tmp_path, capsys, extra, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_flatten_metrics_exact():
-    from msif.components.outputs import flatten_metrics
+class FakeCli:
+    """Stands in for msif.cli.main inside component bodies: records argv, writes rank outputs."""
 
-    metrics = {
-        "methods": {
-            "multi-stage": {"mrr": 0.5, "recall@10": 1, "num_queries": 3, "note": "x"},
-            "bm25": {"mrr": 0.25, "recall@10": float("nan"), "num_queries": 3},
-        },
-        "top_k": 100,
-        "trimmed": True,
-    }
-    assert flatten_metrics(metrics) == {
-        "multi-stage_mrr": 0.5,
-        "multi-stage_recall-at-10": 1.0,
-        "multi-stage_num_queries": 3.0,
+    def __init__(self, rc: int = 0):
+        self.rc, self.calls = rc, []
+
+    def __call__(self, argv):
+        self.calls.append(list(argv))
+        if argv[0] == "rank" and self.rc == 0:
+            out = Path(argv[argv.index("--out") + 1])
+            out.mkdir(parents=True)
+            metrics = {
+                "methods": {
+                    "multi-stage": {"mrr": 0.75, "recall@10": 0.5, "num_queries": 4},
+                    "bm25": {"mrr": 0.25, "recall@10": None, "num_queries": 4},
+                },
+                "top_k": 5,
+            }
+            (out / "metrics.json").write_text(json.dumps(metrics))
+            (out / "report.md").write_text("# report\n")
+            (out / "report.html").write_text("<h1>report</h1>\n")
+        return self.rc
+
+
+@pytest.fixture
+def fake_cli(monkeypatch) -> FakeCli:
+    import msif.cli
+
+    fake = FakeCli()
+    monkeypatch.setattr(msif.cli, "main", fake)
+    return fake
+
+
+def art(tmp_path: Path, name: str, cls=None):
+    from kfp.dsl import Artifact
+
+    return (cls or Artifact)(name=name, uri=str(tmp_path / name), metadata={})
+
+
+def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
+    import msif.components as c
+
+    p = {"max_length": 32, "batch_size": 4}
+    cov = art(tmp_path, "cov")
+    # Local runs hand ParallelFor items over as floats: 1.0 must become "1".
+    c.fit_covariance.python_func("m", "d", "pt", 1.0, 2, seed=7, covariance=cov, **p)
+    eig = art(tmp_path, "eig")
+    c.eigendecompose.python_func([art(tmp_path, "c0"), art(tmp_path, "c1")], eig)
+    lam = art(tmp_path, "lam")
+    c.fit_lambda.python_func("m", "d", "ft", eig, 0.0, 2, seed=0, lambda_sums=lam, **p)
+    fac = art(tmp_path, "fac")
+    c.build_factors.python_func(eig, [art(tmp_path, "l0")], fac)
+    pre = art(tmp_path, "pre")
+    c.query_gradients.python_func(
+        "ft", "q", "multi-stage", 0.01, 0.1, 8, preconditioned=pre, ft_factors=fac,
+        pt_factors=art(tmp_path, "ptf"), **p,
+    )  # fmt: skip
+    c.query_gradients.python_func("ft", "q", "gradient-dot", 0.0, 0.1, 0, preconditioned=pre, **p)
+    sc = art(tmp_path, "sc")
+    c.score_shard.python_func("pt", "corpus", pre, 1.0, 2, 5, scores=sc, **p)
+    c.bm25_scores.python_func("corpus", "q", 5, sc)
+    t = str(tmp_path)
+    size = ["--max-length", "32", "--batch-size", "4"]
+    assert fake_cli.calls == [
+        ["fit-covariance", "--model", "m", "--data", "d", "--stage", "pt", "--shard", "1",
+         "--num-shards", "2", *size, "--seed", "7", "--out", f"{t}/cov"],
+        ["eigendecompose", "--partials", f"{t}/c0", f"{t}/c1", "--out", f"{t}/eig"],
+        ["fit-lambda", "--model", "m", "--data", "d", "--stage", "ft", "--eigenbasis", f"{t}/eig",
+         "--shard", "0", "--num-shards", "2", *size, "--seed", "0", "--out", f"{t}/lam"],
+        ["build-factors", "--eigenbasis", f"{t}/eig", "--partials", f"{t}/l0",
+         "--out", f"{t}/fac"],
+        ["query-gradients", "--model", "ft", "--queries", "q", "--method", "multi-stage",
+         "--damping-factor", "0.1", "--rank", "8", "--alpha", "0.01", "--ft-factors", f"{t}/fac",
+         "--pt-factors", f"{t}/ptf", *size, "--out", f"{t}/pre"],
+        ["query-gradients", "--model", "ft", "--queries", "q", "--method", "gradient-dot",
+         "--damping-factor", "0.1", "--rank", "0", *size, "--out", f"{t}/pre"],
+        ["score", "--model", "pt", "--corpus", "corpus", "--preconditioned", f"{t}/pre",
+         "--shard", "1", "--num-shards", "2", "--top-k", "5", *size, "--out", f"{t}/sc"],
+        ["bm25", "--corpus", "corpus", "--queries", "q", "--top-k", "5", "--out", f"{t}/sc"],
+    ]  # fmt: skip
+    assert c.shard_indices.python_func(num_shards=3.0) == [0, 1, 2]
+    with pytest.raises(ValueError, match="num_shards must be at least 1, not 0"):
+        c.shard_indices.python_func(num_shards=0)
+
+
+def test_rank_component_fills_the_ui_artifacts(fake_cli, tmp_path):
+    import msif.components as c
+    from kfp.dsl import HTML, Markdown, Metrics
+
+    scores = [[art(tmp_path, f"{m}{i}") for i in range(2)] for m in ("ms", "ss", "gd")]
+    ranking, metrics = art(tmp_path, "ranking"), art(tmp_path, "metrics", Metrics)
+    report, html = art(tmp_path, "report", Markdown), art(tmp_path, "report_html", HTML)
+    c.rank.python_func(
+        "corpus", "q", 5, *scores, art(tmp_path, "bm25"), art(tmp_path, "ptf"),
+        art(tmp_path, "ftf"), ranking, metrics, report, html,
+    )  # fmt: skip
+    t = str(tmp_path)
+    shards = [f"{t}/{m}{i}" for m in ("ms", "ss", "gd") for i in range(2)] + [f"{t}/bm25"]
+    assert fake_cli.calls == [
+        ["rank", "--scores", *shards, "--corpus", "corpus", "--queries", "q", "--top-k", "5",
+         "--factors", f"{t}/ptf", f"{t}/ftf", "--out", f"{t}/ranking"],
+    ]  # fmt: skip
+    assert metrics.metadata == {
+        "multi-stage_mrr": 0.75,
+        "multi-stage_recall-at-10": 0.5,
+        "multi-stage_num_queries": 4.0,
         "bm25_mrr": 0.25,
-        "bm25_num_queries": 3.0,
-        "top_k": 100.0,
+        "bm25_num_queries": 4.0,
+        "top_k": 5.0,
     }
+    assert Path(report.path).read_text() == "# report\n"
+    assert Path(html.path).read_text() == "<h1>report</h1>\n"
 
 
-def test_publish_rank_outputs_fills_the_ui_artifacts(tmp_path):
-    from kfp.dsl import Metrics
-    from msif.components.outputs import kfp_metric_values, publish_rank_outputs
+def test_component_failure_raises(fake_cli, tmp_path):
+    import msif.components as c
 
-    ranking = tmp_path / "ranking"
-    ranking.mkdir()
-    metrics = {"methods": {"multi-stage": {"mrr": 0.75, "recall@10": 0.5}}, "top_k": 5}
-    (ranking / "metrics.json").write_text(json.dumps(metrics))
-    (ranking / "report.md").write_text("# report\n")
-    (ranking / "report.html").write_text("<h1>report</h1>\n")
-    artifact = Metrics(name="metrics", uri=str(tmp_path / "m"), metadata={})
-    md, html = tmp_path / "ui" / "report", tmp_path / "ui" / "report_html"
-    values = publish_rank_outputs(str(ranking), artifact, str(md), str(html))
-    assert values == kfp_metric_values(metrics)
-    assert artifact.metadata == values
-    assert values["multi-stage_recall-at-10"] == 0.5
-    assert md.read_text() == "# report\n" and html.read_text() == "<h1>report</h1>\n"
+    fake_cli.rc = 1
+    with pytest.raises(RuntimeError, match="msif bm25 failed with exit code 1"):
+        c.bm25_scores.python_func("corpus", "q", 5, art(tmp_path, "sc"))
 
 
 def test_local_parameters_are_checked(tmp_path):
@@ -511,9 +593,9 @@ def test_local_run_matches_inprocess_nodes(tmp_path):
     out = run_pipeline_locally(params, tmp_path / "kfp")
     metrics = json.loads(Path(out["metrics_json"]).read_text())
     assert set(metrics["methods"]) == {"multi-stage", "single-stage", "gradient-dot", "bm25"}
-    from msif.components.outputs import kfp_metric_values
+    from msif.metrics import kfp_metrics
 
-    assert out["kfp_metrics"] == pytest.approx(kfp_metric_values(metrics))
+    assert out["kfp_metrics"] == pytest.approx(kfp_metrics(metrics))
     assert Path(out["report_md"]).read_text() == (Path(out["ranking"]) / "report.md").read_text()
     assert (
         Path(out["report_html"]).read_bytes() == (Path(out["ranking"]) / "report.html").read_bytes()

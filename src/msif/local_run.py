@@ -4,9 +4,10 @@
 `msif.pipelines.multi_stage_influence` in a subprocess of the current interpreter: the same
 component bodies, `ParallelFor` fan-out, `dsl.Collected` fan-in, optional inputs, retries and
 two-step artifact passing as on Kubeflow. Nothing the pipeline uses is missing locally (kfp
-2.17.3); what has no local effect is only placement — accelerator, CPU and memory requests,
-the toleration, node selector and pod label — which kfp.local reports as ignored (those
-warnings are silenced here) and the container image, since tasks run in this environment.
+2.17.3, given the pipeline's fix for resource parameters inside ParallelFor, see `_on_gpu`
+there). Without local effect are only placement settings (accelerator, CPU and memory
+requests, toleration, node selector, pod label; kfp.local warns that it ignores them and
+those warnings are silenced here) and the container image: tasks run in this environment.
 """
 
 from __future__ import annotations

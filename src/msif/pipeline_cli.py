@@ -14,7 +14,9 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -220,18 +222,26 @@ def kfp_client(host: str, namespace: str | None):
         # kfp reads the file named by KF_PIPELINES_SA_TOKEN_PATH and re-reads it per request.
         kwargs["credentials"] = kfp.client.ServiceAccountTokenVolumeCredentials()
     try:
-        return kfp.Client(**kwargs)
+        with warnings.catch_warnings():
+            # kfp warns on every client that it needs a KFP >= 2.0.0-beta.2 backend.
+            warnings.filterwarnings("ignore", category=FutureWarning, module="kfp")
+            return kfp.Client(**kwargs)
     except Exception as exc:  # kfp raises bare exceptions of many kinds while connecting
         raise PipelineCliError(f"cannot reach the KFP API at {host}: {_reason(exc)}") from None
 
 
 def _reason(exc: BaseException) -> str:
+    """One short line for an API or connection error (never request headers or tokens)."""
     status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
     if status is not None:
         body = (getattr(exc, "body", "") or "").strip().replace("\n", " ")
         return f"HTTP {status} {reason or ''}".strip() + (f": {body[:200]}" if body else "")
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    if isinstance(reason, BaseException):  # urllib3's MaxRetryError wraps the real cause
+        return _reason(reason)
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    # urllib3 prefixes the connection's repr: "HTTPConnection(host='h', port=1): reason".
+    return re.sub(r"^\w*HTTPS?Connection\([^)]*\):\s*", "", text)
 
 
 @contextmanager
@@ -244,6 +254,31 @@ def _api_errors(host: str, action: str) -> Iterator[None]:
         raise PipelineCliError(f"KFP API at {host} failed to {action}: {_reason(exc)}") from None
 
 
+def disable_caching(docs: list[dict]) -> list[dict]:
+    """The pipeline spec with caching off for every task, ParallelFor bodies included.
+
+    kfp.Client's own enable_caching=False only reaches the root DAG's tasks, so sharded
+    steps inside a ParallelFor would still be served from the cache.
+    """
+    spec = docs[0]
+    for comp in [spec["root"], *spec.get("components", {}).values()]:
+        for task in comp.get("dag", {}).get("tasks", {}).values():
+            task["cachingOptions"] = {"enableCache": False}
+    return docs
+
+
+@contextmanager
+def _package_to_send(package: Path, no_cache: bool) -> Iterator[Path]:
+    if not no_cache:
+        yield package
+        return
+    docs = list(yaml.safe_load_all(package.read_text()))
+    with tempfile.TemporaryDirectory(prefix="msif-package-") as tmp:
+        path = Path(tmp) / package.name
+        path.write_text(yaml.safe_dump_all(disable_caching(docs), sort_keys=False))
+        yield path
+
+
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     package = Path(args.package) if args.package else default_package()
     return {
@@ -251,7 +286,6 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
         "params": load_params(Path(args.params), package),
         "pipeline_root": args.pipeline_root,
         "service_account": args.service_account,
-        "enable_caching": False if args.no_cache else None,
     }
 
 
@@ -260,17 +294,17 @@ def submit(args: argparse.Namespace) -> dict[str, str]:
     opts = _run_options(args)
     run_name = args.run_name or f"multi-stage-influence {time.strftime('%Y-%m-%d %H:%M:%S')}"
     client = kfp_client(args.host, args.namespace)
-    with _api_errors(args.host, "create the run"):
-        result = client.create_run_from_pipeline_package(
-            pipeline_file=str(opts["package"]),
-            arguments=opts["params"],
-            run_name=run_name,
-            experiment_name=args.experiment,
-            namespace=args.namespace,
-            pipeline_root=opts["pipeline_root"],
-            enable_caching=opts["enable_caching"],
-            service_account=opts["service_account"],
-        )
+    with _package_to_send(opts["package"], args.no_cache) as package:
+        with _api_errors(args.host, "create the run"):
+            result = client.create_run_from_pipeline_package(
+                pipeline_file=str(package),
+                arguments=opts["params"],
+                run_name=run_name,
+                experiment_name=args.experiment,
+                namespace=args.namespace,
+                pipeline_root=opts["pipeline_root"],
+                service_account=opts["service_account"],
+            )
     run = result.run_info
     return {"run_id": run.run_id, "experiment_id": run.experiment_id, "run_name": run_name}
 
@@ -302,19 +336,19 @@ def schedule(args: argparse.Namespace) -> dict[str, str]:
     client = kfp_client(args.host, args.namespace)
     with _api_errors(args.host, "create the experiment"):
         experiment = client.create_experiment(name=args.experiment, namespace=args.namespace)
-    with _api_errors(args.host, "create the recurring run"):
-        job = client.create_recurring_run(
-            experiment_id=experiment.experiment_id,
-            job_name=args.name,
-            cron_expression=cron,
-            max_concurrency=args.max_concurrency,
-            no_catchup=not args.catchup,
-            params=opts["params"],
-            pipeline_package_path=str(opts["package"]),
-            pipeline_root=opts["pipeline_root"],
-            enable_caching=opts["enable_caching"],
-            service_account=opts["service_account"],
-        )
+    with _package_to_send(opts["package"], args.no_cache) as package:
+        with _api_errors(args.host, "create the recurring run"):
+            job = client.create_recurring_run(
+                experiment_id=experiment.experiment_id,
+                job_name=args.name,
+                cron_expression=cron,
+                max_concurrency=args.max_concurrency,
+                no_catchup=not args.catchup,
+                params=opts["params"],
+                pipeline_package_path=str(package),
+                pipeline_root=opts["pipeline_root"],
+                service_account=opts["service_account"],
+            )
     return {
         "recurring_run_id": job.recurring_run_id,
         "experiment_id": experiment.experiment_id,
