@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from msif.testing import DEFAULT_BUCKET, Emulator, EmulatorError, gcs_emulator as _gcs_emulator
+from msif.testing import DEFAULT_BUCKET, Emulator, EmulatorError
+from msif.testing import gcs_emulator as start_emulator
 
 # ----------------------------------------------------------------------------- GCS emulator
 
@@ -21,7 +22,7 @@ def gcs_emulator(tmp_path_factory) -> Emulator:
     """
     with pytest.MonkeyPatch.context() as mp:
         try:
-            with _gcs_emulator() as emulator:
+            with start_emulator() as emulator:
                 emulator.create_bucket(DEFAULT_BUCKET)
                 mp.setenv("STORAGE_EMULATOR_HOST", emulator.endpoint)
                 mp.setenv("MSIF_STORAGE_RETRY_BASE", "0.01")

@@ -48,8 +48,11 @@ def _publish(uri: str, files: dict[str, bytes] = FILES, metadata: dict | None = 
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _names(prefix: str) -> list[str]:
@@ -90,7 +93,8 @@ def test_local_round_trip_and_whole_replacement(tmp_path):
     manifest = read_manifest(str(out))
     assert manifest["metadata"] == {"node": "test"}
     assert {k: (v["size"], v["sha256"]) for k, v in manifest["files"].items()} == {
-        k: (len(v), hashlib.sha256(v).hexdigest()) for k, v in FILES.items()}
+        k: (len(v), hashlib.sha256(v).hexdigest()) for k, v in FILES.items()
+    }
     assert is_complete(str(out))
     assert local_input_dir(str(out)) == out
     assert _tree(out) == {**FILES, MARKER: (out / MARKER).read_bytes()}
@@ -175,7 +179,10 @@ def test_gs_round_trip_marker_last_and_cache_reuse(proxy, gcs_prefix, tmp_path):
     media = [s.path for s in proxy.seen if "alt=media" in s.path]
     assert len(media) == 1 and MARKER in media[0]  # only the marker was fetched again
 
+    proxy.clear()
     _publish(gcs_prefix, {"c.txt": b"new"})
+    writes = [s for s in proxy.seen if s.method in ("POST", "PUT", "DELETE")]
+    assert writes[0].method == "DELETE" and MARKER in writes[0].path  # incomplete first
     assert _names(gcs_prefix) == [MARKER, "c.txt"]  # stale files of the old manifest go
 
 
@@ -218,27 +225,44 @@ def test_gs_tampered_object_and_damaged_cache(gcs_prefix, tmp_path):
     assert list((fresh / "artifacts").iterdir()) == []  # the refused download is gone
 
 
+def test_manifest_names_cannot_escape_the_cache(gcs_prefix, tmp_path):
+    entry = {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
+    write_bytes_atomic(join(gcs_prefix, MARKER), json.dumps({"files": {"../x": entry}}).encode())
+    with pytest.raises(StorageError, match=r"refusing the unsafe file name '\.\./x'"):
+        local_input_dir(gcs_prefix, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "x").exists()
+
+
 def test_fetch_model_dir_round_trip(gcs_prefix, tmp_path):
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32,
-                        max_position_embeddings=16)
+    cfg = GPTNeoXConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     model = GPTNeoXForCausalLM(cfg)
     model.save_pretrained(tmp_path / "model")
     storage.upload_tree(tmp_path / "model", gcs_prefix)
+    write_bytes_atomic(join(gcs_prefix, "checkpoint-1", "optimizer.pt"), b"not the model")
 
     cache = tmp_path / "cache"
     local = fetch_model_dir(gcs_prefix, cache_dir=cache)
-    assert (local / "config.json").is_file()
+    assert sorted(p.name for p in local.iterdir()) == sorted(
+        p.name for p in (tmp_path / "model").iterdir()
+    )  # nested checkpoint-1/ is left out
     expected = model.state_dict()
 
     def same_weights(path: Path) -> bool:
         got = GPTNeoXForCausalLM.from_pretrained(path).state_dict()
         return got.keys() == expected.keys() and all(
-            torch.equal(got[k], expected[k]) for k in expected)
+            torch.equal(got[k], expected[k]) for k in expected
+        )
 
     assert same_weights(local)
     weights = local / "model.safetensors"
@@ -261,7 +285,8 @@ def test_missing_bucket_and_object_are_one_line(gcs_emulator, tmp_path):
     with pytest.raises(StorageError) as err:
         read_bytes("gs://no-such-bucket-x/obj")
     assert str(err.value) == (
-        "gs://no-such-bucket-x/obj: download failed: no such bucket 'no-such-bucket-x'")
+        "gs://no-such-bucket-x/obj: download failed: no such bucket 'no-such-bucket-x'"
+    )
     with pytest.raises(StorageError) as err:
         read_bytes("gs://msif-test/no/such/object")
     assert str(err.value) == "gs://msif-test/no/such/object: download failed: no such object"
@@ -272,6 +297,17 @@ def test_missing_bucket_and_object_are_one_line(gcs_emulator, tmp_path):
         ParquetSource.open("gs://no-such-bucket-x/corpus")
     with pytest.raises(StorageError, match="no such object or prefix"):
         ParquetSource.open("gs://msif-test/no-such-corpus")
+
+
+def test_missing_credentials_are_one_line(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
+    with pytest.raises(StorageError) as err:
+        read_bytes("gs://some-bucket/obj")
+    assert str(err.value) == (
+        "gs://some-bucket/obj: no Google Cloud credentials in the environment (configure ADC "
+        "or Workload Identity; STORAGE_EMULATOR_HOST for an emulator)"
+    )
 
 
 def test_transient_errors_are_retried_on_every_path(proxy, gcs_prefix, tmp_path):
@@ -305,7 +341,8 @@ def test_gives_up_after_bounded_retries(proxy, gcs_prefix, monkeypatch):
         read_bytes(uri)
     assert time.monotonic() - started < 5
     assert str(err.value) == (
-        f"{uri}: download gave up after 4 attempts (last error: HTTP 503 Service Unavailable)")
+        f"{uri}: download gave up after 4 attempts (last error: HTTP 503 Service Unavailable)"
+    )
     assert sum(1 for s in proxy.seen if "alt=media" in s.path) == 4
 
 
@@ -315,7 +352,7 @@ def test_permission_denied_is_not_retried(proxy, gcs_prefix):
     proxy.set_faults(Faults(fail_first=None, pattern=r"alt=media", status=403))
     with pytest.raises(StorageError, match=r"permission denied \(HTTP 403\)"):
         read_bytes(join(gcs_prefix, "obj"))
-    assert len(proxy.seen) == 1
+    assert [s.status for s in proxy.seen if "alt=media" in s.path] == [403]
 
 
 class _TokenServer(BaseHTTPRequestHandler):
@@ -325,8 +362,9 @@ class _TokenServer(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - stdlib hook name
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.dumps({"access_token": self.token, "token_type": "Bearer",
-                           "expires_in": 3600}).encode()
+        body = json.dumps(
+            {"access_token": self.token, "token_type": "Bearer", "expires_in": 3600}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -342,21 +380,33 @@ def _service_account(path: Path, token_uri: str) -> str:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
-    path.write_text(json.dumps({
-        "type": "service_account", "project_id": "test", "private_key_id": "k1",
-        "private_key": pem, "client_email": "msif@test.iam.gserviceaccount.com",
-        "client_id": "1", "token_uri": token_uri}))
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "test",
+                "private_key_id": "k1",
+                "private_key": pem,
+                "client_email": "msif@test.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": token_uri,
+            }
+        )
+    )
     return pem
 
 
 def test_credentials_come_from_environment_and_never_leak(
-        gcs_emulator, gcs_prefix, monkeypatch, caplog, tmp_path):
+    gcs_emulator, gcs_prefix, monkeypatch, caplog, tmp_path
+):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _TokenServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    pem = _service_account(tmp_path / "sa.json",
-                           f"http://127.0.0.1:{server.server_address[1]}/token")
+    pem = _service_account(
+        tmp_path / "sa.json", f"http://127.0.0.1:{server.server_address[1]}/token"
+    )
     caplog.set_level(logging.DEBUG)
     try:
         with fault_proxy(gcs_emulator.endpoint) as proxy:
@@ -367,9 +417,11 @@ def test_credentials_come_from_environment_and_never_leak(
             monkeypatch.setenv("MSIF_STORAGE_RETRIES", "2")
             _publish(gcs_prefix)
             errors = []
-            for faults, uri in [(Faults(), join(gcs_prefix, "missing")),
-                                (Faults(fail_first=None, pattern="alt=media"), gcs_prefix),
-                                (Faults(fail_first=None, status=401), gcs_prefix)]:
+            for faults, uri in [
+                (Faults(), join(gcs_prefix, "missing")),
+                (Faults(fail_first=None, pattern="alt=media"), gcs_prefix),
+                (Faults(fail_first=None, status=401), gcs_prefix),
+            ]:
                 proxy.set_faults(faults)
                 with pytest.raises(StorageError) as err:
                     local_input_dir(uri, cache_dir=tmp_path / "cache")
@@ -396,9 +448,14 @@ def _corpus_dir(root: Path) -> Path:
     first = 0
     for n, (rows, group) in enumerate(SIZES):
         ids = EXPECTED_IDS[first : first + rows]
-        table = pa.table({"id": pa.array(ids, pa.string()),
-                          "text": pa.array([f"text of {i} " * (int(i[-1]) % 4 + 1) for i in ids],
-                                           pa.string())})
+        table = pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "text": pa.array(
+                    [f"text of {i} " * (int(i[-1]) % 4 + 1) for i in ids], pa.string()
+                ),
+            }
+        )
         pq.write_table(table, root / f"part-{n}.parquet", row_group_size=group)
         first += rows
     (root / "_SUCCESS").write_bytes(b"")  # writers' side files are not data
@@ -426,15 +483,19 @@ def test_parquet_local_and_gs_give_identical_rows(corpora):
     for kind, source in sources.items():
         assert source.num_rows == 90
         assert [f.rsplit("/", 1)[-1] for f in source.files] == [
-            "part-0.parquet", "part-1.parquet", "part-2.parquet"]
+            "part-0.parquet",
+            "part-1.parquet",
+            "part-2.parquet",
+        ]
         assert source.schema.names == ["id", "text"]
         assert _ids(source, 0, 90) == EXPECTED_IDS
         assert _ids(source, 13, 71, batch_rows=4) == EXPECTED_IDS[13:71]
         assert _ids(source, 36, 38) == EXPECTED_IDS[36:38]  # across the empty file
         assert _ids(source, 40, 40) == []
         assert source.fingerprint() == ParquetSource.open(corpora[kind]).fingerprint()
-    rows = {k: pa.Table.from_batches(list(s.iter_batches(["text", "id"])))
-            for k, s in sources.items()}
+    rows = {
+        k: pa.Table.from_batches(list(s.iter_batches(["text", "id"]))) for k, s in sources.items()
+    }
     assert rows["local"].equals(rows["gs"]) and rows["local"].column_names == ["text", "id"]
     assert read_table(corpora["gs"]).equals(read_table(corpora["local"]))
 
@@ -447,14 +508,16 @@ def test_shard_ranges_partition_rows_exactly(num_shards, tmp_path):
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
     assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
     assert [i for a, b in ranges for i in _ids(source, a, b)] == EXPECTED_IDS
-    with pytest.raises(DataError, match=f"shard {num_shards} of {num_shards} is not a valid shard index"):
+    with pytest.raises(
+        DataError, match=f"shard {num_shards} of {num_shards} is not a valid shard index"
+    ):
         source.shard_range(num_shards, num_shards)
 
 
 def test_gs_shards_and_globs(corpora):
     source = ParquetSource.open(corpora["gs"])
     assert [i for s in range(7) for i in _ids(source, *source.shard_range(s, 7))] == EXPECTED_IDS
-    for kind, root in corpora.items():
+    for root in corpora.values():
         globbed = ParquetSource.open(join(root, "part-[02].parquet"))
         assert len(globbed.files) == 2 and _ids(globbed, 0, 90) == EXPECTED_IDS
         listed = ParquetSource.open([join(root, "part-2.parquet"), join(root, "part-0.parquet")])
@@ -462,17 +525,23 @@ def test_gs_shards_and_globs(corpora):
         assert listed.fingerprint() != globbed.fingerprint()
 
 
-def test_only_overlapping_row_groups_are_fetched(proxy, gcs_prefix, tmp_path, monkeypatch):
+def test_only_overlapping_row_groups_and_wanted_columns_are_fetched(proxy, gcs_prefix):
     ids = [f"doc-{i:05d}" for i in range(4000)]
     table = pa.table({"id": ids, "text": [os.urandom(40).hex() for _ in ids]})
-    write_parquet_atomic(table, join(gcs_prefix, "big.parquet"), row_group_size=400)
-    monkeypatch.setattr(storage, "READAHEAD", 4096)
-    source = ParquetSource.open(join(gcs_prefix, "big.parquet"))
-    size = storage.stat(join(gcs_prefix, "big.parquet")).size
-    proxy.clear()
-    assert _ids(source, 1210, 1230) == ids[1210:1230]
-    fetched = sum(s.response_bytes for s in proxy.seen if "alt=media" in s.path)
-    assert 0 < fetched < size / 5  # one row group of ten, not the file
+    uri = join(gcs_prefix, "big.parquet")
+    write_parquet_atomic(table, uri, row_group_size=400)
+    source = ParquetSource.open(uri)
+    size = storage.stat(uri).size
+
+    def fetched(columns: list[str]) -> int:
+        proxy.clear()
+        rows = [b.to_pylist() for b in source.iter_batches(columns, 1210, 1230)]
+        assert [r["id"] for batch in rows for r in batch] == ids[1210:1230]
+        return sum(s.response_bytes for s in proxy.seen if "alt=media" in s.path)
+
+    both, only_id = fetched(["id", "text"]), fetched(["id"])
+    assert size / 12 < both < size / 8  # one row group of ten, not the file
+    assert 0 < only_id < both / 4  # and only the chunks of the wanted columns
 
 
 def test_parquet_errors(tmp_path):
@@ -482,7 +551,8 @@ def test_parquet_errors(tmp_path):
     with pytest.raises(DataError) as err:
         source.require_columns([("id", "input_ids"), ("prompt", "completion")])
     assert str(err.value) == (
-        f"corpus {corpus} has columns [id, text]; expected id+input_ids or prompt+completion")
+        f"corpus {corpus} has columns [id, text]; expected id+input_ids or prompt+completion"
+    )
     with pytest.raises(DataError, match=r"row range \[5, 91\) is outside"):
         list(source.iter_batches(["id"], 5, 91))
     with pytest.raises(DataError, match="has no column"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,16 +177,22 @@ def evidence_lines(ranking_dir: Path, limit: int = 8) -> list[str]:
     return lines
 
 
+def _say(text: str = "") -> None:
+    # kfp.local swaps builtins.print for an indenting one while it runs; write directly.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def print_summary(world: dict, result: dict, out: Path) -> None:
     """The table a user sees at the end of the main job."""
     acc = world.get("accuracy", {})
     if acc:
-        print("fine-tuned model accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-    print("\nwhere each method ranked the first document that states the queried fact:")
-    print("\n".join(evidence_lines(Path(result["ranking"]))))
-    print("\n" + metric_table(result["metrics"]))
-    print("\nnode wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items()))
-    print(f"\nreport: {Path(result['ranking']) / 'report.html'}")
+        _say("fine-tuned model accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+    _say("\nwhere each method ranked the first document that states the queried fact:")
+    _say("\n".join(evidence_lines(Path(result["ranking"]))))
+    _say("\n" + metric_table(result["metrics"]))
+    _say("\nnode wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items()))
+    _say(f"\nreport: {Path(result['ranking']) / 'report.html'}")
     (out / "summary.json").write_text(json.dumps({**result, "world": world}, indent=1, default=str))
 
 
@@ -211,6 +218,7 @@ def build_world_paths(preset: str, seed: int | None, cache: str | None) -> dict:
         "pt_model": str(paths.pt_model),
         "ft_model": str(paths.ft_model),
         "accuracy": dict(paths.accuracy),
+        "alpha": float(paths.alpha),
     }
 
 
@@ -220,10 +228,13 @@ def run_command(args) -> int:
     world = build_world_paths(args.preset, args.seed, args.cache)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # α defaults to the proximity coefficient the world was fine-tuned with: DESIGN §1 makes
+    # it the fine-tune damping (a world fine-tuned without one gets relative damping).
+    alpha = args.alpha if args.alpha is not None else (world["alpha"] or None)
     settings = JobSettings(
         num_shards=args.num_shards,
         damping_factor=args.damping_factor,
-        alpha=args.alpha,
+        alpha=alpha,
         rank=args.rank,
     )
     if args.runner == "kfp":
@@ -233,5 +244,5 @@ def run_command(args) -> int:
     else:
         result = run_inprocess(world, out, settings)
     print_summary(world, result, out)
-    print(f"total wall time {time.perf_counter() - start:.0f}s")
+    _say(f"total wall time {time.perf_counter() - start:.0f}s")
     return 0

@@ -2,6 +2,13 @@
 
 Opening reads only the footers; rows are streamed row group by row group, so memory is
 bounded by one row group and does not grow with the corpus.
+
+GCS objects are read with ranged reads through google-cloud-storage (the one retry policy
+and credential path of msif): the wanted column chunks of one row group are streamed into a
+sparse local temporary file at their original offsets, and pyarrow reads that file natively
+with the already parsed footer. pyarrow is never handed a Python file object: it reads those
+on its own I/O threads, which was seen to abort the interpreter at exit ("terminate called
+without an active exception").
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -26,6 +34,9 @@ from msif.storage import NotFoundError, StorageError
 
 _GLOB_CHARS = "*?["
 _FOOTER_THREADS = 8
+_FOOTER_GUESS = 64 << 10  # one ranged read usually holds the whole footer
+_PAD = 100  # parquet-mr before PARQUET-816 understated chunk sizes; pyarrow pads alike
+_MERGE_GAP = 1 << 20  # fetch nearby column chunks in one request
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,11 @@ def _list_remote(spec: str) -> list[tuple[str, str, int, int | None]]:
         parts = key.split("/")
         static = "/".join(parts[: next(i for i, p in enumerate(parts) if _has_glob(p))])
         root = f"gs://{bucket}/{static}" if static else f"gs://{bucket}"
-        objects = [o for o in storage.list_objects(root)
-                   if _match_parts(key, o.uri[len(f"gs://{bucket}/") :])]
+        objects = [
+            o
+            for o in storage.list_objects(root)
+            if _match_parts(key, o.uri[len(f"gs://{bucket}/") :])
+        ]
         if not objects:
             raise NotFoundError(f"{spec}: no object matches this pattern")
         return [(o.uri, o.uri.rsplit("/", 1)[-1], o.size, o.generation) for o in objects]
@@ -105,8 +119,11 @@ def _list_remote(spec: str) -> list[tuple[str, str, int, int | None]]:
     if not objects:
         raise NotFoundError(f"{spec}: no such object or prefix")
     base = len(spec.rstrip("/")) + 1
-    out = [(o.uri, o.uri[base:], o.size, o.generation) for o in objects
-           if o.uri.endswith(".parquet") and not _hidden(o.uri[base:])]
+    out = [
+        (o.uri, o.uri[base:], o.size, o.generation)
+        for o in objects
+        if o.uri.endswith(".parquet") and not _hidden(o.uri[base:])
+    ]
     if not out:
         raise DataError(f"{spec} holds no Parquet files")
     return out
@@ -115,16 +132,29 @@ def _list_remote(spec: str) -> list[tuple[str, str, int, int | None]]:
 def _read_footer(entry: tuple[str, str, int, int | None]) -> _File:
     uri, rel, size, generation = entry
     try:
-        if storage.is_remote(uri):
-            with storage.GcsRangeReader(uri, size, generation) as fh:
-                meta = pq.read_metadata(fh)
-        else:
-            meta = pq.read_metadata(uri)
+        meta = (
+            _remote_footer(uri, size, generation)
+            if storage.is_remote(uri)
+            else (pq.read_metadata(uri))
+        )
     except (pa.ArrowInvalid, OSError) as exc:
-        if isinstance(exc, StorageError):
-            raise
         raise DataError(f"{uri} is not a readable Parquet file ({_first_line(exc)})") from None
     return _File(uri, rel, size, generation, meta)
+
+
+def _remote_footer(uri: str, size: int, generation: int | None) -> pq.FileMetaData:
+    """Parse the footer of a Parquet object from its last bytes (one or two ranged reads)."""
+    if size < 12:
+        raise DataError(f"{uri} is not a readable Parquet file ({size} bytes)")
+    tail = storage.read_range(uri, max(0, size - _FOOTER_GUESS), size, generation)
+    if tail[-4:] == b"PARE":
+        raise DataError(f"{uri} is an encrypted Parquet file, which msif does not read")
+    length = int.from_bytes(tail[-8:-4], "little")
+    if tail[-4:] != b"PAR1" or length + 12 > size:
+        raise DataError(f"{uri} is not a readable Parquet file (no Parquet footer)")
+    if length + 8 > len(tail):
+        tail = storage.read_range(uri, size - length - 8, size, generation)
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
 
 
 def _first_line(exc: Exception) -> str:
@@ -149,8 +179,11 @@ class ParquetSource:
     @classmethod
     def open(cls, uri_or_uris: str | os.PathLike | Sequence[str]) -> ParquetSource:
         """List the files (sorted within each spec) and read their footers only."""
-        specs = ([os.fspath(uri_or_uris)] if isinstance(uri_or_uris, (str, os.PathLike))
-                 else [os.fspath(u) for u in uri_or_uris])
+        specs = (
+            [os.fspath(uri_or_uris)]
+            if isinstance(uri_or_uris, (str, os.PathLike))
+            else [os.fspath(u) for u in uri_or_uris]
+        )
         if not specs:
             raise DataError("no Parquet input given")
         label = specs[0] if len(specs) == 1 else f"{specs[0]} (+{len(specs) - 1} more)"
@@ -176,8 +209,9 @@ class ParquetSource:
         if any(set(group) <= names for group in any_of):
             return
         expected = " or ".join("+".join(group) for group in any_of)
-        raise DataError(f"{what} {self.label} has columns [{', '.join(self.schema.names)}]; "
-                        f"expected {expected}")
+        raise DataError(
+            f"{what} {self.label} has columns [{', '.join(self.schema.names)}]; expected {expected}"
+        )
 
     def shard_range(self, shard: int, num_shards: int) -> tuple[int, int]:
         """The contiguous global row range [start, stop) of one of num_shards shards."""
@@ -185,17 +219,22 @@ class ParquetSource:
             raise DataError(f"shard {shard} of {num_shards} is not a valid shard index")
         return shard * self.num_rows // num_shards, (shard + 1) * self.num_rows // num_shards
 
-    def iter_batches(self, columns: Sequence[str], start: int = 0, stop: int | None = None,
-                     batch_rows: int = 256) -> Iterator[pa.RecordBatch]:
+    def iter_batches(
+        self, columns: Sequence[str], start: int = 0, stop: int | None = None, batch_rows: int = 256
+    ) -> Iterator[pa.RecordBatch]:
         """Record batches (at most batch_rows rows) of rows [start, stop), in order."""
         stop = self.num_rows if stop is None else stop
         columns = list(columns)
+        if not columns:
+            raise DataError(f"no columns asked for from {self.label}")
         missing = [c for c in columns if c not in self.schema.names]
         if missing:
             raise DataError(f"{self.label} has no column(s) {', '.join(missing)}")
         if not 0 <= start <= stop <= self.num_rows:
-            raise DataError(f"row range [{start}, {stop}) is outside {self.label}, which has "
-                            f"{self.num_rows} rows")
+            raise DataError(
+                f"row range [{start}, {stop}) is outside {self.label}, which has "
+                f"{self.num_rows} rows"
+            )
         if batch_rows < 1:
             raise DataError("batch_rows must be at least 1")
         offset = 0
@@ -206,8 +245,10 @@ class ParquetSource:
 
     def fingerprint(self) -> str:
         """A stable hash of file names, sizes, row counts, generations and schema."""
-        doc = {"schema": sorted(_field_types(self.schema).items()),
-               "files": [[e.rel, e.size, e.num_rows, e.generation] for e in self._entries]}
+        doc = {
+            "schema": sorted(_field_types(self.schema).items()),
+            "files": [[e.rel, e.size, e.num_rows, e.generation] for e in self._entries],
+        }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
@@ -239,43 +280,74 @@ def _select(schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:
     return pa.schema([schema.field(c) for c in columns])
 
 
-def _open(entry: _File):
-    if storage.is_remote(entry.uri):
-        handle = storage.GcsRangeReader(entry.uri, entry.size, entry.generation)
-    else:
-        handle = open(entry.uri, "rb")  # noqa: SIM115 - closed by the caller
-    return handle, pq.ParquetFile(handle, metadata=entry.metadata)
+def _chunk_ranges(entry: _File, index: int, columns: list[str]) -> list[tuple[int, int]]:
+    """Byte ranges holding the wanted columns' chunks of one row group, merged when close."""
+    rg = entry.metadata.row_group(index)
+    spans = []
+    for j in range(rg.num_columns):
+        col = rg.column(j)
+        path = col.path_in_schema
+        if not any(path == c or path.startswith(c + ".") for c in columns):
+            continue
+        begin = col.data_page_offset
+        dictionary = col.dictionary_page_offset
+        if col.has_dictionary_page and dictionary and 0 < dictionary < begin:
+            begin = dictionary
+        spans.append((begin, min(entry.size, begin + col.total_compressed_size + _PAD)))
+    merged: list[tuple[int, int]] = []
+    for begin, end in sorted(spans):
+        if merged and begin <= merged[-1][1] + _MERGE_GAP:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((begin, end))
+    return merged
 
 
-def _file_batches(entry: _File, first: int, columns: list[str], start: int, stop: int,
-                  batch_rows: int) -> Iterator[pa.RecordBatch]:
+@contextmanager
+def _row_group_file(entry: _File, index: int, columns: list[str]) -> Iterator[pq.ParquetFile]:
+    """A ParquetFile that can read row group `index` of entry (natively, from local disk)."""
+    if not storage.is_remote(entry.uri):
+        with pq.ParquetFile(entry.uri, metadata=entry.metadata) as pf:
+            yield pf
+        return
+    with tempfile.NamedTemporaryFile(prefix="msif-rowgroup-", suffix=".parquet") as fh:
+        fh.truncate(entry.size)  # sparse: only the fetched chunks take disk space
+        for begin, end in _chunk_ranges(entry, index, columns):
+            storage.download_range(entry.uri, fh, begin, end, entry.generation)
+        fh.flush()
+        with pq.ParquetFile(fh.name, metadata=entry.metadata) as pf:
+            yield pf
+
+
+def _file_batches(
+    entry: _File, first: int, columns: list[str], start: int, stop: int, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
     """The batches of one file's rows inside [start, stop); only overlapping row groups."""
-    handle, pf = _open(entry)
-    schema = _select(pa.schema([pa.field(f.name, f.type) for f in
-                                entry.metadata.schema.to_arrow_schema()]), columns)
-    try:
-        rg_first = first
-        for index, n in enumerate(entry.row_group_rows()):
-            lo, hi = max(start, rg_first) - rg_first, min(stop, rg_first + n) - rg_first
-            rg_first += n
-            if lo >= hi:
-                continue
-            pos = 0
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[index],
-                                         columns=columns, use_threads=False):
-                b0, pos = pos, pos + batch.num_rows
-                if pos <= lo:
-                    continue
-                if b0 >= hi:
-                    break
-                part = batch.select(columns).slice(max(lo - b0, 0), min(hi, pos) - max(lo, b0))
-                yield pa.RecordBatch.from_arrays(part.columns, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowIOError) as exc:
-        if isinstance(exc, StorageError):
-            raise
-        raise DataError(f"{entry.uri} could not be read ({_first_line(exc)})") from None
-    finally:
-        handle.close()
+    schema = _select(
+        pa.schema([pa.field(f.name, f.type) for f in entry.metadata.schema.to_arrow_schema()]),
+        columns,
+    )
+    rg_first = first
+    for index, n in enumerate(entry.row_group_rows()):
+        lo, hi = max(start, rg_first) - rg_first, min(stop, rg_first + n) - rg_first
+        rg_first += n
+        if lo >= hi:
+            continue
+        try:
+            with _row_group_file(entry, index, columns) as pf:
+                pos = 0
+                for batch in pf.iter_batches(
+                    batch_size=batch_rows, row_groups=[index], columns=columns, use_threads=False
+                ):
+                    b0, pos = pos, pos + batch.num_rows
+                    if pos <= lo:
+                        continue
+                    if b0 >= hi:
+                        break
+                    part = batch.select(columns).slice(max(lo - b0, 0), min(hi, pos) - max(lo, b0))
+                    yield pa.RecordBatch.from_arrays(part.columns, schema=schema)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{entry.uri} could not be read ({_first_line(exc)})") from None
 
 
 def read_table(uri: str | Sequence[str]) -> pa.Table:
@@ -295,8 +367,7 @@ def write_parquet_atomic(table: pa.Table, uri: str, **write_options) -> None:
     target = Path(uri)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                        dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         try:
             pq.write_table(table, tmp_name, **write_options)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import http
-import io
 import json
 import logging
+import mimetypes
 import os
 import random
 import re
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TypeVar
 
 from msif.errors import MsifError
@@ -37,7 +37,6 @@ log = logging.getLogger("msif")
 
 MARKER = "_MSIF_COMPLETE.json"
 MANIFEST_FORMAT = "msif-complete/1"
-READAHEAD = 8 << 20  # bytes fetched per ranged GCS read, at least
 UPLOAD_CHUNK = 32 << 20  # resumable upload chunk; bounds the memory of large uploads
 _HASH_BLOCK = 1 << 20
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -109,10 +108,8 @@ def _prefix(key: str) -> str:
 
 def _safe_relative(name: str, where: str) -> str:
     # Names come from listings and manifests: they must not escape the local directory.
-    parts = PurePosixPath(name).parts
-    if not name or name.startswith("/") or any(p in ("..", ".", "") for p in parts) or (
-        "\\" in name
-    ):
+    parts = name.split("/")
+    if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
         raise StorageError(f"{where}: refusing the unsafe file name {name!r}")
     return name
 
@@ -214,7 +211,7 @@ def _not_found(uri: str, action: str) -> NotFoundError:
     # GCS answers 404 alike for a missing bucket and a missing object; ask which one.
     bucket, _ = split_gs(uri)
     try:
-        list(_client().list_blobs(bucket, max_results=1, retry=None))
+        list(_client(uri).list_blobs(bucket, max_results=1, retry=None))
     except Exception as exc:  # noqa: BLE001 - any failure here leaves the answer open
         if _status(exc) == 404:
             return BucketNotFoundError(f"{uri}: {action} failed: no such bucket {bucket!r}")
@@ -254,8 +251,15 @@ def _call(uri: str, action: str, fn: Callable[[], T]) -> T:
                     f"(last error: {_redact(_describe(exc))})"
                 ) from None
             delay = min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            log.warning("%s: %s failed (%s); retry %d of %d in %.2f s", uri, action,
-                        _redact(_describe(exc)), attempt, attempts - 1, delay)
+            log.warning(
+                "%s: %s failed (%s); retry %d of %d in %.2f s",
+                uri,
+                action,
+                _redact(_describe(exc)),
+                attempt,
+                attempts - 1,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -265,10 +269,13 @@ def _call(uri: str, action: str, fn: Callable[[], T]) -> T:
 _clients = threading.local()
 
 
-def _client():
+def _client(uri: str):
     """A google-cloud-storage client per thread and process, built from the environment."""
-    key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"),
-           os.environ.get("API_ENDPOINT_OVERRIDE"))
+    key = (
+        os.getpid(),
+        os.environ.get("STORAGE_EMULATOR_HOST"),
+        os.environ.get("API_ENDPOINT_OVERRIDE"),
+    )
     cache = getattr(_clients, "by_key", None)
     if cache is None:
         cache = _clients.by_key = {}
@@ -278,7 +285,7 @@ def _client():
         try:
             cache[key] = storage.Client()
         except Exception as exc:
-            raise _error("gs://", "connecting to Cloud Storage", exc) from None
+            raise _error(uri, "connecting to Cloud Storage", exc) from None
     return cache[key]
 
 
@@ -286,7 +293,7 @@ def _blob(uri: str, generation: int | None = None):
     bucket, key = split_gs(uri)
     if not key:
         raise StorageError(f"{uri}: names a bucket, not an object")
-    return _client().bucket(bucket).blob(key, generation=generation)
+    return _client(uri).bucket(bucket).blob(key, generation=generation)
 
 
 @dataclass(frozen=True)
@@ -301,8 +308,13 @@ class ObjectInfo:
 
 
 def _info(bucket: str, blob) -> ObjectInfo:
-    return ObjectInfo(f"gs://{bucket}/{blob.name}", int(blob.size or 0), blob.generation,
-                      blob.crc32c, blob.md5_hash)
+    return ObjectInfo(
+        f"gs://{bucket}/{blob.name}",
+        int(blob.size or 0),
+        blob.generation,
+        blob.crc32c,
+        blob.md5_hash,
+    )
 
 
 def list_objects(uri: str) -> list[ObjectInfo]:
@@ -310,7 +322,7 @@ def list_objects(uri: str) -> list[ObjectInfo]:
     bucket, key = split_gs(uri)
 
     def run() -> list[ObjectInfo]:
-        blobs = _client().list_blobs(bucket, prefix=_prefix(key), retry=None)
+        blobs = _client(uri).list_blobs(bucket, prefix=_prefix(key), retry=None)
         return [_info(bucket, b) for b in blobs if not b.name.endswith("/")]
 
     return sorted(_call(uri, "listing", run), key=lambda o: o.uri)
@@ -324,7 +336,7 @@ def stat(uri: str) -> ObjectInfo | None:
     bucket, key = split_gs(uri)
 
     def run():
-        return _client().bucket(bucket).get_blob(key, retry=None)
+        return _client(uri).bucket(bucket).get_blob(key, retry=None)
 
     blob = _call(uri, "reading metadata", run)
     if blob is None:
@@ -360,9 +372,11 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a file/object so that readers see either the old or the whole new content."""
     if is_remote(uri):
         blob = _blob(uri)
-        _call(uri, "upload",
-              lambda: blob.upload_from_string(data, content_type="application/octet-stream",
-                                              retry=None))
+        _call(
+            uri,
+            "upload",
+            lambda: blob.upload_from_string(data, content_type=_content_type(uri), retry=None),
+        )
         return
     target = Path(uri)
     try:
@@ -381,14 +395,18 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         raise _error(uri, "writing", exc) from None
 
 
+def _content_type(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
 def upload_file(path: str | Path, uri: str) -> None:
     """Upload one local file to a gs:// object (retried as a whole on transient errors)."""
     blob = _blob(uri)
     blob.chunk_size = UPLOAD_CHUNK
+    content_type = _content_type(uri)
 
     def run() -> None:
-        blob.upload_from_filename(str(path), content_type="application/octet-stream",
-                                  retry=None)
+        blob.upload_from_filename(str(path), content_type=content_type, retry=None)
 
     _call(uri, "upload", run)
 
@@ -405,10 +423,10 @@ def upload_tree(local_dir: str | Path, uri: str) -> list[str]:
 def download_file(uri: str, path: str | Path, generation: int | None = None) -> None:
     """Download one object to a local file atomically (temp file + rename)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     blob = _blob(uri, generation)
 
     def run() -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -420,79 +438,52 @@ def download_file(uri: str, path: str | Path, generation: int | None = None) -> 
     _call(uri, "download", run)
 
 
-class GcsRangeReader(io.RawIOBase):
-    """A seekable read-only file over a GCS object, fetched in ranged reads.
-
-    Memory stays at one read-ahead block (or one requested read, if larger), so pyarrow
-    can read a Parquet footer and single row groups without loading the object.
-    """
-
-    def __init__(self, uri: str, size: int, generation: int | None = None,
-                 readahead: int | None = None) -> None:
-        super().__init__()
-        self.uri = uri
-        self.size = int(size)
-        self.readahead = READAHEAD if readahead is None else int(readahead)
+def read_range(uri: str, start: int, stop: int, generation: int | None = None) -> bytes:
+    """Bytes [start, stop) of a file or object (the stored bytes: no transcoding)."""
+    if stop <= start:
+        return b""
+    if not is_remote(uri):
+        try:
+            with open(uri, "rb") as fh:
+                fh.seek(start)
+                data = fh.read(stop - start)
+        except OSError as exc:
+            raise _error(uri, "reading", exc) from None
+    else:
         # Pinning the generation makes a replaced object fail loudly instead of mixing data.
-        self._blob = _blob(uri, generation)
-        self._pos = 0
-        self._buf = b""
-        self._buf_start = 0
-        self.requests = 0
-        self.bytes_fetched = 0
+        blob = _blob(uri, generation)
+        data = _call(
+            uri,
+            "ranged read",
+            lambda: blob.download_as_bytes(
+                start=start, end=stop - 1, raw_download=True, checksum=None, retry=None
+            ),
+        )
+    if len(data) != stop - start:
+        raise StorageError(
+            f"{uri}: bytes [{start}, {stop}) could not be read; the file is "
+            "shorter than expected or changed while being read"
+        )
+    return data
 
-    def readable(self) -> bool:
-        """Always readable."""
-        return True
 
-    def seekable(self) -> bool:
-        """Always seekable."""
-        return True
+def download_range(uri: str, fh, start: int, stop: int, generation: int | None = None) -> None:
+    """Stream bytes [start, stop) of an object into fh at the same offset (flat memory)."""
+    blob = _blob(uri, generation)
 
-    def tell(self) -> int:
-        """The current position."""
-        return self._pos
+    def run() -> None:
+        fh.seek(start)
+        blob.download_to_file(
+            fh, start=start, end=stop - 1, raw_download=True, checksum=None, retry=None
+        )
+        if fh.tell() != stop:
+            raise StorageError(
+                f"{uri}: bytes [{start}, {stop}) could not be read; the object "
+                "is shorter than expected or changed while being read"
+            )
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        """Move the position like a regular file."""
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        pos = base + offset
-        if pos < 0:
-            raise OSError(f"{self.uri}: negative seek position {pos}")
-        self._pos = pos
-        return pos
-
-    def read(self, size: int = -1) -> bytes:
-        """Read up to size bytes (all remaining bytes for -1)."""
-        end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
-        if end <= self._pos:
-            return b""
-        lo = self._pos - self._buf_start
-        if not (0 <= lo and end <= self._buf_start + len(self._buf)):
-            self._fetch(self._pos, max(end, min(self.size, self._pos + self.readahead)))
-            lo = 0
-        out = self._buf[lo : lo + end - self._pos]
-        self._pos = end
-        return out
-
-    def readinto(self, buffer) -> int:
-        """Read into a writable buffer."""
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def _fetch(self, start: int, stop: int) -> None:
-        self._buf = b""  # drop the old block first so that memory holds only one
-        blob = self._blob
-        data = _call(self.uri, "ranged read",
-                     lambda: blob.download_as_bytes(start=start, end=stop - 1, checksum=None,
-                                                    retry=None))
-        if len(data) != stop - start:
-            raise StorageError(f"{self.uri}: ranged read returned {len(data)} bytes, expected "
-                               f"{stop - start}; the object changed while being read")
-        self.requests += 1
-        self.bytes_fetched += len(data)
-        self._buf, self._buf_start = data, start
+    if stop > start:
+        _call(uri, "ranged read", run)
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -540,10 +531,12 @@ def _walk_files(root: Path, where: str) -> list[tuple[str, Path]]:
             path = Path(dirpath, name)
             if path.is_symlink() or not (path.is_dir() or path.is_file()):
                 rel = path.relative_to(root).as_posix()
-                raise StorageError(f"{where}: {rel} is a link or special file; only regular "
-                                   "files can be published")
-        out += [(Path(dirpath, n).relative_to(root).as_posix(), Path(dirpath, n))
-                for n in filenames]
+                raise StorageError(
+                    f"{where}: {rel} is a link or special file; only regular files can be published"
+                )
+        out += [
+            (Path(dirpath, n).relative_to(root).as_posix(), Path(dirpath, n)) for n in filenames
+        ]
     return sorted(out)
 
 
@@ -554,9 +547,13 @@ def _build_manifest(root: Path, where: str, metadata: dict | None) -> dict:
             raise StorageError(f"{where}: the output must not contain its own {MARKER}")
         size, sha, crc = _file_hashes(path)
         files[rel] = {"size": size, "sha256": sha, "crc32c": crc}
-    manifest = {"format": MANIFEST_FORMAT, "msif_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "files": files, "metadata": metadata or {}}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "msif_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": files,
+        "metadata": metadata or {},
+    }
     try:
         json.dumps(manifest)
     except (TypeError, ValueError) as exc:
@@ -612,8 +609,7 @@ def _check_replaceable(target: Path, uri: str) -> None:
     if target.is_dir() and not target.is_symlink():
         if (target / MARKER).is_file() or not any(target.iterdir()):
             return
-    raise StorageError(f"{uri} exists and is not a complete msif output; refusing to "
-                       "replace it")
+    raise StorageError(f"{uri} exists and is not a complete msif output; refusing to replace it")
 
 
 def _publish_local(tmp: Path, uri: str, manifest: dict) -> None:
@@ -658,8 +654,7 @@ def _preflight_remote(uri: str) -> None:
     bucket, key = split_gs(uri)
 
     def run():
-        return list(_client().list_blobs(bucket, prefix=_prefix(key), max_results=1,
-                                         retry=None))
+        return list(_client(uri).list_blobs(bucket, prefix=_prefix(key), max_results=1, retry=None))
 
     _call(uri, "checking the destination", run)
 
@@ -747,8 +742,10 @@ def _verify_tree(root: Path, manifest: dict, uri: str) -> None:
             raise StorageError(f"{uri}: {rel} is listed in {MARKER} but missing")
         size, sha, _ = _file_hashes(path)
         if size != int(entry["size"]) or sha != entry["sha256"]:
-            raise StorageError(f"{uri}: {rel} does not match its manifest (sha256 differs); "
-                               "it was modified after publishing")
+            raise StorageError(
+                f"{uri}: {rel} does not match its manifest (sha256 differs); "
+                "it was modified after publishing"
+            )
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -811,8 +808,8 @@ def local_input_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
 def fetch_model_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     """A local directory for from_pretrained: a local model dir as is, or a gs:// copy.
 
-    gs:// prefixes are mirrored into the cache; every file is checked against the object's
-    crc32c (or md5) and downloaded again when it does not match.
+    The top-level objects of a gs:// prefix are mirrored into the cache; every file is
+    checked against the object's crc32c (or md5) and downloaded again when it does not match.
     """
     if not is_remote(uri):
         path = Path(uri)
@@ -821,20 +818,30 @@ def fetch_model_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
         if not (path / "config.json").is_file():
             raise StorageError(f"{uri} is not a model directory: no config.json")
         return path
-    objects = list_objects(uri)
-    if not objects:
+    everything = list_objects(uri)
+    if not everything:
         raise NotFoundError(f"{uri}: no objects under this prefix")
-    prefix = _prefix(split_gs(uri)[1])
-    bucket = split_gs(uri)[0]
-    rels = [_safe_relative(o.uri[len(f"gs://{bucket}/") + len(prefix) :], uri)
-            for o in objects]
+    base = len(join(uri, "x")) - 1
+    # save_pretrained writes a flat directory; nested objects (a Trainer's checkpoint-*/
+    # folders, say) are not part of the model and can be far larger than it.
+    objects = [o for o in everything if "/" not in o.uri[base:]]
+    if len(objects) < len(everything):
+        log.info(
+            "%s: %d objects in subfolders are not downloaded", uri, len(everything) - len(objects)
+        )
+    rels = [_safe_relative(o.uri[base:], uri) for o in objects]
     if "config.json" not in rels:
         raise StorageError(f"{uri} is not a model directory: no config.json")
-    listing = json.dumps([uri] + [[r, o.size, o.crc32c, o.md5, o.generation]
-                                  for r, o in zip(rels, objects, strict=True)])
+    listing = json.dumps(
+        [uri]
+        + [[r, o.size, o.crc32c, o.md5, o.generation] for r, o in zip(rels, objects, strict=True)]
+    )
     name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1])[:40]
-    dest = cache_root(cache_dir) / "models" / (
-        f"{name}-{hashlib.sha256(listing.encode()).hexdigest()[:24]}")
+    dest = (
+        cache_root(cache_dir)
+        / "models"
+        / (f"{name}-{hashlib.sha256(listing.encode()).hexdigest()[:24]}")
+    )
     fetched = 0
     for rel, obj in zip(rels, objects, strict=True):
         path = dest / rel

@@ -1,6 +1,6 @@
 """A real GCS emulator process on 127.0.0.1, and a fault-injecting proxy in front of it.
 
-Used by the tests and by CI: `python -m msif.testing.gcs_emulator` starts an emulator,
+Used by the tests and by CI: `python -m msif.testing` starts an emulator,
 creates the `msif-test` bucket, prints `STORAGE_EMULATOR_HOST=...` and serves until
 interrupted.
 """
@@ -28,8 +28,18 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_BUCKET = "msif-test"
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-               "trailer", "trailers", "transfer-encoding", "upgrade", "content-length"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+}
 
 
 class EmulatorError(RuntimeError):
@@ -48,8 +58,9 @@ def emulator_command(port: int) -> list[str]:
     exe = Path(sys.executable).with_name("gcp-storage-emulator")
     found = str(exe) if exe.exists() else shutil.which("gcp-storage-emulator")
     if found is None:
-        raise EmulatorError("gcp-storage-emulator is not installed (pip install "
-                            "gcp-storage-emulator, or msif[dev])")
+        raise EmulatorError(
+            "gcp-storage-emulator is not installed (pip install gcp-storage-emulator, or msif[dev])"
+        )
     return [found, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"]
 
 
@@ -85,8 +96,11 @@ def create_bucket(endpoint: str, name: str = DEFAULT_BUCKET, project: str = "tes
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    client = storage.Client(project=project, credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": endpoint})
+    client = storage.Client(
+        project=project,
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": endpoint},
+    )
     try:
         client.create_bucket(name)
     except Conflict:
@@ -94,28 +108,46 @@ def create_bucket(endpoint: str, name: str = DEFAULT_BUCKET, project: str = "tes
 
 
 @contextmanager
-def gcs_emulator(timeout: float = 30.0) -> Iterator[Emulator]:
+def gcs_emulator(timeout: float = 30.0, attempts: int = 3) -> Iterator[Emulator]:
     """Start gcp-storage-emulator on a free port; stop it on exit."""
-    port = free_port()
     log_dir = Path(tempfile.mkdtemp(prefix="msif-gcs-emulator-"))
-    log_path = log_dir / "emulator.log"
+    process = None
+    try:
+        for attempt in range(1, attempts + 1):
+            # Another process may take the free port before the emulator binds it: retry.
+            process, endpoint = _start(log_dir / "emulator.log", timeout, last=attempt == attempts)
+            if process is not None:
+                break
+        yield Emulator(endpoint, process, log_dir / "emulator.log")
+    finally:
+        if process is not None:
+            _stop(process)
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _start(log_path: Path, timeout: float, last: bool) -> tuple[subprocess.Popen | None, str]:
+    port = free_port()
     # Logs go to a file: an undrained pipe would block the emulator once it fills.
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(emulator_command(port), stdout=log_file,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            emulator_command(port),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while not _answers(endpoint + "/"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise EmulatorError(f"gcp-storage-emulator did not start on port {port}: "
-                                    f"{tail.strip() or 'no output'}")
-            time.sleep(0.1)
-        yield Emulator(endpoint, process, log_path)
-    finally:
-        _stop(process)
-        shutil.rmtree(log_dir, ignore_errors=True)
+    deadline = time.monotonic() + timeout
+    while not _answers(endpoint + "/"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            _stop(process)
+            if not last:
+                return None, endpoint
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise EmulatorError(
+                f"gcp-storage-emulator did not start on port {port}: {tail.strip() or 'no output'}"
+            )
+        time.sleep(0.1)
+    return process, endpoint
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -143,6 +175,10 @@ class Faults:
     pattern: str | None = None
     status: int = 503
     mode: str = "status"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("status", "reset"):
+            raise ValueError(f"Faults.mode must be 'status' or 'reset', not {self.mode!r}")
 
 
 @dataclass
@@ -251,6 +287,10 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             response = conn.getresponse()
             data = response.read()
             conn.close()
+            # Record before answering: the client may inspect `seen` as soon as it has the answer.
+            proxy._record(
+                Seen(self.command, self.path, response.status, False, len(data), body[:1024], auth)
+            )
             self.send_response(response.status)
             for k, v in response.getheaders():
                 if k.lower() in _HOP_BY_HOP:
@@ -261,9 +301,6 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
-            proxy._record(
-                Seen(self.command, self.path, response.status, False, len(data), body[:1024], auth)
-            )
 
         def _inject(self, body: bytes, auth: str | None) -> None:
             f = proxy.faults
@@ -300,8 +337,12 @@ def fault_proxy(upstream: str, faults: Faults | None = None) -> Iterator[FaultPr
 def main(argv: list[str] | None = None) -> int:
     """Serve an emulator with the given buckets until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bucket", action="append", default=None,
-                        help=f"bucket to create (repeatable; default {DEFAULT_BUCKET})")
+    parser.add_argument(
+        "--bucket",
+        action="append",
+        default=None,
+        help=f"bucket to create (repeatable; default {DEFAULT_BUCKET})",
+    )
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

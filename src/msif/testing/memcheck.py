@@ -55,8 +55,14 @@ def stream_peak_growth(uri: str, batch_rows: int = 256) -> dict:
         chars += sum(len(t) for t in batch.column(columns[-1]).to_pylist())
     seconds = time.perf_counter() - started
     peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"uri": uri, "rows": rows, "chars": chars, "seconds": round(seconds, 2),
-            "peak_growth_mib": round((peak - before) / 1024, 1), "exact_peak": exact}
+    return {
+        "uri": uri,
+        "rows": rows,
+        "chars": chars,
+        "seconds": round(seconds, 2),
+        "peak_growth_mib": round((peak - before) / 1024, 1),
+        "exact_peak": exact,
+    }
 
 
 def write_corpus(root: Path, rows: int, files: int = 4) -> int:
@@ -70,23 +76,31 @@ def write_corpus(root: Path, rows: int, files: int = 4) -> int:
     per_file = -(-rows // files)
     for f in range(files):
         ids = range(f * per_file, min(rows, (f + 1) * per_file))
-        with pq.ParquetWriter(root / f"part-{f:03d}.parquet",
-                              pa.schema([("id", pa.string()), ("text", pa.string())])) as w:
+        with pq.ParquetWriter(
+            root / f"part-{f:03d}.parquet", pa.schema([("id", pa.string()), ("text", pa.string())])
+        ) as w:
             for start in range(ids.start, ids.stop, ROW_GROUP):
                 n = min(ROW_GROUP, ids.stop - start)
                 # Random hex text does not compress: the file size tracks the corpus size.
                 text = [rng.bytes(TEXT_BYTES // 2).hex() for _ in range(n)]
-                w.write_table(pa.table({"id": [f"doc-{i}" for i in range(start, start + n)],
-                                        "text": text}), row_group_size=ROW_GROUP)
+                w.write_table(
+                    pa.table({"id": [f"doc-{i}" for i in range(start, start + n)], "text": text}),
+                    row_group_size=ROW_GROUP,
+                )
     return sum(p.stat().st_size for p in root.glob("*.parquet"))
 
 
 def _measure_in_child(uri: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "msif.testing.memcheck", "--stream", uri],
-                         capture_output=True, text=True, env=os.environ.copy())
+    out = subprocess.run(
+        [sys.executable, "-m", "msif.testing.memcheck", "--stream", uri],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
     if out.returncode != 0:
-        raise RuntimeError(f"streaming {uri} failed (exit {out.returncode}): "
-                           f"{out.stderr.strip()[-3000:]}")
+        raise RuntimeError(
+            f"streaming {uri} failed (exit {out.returncode}): {out.stderr.strip()[-3000:]}"
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -126,8 +140,11 @@ def _run(tmp: Path, args, remote: bool) -> None:
             uri = f"gs://msif-test/corpus-{factor}"
             storage.upload_tree(local, uri)
         r = _measure_in_child(uri)
-        print(f"{r['rows']:>10} {size / 2**20:>12.1f} {r['peak_growth_mib']:>20.1f} "
-              f"{r['seconds']:>8.1f}", flush=True)
+        print(
+            f"{r['rows']:>10} {size / 2**20:>12.1f} {r['peak_growth_mib']:>20.1f} "
+            f"{r['seconds']:>8.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
