@@ -430,3 +430,34 @@ def test_cli_help_and_usage_errors(capsys):
         main(["score", "--model", "m"])
     assert e.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_rerun_of_a_complete_shard_is_skipped(world, pipeline, caplog):
+    out = pipeline[0]
+    marker = out / "scores-1" / "_MSIF_COMPLETE.json"
+    before = marker.read_bytes()
+    argv = [
+        "score",
+        "--model",
+        world["pt_model"],
+        "--corpus",
+        world["corpus"],
+        "--preconditioned",
+        out / "pre",
+        "--shard",
+        1,
+        "--num-shards",
+        3,
+        "--top-k",
+        20,
+        "--full",
+        "--out",
+        out / "scores-1",
+        *COMMON,
+    ]
+    with caplog.at_level("INFO", logger="msif"):
+        assert run(*argv) == 0
+    assert "skipped" in caplog.text
+    assert marker.read_bytes() == before
+    manifest = json.loads(before)
+    assert manifest["metadata"]["wall_s"] > 0

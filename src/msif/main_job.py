@@ -151,6 +151,18 @@ def run_inprocess(world: dict, out: Path, settings: JobSettings) -> dict:
     return {"metrics": metrics, "timings": t.seconds, "ranking": str(out / "ranking")}
 
 
+def node_times(run_dir: Path) -> dict[str, float]:
+    """Wall time per node (summed over shards) from the manifests the nodes published."""
+    times: dict[str, float] = {}
+    for marker in sorted(run_dir.rglob("_MSIF_COMPLETE.json")):
+        meta = json.loads(marker.read_text()).get("metadata", {})
+        if "wall_s" not in meta:
+            continue
+        name = meta.get("node", "?") + (f" ({meta['stage']})" if "stage" in meta else "")
+        times[name] = times.get(name, 0.0) + float(meta["wall_s"])
+    return times
+
+
 def metric_table(metrics: dict) -> str:
     """A fixed-width table of MRR and recall@10 per method."""
     lines = [f"{'method':<14} {'MRR':>7} {'recall@10':>10} {'queries':>8}"]
@@ -241,6 +253,7 @@ def run_command(args) -> int:
         from msif.local_run import run_main_job_pipeline
 
         result = run_main_job_pipeline(world, out, settings)
+        result["timings"].update(node_times(Path(result["outputs"]["run_dir"])))
     else:
         result = run_inprocess(world, out, settings)
     print_summary(world, result, out)

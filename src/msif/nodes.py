@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +64,60 @@ def check_shard(shard: int, num_shards: int) -> None:
         raise MsifError(f"shard {shard} of {num_shards} is not a valid shard index")
 
 
+_STARTED: contextvars.ContextVar[float | None] = contextvars.ContextVar("started", default=None)
+
+
+def timed(fn):
+    """Record when a node started, so its output manifest can carry its wall time."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        token = _STARTED.set(time.perf_counter())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _STARTED.reset(token)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def published(out_uri: str, meta: dict) -> Iterator[Path]:
+    """staged_output_dir whose manifest also records the node's wall time."""
+    from msif.storage import staged_output_dir
+
+    with staged_output_dir(out_uri, meta) as tmp:
+        yield tmp
+        started = _STARTED.get()
+        if started is not None:
+            meta["wall_s"] = round(time.perf_counter() - started, 3)
+
+
+def inputs_key(**inputs) -> str:
+    """A hash of everything an output depends on, to recognise a complete rerun."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def already_complete(out_uri: str, key: str) -> bool:
+    """True when out_uri holds a complete output made from the same inputs."""
+    from msif.storage import is_complete, read_manifest
+
+    if not is_complete(out_uri):
+        return False
+    if read_manifest(out_uri).get("metadata", {}).get("inputs") != key:
+        return False
+    log.info("%s is complete for these inputs: skipped", out_uri)
+    return True
+
+
+def artifact_digest(uri: str) -> str:
+    """Content digest of a published artifact (from its manifest's file hashes)."""
+    from msif.storage import read_manifest
+
+    files = read_manifest(uri).get("files", {})
+    return inputs_key(files={k: v.get("sha256") for k, v in files.items()})
+
+
 def _stage_batches(
     model, tokenizer, data_uri: str, shard: int, num_shards: int, opts: RunOptions
 ) -> tuple[Iterator[dict], dict]:
@@ -89,6 +147,7 @@ def _opts_info(opts: RunOptions) -> dict:
     return d
 
 
+@timed
 def fit_covariance_node(
     model_uri: str,
     data_uri: str,
@@ -99,7 +158,6 @@ def fit_covariance_node(
     opts: RunOptions,
 ) -> None:
     """Covariance partial sums of one data shard."""
-    from msif.storage import staged_output_dir
 
     _check_stage(stage)
     model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
@@ -108,7 +166,7 @@ def fit_covariance_node(
         model, data, stage=stage, modules=opts.selection(), seed=opts.seed, progress=opts.progress
     )
     cov.info = {**info, "model": model_uri}
-    with staged_output_dir(out_uri, {"node": "fit-covariance", "stage": stage}) as tmp:
+    with published(out_uri, {"node": "fit-covariance", "stage": stage}) as tmp:
         cov.save(tmp)
 
 
@@ -140,19 +198,20 @@ def _load_dirs(uris: Sequence[str], loader):
     return [loader(local_input_dir(u)) for u in uris]
 
 
+@timed
 def eigendecompose_node(partial_uris: Sequence[str], out_uri: str, dtype: str = "float32") -> None:
     """Reduce covariance partial sums and eigendecompose them."""
     from msif.models import DTYPES
-    from msif.storage import staged_output_dir
 
     parts = _load_dirs(partial_uris, CovarianceSums.load)
     _check_shard_set([p.info for p in parts], "covariance partial sums")
     basis = eigendecompose(parts, dtype=DTYPES[dtype])
     basis.info.update({k: parts[0].info.get(k) for k in ("data", "data_fingerprint", "model")})
-    with staged_output_dir(out_uri, {"node": "eigendecompose", "stage": basis.stage}) as tmp:
+    with published(out_uri, {"node": "eigendecompose", "stage": basis.stage}) as tmp:
         basis.save(tmp)
 
 
+@timed
 def fit_lambda_node(
     model_uri: str,
     data_uri: str,
@@ -164,7 +223,7 @@ def fit_lambda_node(
     opts: RunOptions,
 ) -> None:
     """Λ partial sums of one data shard in a given eigenbasis."""
-    from msif.storage import local_input_dir, staged_output_dir
+    from msif.storage import local_input_dir
 
     _check_stage(stage)
     basis = Eigenbasis.load(local_input_dir(eigenbasis_uri))
@@ -174,20 +233,21 @@ def fit_lambda_node(
     data, info = _stage_batches(model, tokenizer, data_uri, shard, num_shards, opts)
     lam = fit_lambda(model, data, basis, seed=opts.seed, progress=opts.progress)
     lam.info.update(info)
-    with staged_output_dir(out_uri, {"node": "fit-lambda", "stage": stage}) as tmp:
+    with published(out_uri, {"node": "fit-lambda", "stage": stage}) as tmp:
         lam.save(tmp)
 
 
+@timed
 def build_factors_node(eigenbasis_uri: str, partial_uris: Sequence[str], out_uri: str) -> None:
     """Reduce Λ partial sums into the stage's factors."""
-    from msif.storage import local_input_dir, staged_output_dir
+    from msif.storage import local_input_dir
 
     basis = Eigenbasis.load(local_input_dir(eigenbasis_uri))
     parts = _load_dirs(partial_uris, LambdaSums.load)
     _check_shard_set([p.info for p in parts], "Λ partial sums")
     factors = Factors.build(basis, parts)
     factors.info.update({k: basis.info.get(k) for k in ("data", "model")})
-    with staged_output_dir(out_uri, {"node": "build-factors", "stage": factors.stage}) as tmp:
+    with published(out_uri, {"node": "build-factors", "stage": factors.stage}) as tmp:
         factors.save(tmp)
 
 
@@ -200,6 +260,7 @@ def table_fingerprint(table: pa.Table) -> str:
     return h.hexdigest()[:16]
 
 
+@timed
 def query_gradients_node(
     model_uri: str,
     queries_uri: str,
@@ -217,7 +278,7 @@ def query_gradients_node(
     """Precondition the queries' gradients at θ_ft for one method."""
     from msif.data import tokenize_prompt_completion
     from msif.parquet_source import read_table
-    from msif.storage import local_input_dir, staged_output_dir
+    from msif.storage import local_input_dir
 
     model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
     table = read_table(queries_uri)
@@ -261,7 +322,7 @@ def query_gradients_node(
             "max_length": opts.max_length,
         }
     )
-    with staged_output_dir(out_uri, {"node": "query-gradients", "method": method}) as tmp:
+    with published(out_uri, {"node": "query-gradients", "method": method}) as tmp:
         pq_.save(tmp)
 
 
@@ -309,6 +370,7 @@ def _tracked(stream: Iterator[Example], seen: list[Example]) -> Iterator[Example
         yield e
 
 
+@timed
 def score_node(
     model_uri: str,
     corpus_uri: str,
@@ -324,10 +386,27 @@ def score_node(
     path: str = "auto",
 ) -> None:
     """Score one corpus shard against the preconditioned queries; keep the top-k per query."""
-    from msif.storage import local_input_dir, staged_output_dir
+    from msif.storage import local_input_dir
 
     if top_k < 1:
         raise MsifError("--top-k must be at least 1")
+    from msif.parquet_source import ParquetSource
+
+    # A rerun after a lost pod skips a shard whose complete output came from the same inputs.
+    key = inputs_key(
+        model=model_uri,
+        corpus=ParquetSource.open(corpus_uri).fingerprint(),
+        queries=artifact_digest(preconditioned_uri),
+        shard=shard,
+        num_shards=num_shards,
+        top_k=top_k,
+        explain_k=explain_k,
+        full=full,
+        path=path,
+        options=_opts_info(opts),
+    )
+    if already_complete(out_uri, key):
+        return
     pq_ = PreconditionedQueries.load(local_input_dir(preconditioned_uri))
     model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
     examples, source, rows = _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts)
@@ -335,8 +414,14 @@ def score_node(
     topk = TopK(top_k, pq_.num_queries)
     paths: dict[str, str] = {}
     num_docs = 0
-    meta = {"node": "score", "method": pq_.method, "shard": shard, "num_shards": num_shards}
-    with staged_output_dir(out_uri, meta) as tmp:
+    meta = {
+        "node": "score",
+        "method": pq_.method,
+        "shard": shard,
+        "num_shards": num_shards,
+        "inputs": key,
+    }
+    with published(out_uri, meta) as tmp:
         writer = pq.ParquetWriter(tmp / "full_scores.parquet", _FULL_SCHEMA) if full else None
         stream = batches(_tracked(examples, pending), opts.batch_size, pad_id_of(tokenizer))
         for bs in iter_scores(
@@ -392,11 +477,11 @@ def _full_rows(query_ids, doc_ids, values: np.ndarray) -> pa.Table:
     )
 
 
+@timed
 def bm25_node(corpus_uri: str, queries_uri: str, top_k: int, out_uri: str) -> None:
     """BM25 baseline over the corpus text, written in the shard-scores format (shard 0 of 1)."""
     from msif.bm25 import BM25Index
     from msif.parquet_source import ParquetSource, read_table
-    from msif.storage import staged_output_dir
 
     source = ParquetSource.open(corpus_uri)
     if "text" not in source.schema.names or "id" not in source.schema.names:
@@ -418,7 +503,7 @@ def bm25_node(corpus_uri: str, queries_uri: str, top_k: int, out_uri: str) -> No
     topk = TopK(top_k, len(qids))
     topk.update(np.stack([index.score(t) for t in texts_q]), ids)
     meta = {"node": "bm25", "method": "bm25", "shard": 0, "num_shards": 1}
-    with staged_output_dir(out_uri, meta) as tmp:
+    with published(out_uri, meta) as tmp:
         pq.write_table(topk.to_table(qids), tmp / "scores.parquet")
         info = {
             **meta,
@@ -489,6 +574,7 @@ def _lambda_spectra(factor_uris: Sequence[str]) -> dict[str, dict[str, np.ndarra
     return spectra
 
 
+@timed
 def rank_node(
     score_uris: Sequence[str],
     corpus_uri: str,
@@ -503,7 +589,6 @@ def rank_node(
     from msif.metrics import evaluate_rankings
     from msif.parquet_source import ParquetSource, read_table
     from msif.report import write_report
-    from msif.storage import staged_output_dir
 
     queries = read_table(queries_uri)
     require_queries(queries, queries_uri)
@@ -529,7 +614,7 @@ def rank_node(
             lists.setdefault(q, []).append(d)
         metrics["methods"][method] = evaluate_rankings(lists, relevant, k=10)
     spectra = _lambda_spectra(factor_uris) if factor_uris else None
-    with staged_output_dir(out_uri, {"node": "rank"}) as tmp:
+    with published(out_uri, {"node": "rank"}) as tmp:
         pq.write_table(ranking, tmp / "ranking.parquet")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         shown = ranking.filter(pa.compute.less_equal(ranking.column("rank"), report_k))
