@@ -1,6 +1,6 @@
 """How close msif's EK-FAC influence scores are to scores with the exact damped Fisher.
 
-python -m benchmarks.exactness [--quick] [--hidden 24 --docs 128 ...]
+python -m benchmarks.exactness [--quick] [--fisher 128 512 2048 8192] [--damping 1 0.1 0.01]
 
 A tiny float64 GPT-NeoX is briefly pre-trained on random token documents (θ_pt, so its
 predictive distribution is not uniform) and a perturbed copy stands in for θ_ft. The exact
@@ -11,14 +11,17 @@ restricted to the module's block, and solves with it:
 
   exact multi-stage S = Σ_modules ⟨(F_pt + λ_pt I)⁻¹ (F_ft + α I)⁻¹ ∇ℓ(q, θ_ft), ∇ℓ(z, θ_pt)⟩
 
-with the λ_pt and α msif used (PreconditionedQueries.damping). Rows: both stages, each stage's
-inverse alone, the single-stage method, and gradient dot (no curvature) as the floor.
+with the λ_pt and α msif used (PreconditionedQueries.damping). Both stages' EK-FAC factors and
+exact Fishers are fitted on the first N sequences of their data, N swept by --fisher. Columns:
+both stages, each stage's inverse alone, the single-stage method, and the gradient dot product
+(no curvature) against the exact multi-stage scores as the floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -65,8 +68,9 @@ def perturbed(model, scale: float, seed: int):
     return other
 
 
-def per_sequence_gradients(model, data: list[Example], specs: dict[str, ModuleSpec], *,
-                           sample: bool) -> dict[str, torch.Tensor]:
+def per_sequence_gradients(
+    model, data: list[Example], specs: dict[str, ModuleSpec], *, sample: bool
+) -> dict[str, torch.Tensor]:
     """{module: (N, out·in')} from one autograd backward per sequence (true or sampled labels)."""
     modules = resolve(model, specs.values())
     out: dict[str, list[torch.Tensor]] = {k: [] for k in specs}
@@ -76,12 +80,14 @@ def per_sequence_gradients(model, data: list[Example], specs: dict[str, ModuleSp
         for e in data:
             b = collate([e], 0)
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           use_cache=False).logits
+            logits = model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
+            ).logits
             labels = b["labels"]
             if sample:
-                labels = sample_labels(logits.detach(), b["input_ids"], labels,
-                                       b["attention_mask"], SEED)
+                labels = sample_labels(
+                    logits.detach(), b["input_ids"], labels, b["attention_mask"], SEED
+                )
             sequence_losses(logits, labels).sum().backward()
             for name, module in modules.items():
                 out[name].append(weight_gradient(module, specs[name]).detach().reshape(-1))
@@ -117,42 +123,52 @@ def with_inverses(pq: PreconditionedQueries, method: str, steps) -> Precondition
 
 
 class World:
-    """Models, data, msif factors and the per-sequence gradients the exact reference needs."""
+    """Models, data and the per-sequence gradients the exact reference needs."""
 
     def __init__(self, args):
         torch.manual_seed(0)
         self.pt = neox(args.hidden, args.layers, heads=args.heads, vocab=args.vocab).double()
-        self.corpus = examples(args.docs, args.seq, args.vocab, 1)
-        self.ft_data = examples(args.ft, args.seq, args.vocab, 2, prompt=args.seq // 2)
+        n = max(args.fisher)
+        self.corpus = examples(n, args.seq, args.vocab, 1)
+        self.ft_data = examples(n, args.seq, args.vocab, 2, prompt=args.seq // 2)
         self.queries = examples(args.queries, args.seq, args.vocab, 3, prompt=args.seq // 2)
-        pretrain(self.pt, self.corpus, args.pretrain_steps, 16, 3e-3)
+        self.scored = self.corpus[: args.docs]
+        pretrain(self.pt, self.corpus[: args.docs], args.pretrain_steps, 16, 3e-3)
         self.ft = perturbed(self.pt, args.perturb, seed=4)
         for m in (self.pt, self.ft):
             for p in m.parameters():
                 p.requires_grad_(False)
         self.batch = args.batch
-        self.f_pt = fit(self.pt, self.corpus, "pt", args.batch)
-        self.f_ft = fit(self.ft, self.ft_data, "ft", args.batch)
-        specs = self.f_pt.specs
-        self.specs = specs
+        self.specs = msif.find_modules(self.pt)
         grads = per_sequence_gradients
-        self.fisher_pt = self._fishers(grads(self.pt, self.corpus, specs, sample=True))
-        self.fisher_ft = self._fishers(grads(self.ft, self.ft_data, specs, sample=True))
-        self.q = grads(self.ft, self.queries, specs, sample=False)
-        self.z_pt = grads(self.pt, self.corpus, specs, sample=False)
-        self.z_ft = grads(self.ft, self.corpus, specs, sample=False)
+        self.fisher_grads_pt = grads(self.pt, self.corpus, self.specs, sample=True)
+        self.fisher_grads_ft = grads(self.ft, self.ft_data, self.specs, sample=True)
+        self.q = grads(self.ft, self.queries, self.specs, sample=False)
+        self.z_pt = grads(self.pt, self.scored, self.specs, sample=False)
+        self.z_ft = grads(self.ft, self.scored, self.specs, sample=False)
 
-    @staticmethod
-    def _fishers(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.T @ v / v.shape[0] for k, v in g.items()}
+    def stage(self, n: int) -> Stage:
+        """EK-FAC factors and exact Fishers of both stages fitted on the first n sequences."""
+
+        def fishers(g):
+            # Dense block Fishers from the first n per-sequence gradients.
+            return {k: v[:n].T @ v[:n] / n for k, v in g.items()}
+
+        return Stage(
+            n,
+            fit(self.pt, self.corpus[:n], "pt", self.batch),
+            fit(self.ft, self.ft_data[:n], "ft", self.batch),
+            fishers(self.fisher_grads_pt),
+            fishers(self.fisher_grads_ft),
+        )
 
     def queries_batches(self):
         """The queries as msif batches."""
         return batches(self.queries, len(self.queries))
 
     def msif_scores(self, model, pq: PreconditionedQueries) -> torch.Tensor:
-        """msif's (Q, N) scores of the corpus at model."""
-        return msif.score(model, batches(self.corpus, self.batch), pq).values
+        """msif's (Q, N) scores of the scored documents at model."""
+        return msif.score(model, batches(self.scored, self.batch), pq).values
 
     def exact_scores(self, z: dict[str, torch.Tensor], solves) -> torch.Tensor:
         """Σ_modules ⟨(solves applied in order) ∇q, ∇z⟩ with dense damped Fishers."""
@@ -165,77 +181,142 @@ class World:
         return total
 
 
-def rows_for(world: World, factor: float) -> list[dict]:
-    """EK-FAC against exact for every method at one damping factor."""
+@dataclass
+class Stage:
+    """Both stages' EK-FAC factors and exact block Fishers from n sequences each."""
+
+    n: int
+    f_pt: msif.Factors
+    f_ft: msif.Factors
+    fisher_pt: dict[str, torch.Tensor]
+    fisher_ft: dict[str, torch.Tensor]
+
+
+METHODS = (
+    "multi-stage (both inverses)",
+    "pre-train inverse only",
+    "fine-tune inverse only",
+    "single-stage method (corpus at θ_ft)",
+    "gradient dot vs exact multi-stage (floor)",
+)
+
+
+def rows_for(world: World, st: Stage, factor: float) -> dict:
+    """EK-FAC against exact for every method at one damping factor: {method: (P, S)}."""
     ids = [q.id for q in world.queries]
     damping = msif.Damping(factor)
-    multi = msif.precondition_queries(world.ft, world.queries_batches(), ids, ft_factors=world.f_ft,
-                                      pt_factors=world.f_pt, damping=damping)
+    multi = msif.precondition_queries(
+        world.ft,
+        world.queries_batches(),
+        ids,
+        ft_factors=st.f_ft,
+        pt_factors=st.f_pt,
+        damping=damping,
+    )
     lam_pt, lam_ft = multi.damping["pt"], multi.damping["ft"]
-    single = msif.precondition_queries(world.ft, world.queries_batches(), ids,
-                                       method="single-stage", ft_factors=world.f_ft,
-                                       damping=damping)
-    raw = msif.precondition_queries(world.ft, world.queries_batches(), ids, method="gradient-dot",
-                                    modules=msif.ModuleSelection())
-    pt, ft = (world.fisher_pt, lam_pt), (world.fisher_ft, lam_ft)
+    single = msif.precondition_queries(
+        world.ft,
+        world.queries_batches(),
+        ids,
+        method="single-stage",
+        ft_factors=st.f_ft,
+        damping=damping,
+    )
+    raw = msif.precondition_queries(world.ft, world.queries_batches(), ids, method="gradient-dot")
+    pt, ft = (st.fisher_pt, lam_pt), (st.fisher_ft, lam_ft)
     exact_multi = world.exact_scores(world.z_pt, [ft, pt])
     cases = [
-        ("multi-stage (both inverses)", world.msif_scores(world.pt, multi), exact_multi),
-        ("pre-train inverse only",
-         world.msif_scores(world.pt, with_inverses(raw, "pt-only", [(world.f_pt, lam_pt)])),
-         world.exact_scores(world.z_pt, [pt])),
-        ("fine-tune inverse only",
-         world.msif_scores(world.pt, with_inverses(raw, "ft-only", [(world.f_ft, lam_ft)])),
-         world.exact_scores(world.z_pt, [ft])),
-        ("single-stage method (corpus at θ_ft)", world.msif_scores(world.ft, single),
-         world.exact_scores(world.z_ft, [(world.fisher_ft, single.damping["ft"])])),
-        ("gradient dot vs exact multi-stage (floor)", world.msif_scores(world.pt, raw),
-         exact_multi),
+        (world.msif_scores(world.pt, multi), exact_multi),
+        (
+            world.msif_scores(world.pt, with_inverses(raw, "pt-only", [(st.f_pt, lam_pt)])),
+            world.exact_scores(world.z_pt, [pt]),
+        ),
+        (
+            world.msif_scores(world.pt, with_inverses(raw, "ft-only", [(st.f_ft, lam_ft)])),
+            world.exact_scores(world.z_pt, [ft]),
+        ),
+        (
+            world.msif_scores(world.ft, single),
+            world.exact_scores(world.z_ft, [(st.fisher_ft, single.damping["ft"])]),
+        ),
+        (world.msif_scores(world.pt, raw), exact_multi),
     ]
-    return [{"damping_factor": factor, "method": name, "pearson": pearson(got, ref),
-             "spearman": spearman(got, ref)} for name, got, ref in cases]
+    out = {"fisher_sequences": st.n, "damping_factor": factor}
+    for name, (got, ref) in zip(METHODS, cases, strict=True):
+        out[name] = (pearson(got, ref), spearman(got, ref))
+    return out
 
 
 def parse(argv) -> argparse.Namespace:
     """Command-line options; --quick shrinks everything to a seconds-long smoke run."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI)")
-    p.add_argument("--hidden", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=48)
+    p.add_argument("--vocab", type=int, default=32)
     p.add_argument("--seq", type=int, default=16)
-    p.add_argument("--docs", type=int, default=128, help="pre-training documents (scored)")
-    p.add_argument("--ft", type=int, default=96, help="fine-tuning examples")
+    p.add_argument(
+        "--fisher",
+        type=int,
+        nargs="+",
+        default=[128, 512, 2048, 8192],
+        help="sequences each stage's Fisher is fitted on (a sweep)",
+    )
+    p.add_argument("--docs", type=int, default=128, help="scored pre-training documents")
     p.add_argument("--queries", type=int, default=8)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--perturb", type=float, default=0.02)
-    p.add_argument("--damping", type=float, nargs="+", default=[1.0, 0.1, 0.01])
+    p.add_argument(
+        "--damping",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.1, 0.01],
+        help="damping factors tried at the largest Fisher size (0.1 at the others)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: 1)")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.heads, args.vocab, args.seq = 8, 1, 2, 16, 8
-        args.docs, args.ft, args.queries, args.pretrain_steps = 24, 16, 3, 20
-        args.damping = [0.1]
+        args.fisher, args.docs, args.queries, args.pretrain_steps = [64, 512], 24, 3, 50
+        args.damping = [1.0, 0.1]
     return args
+
+
+def grid(args) -> list[tuple[int, float]]:
+    """(Fisher sequences, damping factor) pairs: 0.1 along the sweep, all factors at the top."""
+    top = max(args.fisher)
+    pairs = [(n, 0.1) for n in sorted(args.fisher) if n != top]
+    return pairs + [(top, f) for f in args.damping]
 
 
 def main(argv=None) -> list[dict]:
     """Print a Markdown table of EK-FAC vs exact correlations; return its rows."""
     args = parse(argv)
+    torch.set_num_threads(args.threads)
     world = World(args)
-    rows = [r for f in args.damping for r in rows_for(world, f)]
-    sizes = {k: s.shape for k, s in world.specs.items()}
+    rows, stages = [], {}
+    for n, factor in grid(args):
+        if n not in stages:
+            stages[n] = world.stage(n)
+        rows.append(rows_for(world, stages[n], factor))
+    sizes = [s.shape[0] * s.shape[1] for s in world.specs.values()]
     print(f"machine: {machine()}")
-    print(f"model: float64 GPT-NeoX hidden {args.hidden}, {args.layers} layers, {args.heads} "
-          f"heads, vocab {args.vocab}; pre-trained {args.pretrain_steps} steps on {args.docs} "
-          f"documents x {args.seq} tokens; θ_ft = θ_pt + {args.perturb}·N(0, 1); {args.ft} "
-          f"fine-tune examples, {args.queries} queries (half the tokens prompt); "
-          f"{len(sizes)} modules, largest block {max(o * i for o, i in sizes.values())} weights\n")
-    print("| damping factor | scores | Pearson | Spearman |\n|---:|---|---:|---:|")
+    print(
+        f"model: float64 GPT-NeoX hidden {args.hidden}, {args.layers} layers, {args.heads} "
+        f"heads, vocab {args.vocab}, {len(sizes)} tracked modules with {min(sizes)} to "
+        f"{max(sizes)} weights each; pre-trained {args.pretrain_steps} steps on {args.docs} "
+        f"documents of {args.seq} tokens; θ_ft = θ_pt + {args.perturb}·N(0, 1); fine-tune "
+        f"examples and {args.queries} queries have half their tokens as prompt; "
+        f"{args.docs} scored documents\n"
+    )
+    print("Pearson / Spearman of msif's EK-FAC scores against the exact block-Fisher scores\n")
+    print("| Fisher sequences | damping factor | " + " | ".join(METHODS) + " |")
+    print("|---:|---:|" + "---:|" * len(METHODS))
     for r in rows:
-        print(f"| {r['damping_factor']:g} | {r['method']} | {r['pearson']:.4f} | "
-              f"{r['spearman']:.4f} |")
+        cells = [f"{r[m][0]:.3f} / {r[m][1]:.3f}" for m in METHODS]
+        print(f"| {r['fisher_sequences']} | {r['damping_factor']:g} | " + " | ".join(cells) + " |")
     return rows
 
 

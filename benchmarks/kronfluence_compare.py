@@ -43,7 +43,7 @@ INSTALL_HINT = (
     "pip install -c constraints.txt --no-deps kronfluence==1.0.1 accelerate einops einconv "
     "opt-einsum scipy"
 )
-STAGES = ("covariance", "eigendecomposition", "Λ (eigenvalue correction)", "pairwise scores")
+STAGES = ("covariance", "eigendecomposition", "Λ (eigenvalue correction)")
 
 
 def require_kronfluence():
@@ -73,8 +73,9 @@ class Convention:
 
 VARIANTS = (
     Convention(),
-    Convention("A over every position (kronfluence's attention-mask default)",
-               activation_mask="all"),
+    Convention(
+        "A over every position (kronfluence's attention-mask default)", activation_mask="all"
+    ),
     Convention("independent Fisher label draws", labels="independent"),
     Convention("loss = mean over the batch's tokens", loss="batch-mean"),
     Convention("kronfluence's default damping_factor = 1e-8", damping=1e-8),
@@ -99,6 +100,8 @@ def make_task(task_base: type, modules: list[str], conv: Convention, seed: int):
     """A kronfluence Task for causal-LM sequence losses under a convention."""
 
     class CausalLMTask(task_base):
+        """Summed token losses of a causal LM, with the convention's quirks."""
+
         def __init__(self):
             super().__init__()
             self.generator = torch.Generator().manual_seed(seed)
@@ -127,6 +130,7 @@ def make_task(task_base: type, modules: list[str], conv: Convention, seed: int):
             return out
 
         def compute_train_loss(self, batch, model, sample=False):
+            """Training loss; sampled labels (the Fisher's) when sample is set."""
             logits = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -138,12 +142,15 @@ def make_task(task_base: type, modules: list[str], conv: Convention, seed: int):
             return self._loss(logits, labels)
 
         def compute_measurement(self, batch, model):
+            """The query's loss with its own labels, as msif's query gradients use."""
             return self.compute_train_loss(batch, model, sample=False)
 
         def get_influence_tracked_modules(self):
+            """msif's modules, by name."""
             return list(modules)
 
         def get_attention_mask(self, batch):
+            """Positions kronfluence averages A over; the model still gets the real mask."""
             if conv.activation_mask == "all":
                 return batch["attention_mask"]
             return scored_positions(self._labels(batch)).long()
@@ -153,45 +160,52 @@ def make_task(task_base: type, modules: list[str], conv: Convention, seed: int):
 
 @dataclass
 class Setup:
-    """One comparison's model, data and sizes."""
+    """One comparison's model, data and sizes; scores are taken for each query count."""
 
     model: torch.nn.Module
     train: list[Example]
     queries: list[Example]
     batch: int
     dtype: torch.dtype
+    query_counts: tuple[int, ...]
     seed: int = 0
 
 
-def run_msif(s: Setup, times: dict[str, float]) -> tuple[torch.Tensor, msif.CovarianceSums,
-                                                           msif.Factors]:
-    """msif's four stages, timed; returns scores (Q, N), covariance sums and factors."""
+def score_stage(q: int) -> str:
+    """Name of the scoring stage with q queries."""
+    return f"pairwise scores, {q} queries"
+
+
+def run_msif(
+    s: Setup, times: dict[str, float]
+) -> tuple[dict[int, torch.Tensor], msif.CovarianceSums, msif.Factors]:
+    """msif's stages, timed; returns {queries: scores (Q, N)}, covariance sums and factors."""
     model = s.model
     with stopwatch(times, STAGES[0]):
         cov = msif.fit_covariance(model, batches(s.train, s.batch), stage="ft", seed=s.seed)
     with stopwatch(times, STAGES[1]):
         basis = msif.eigendecompose(cov, dtype=s.dtype)
     with stopwatch(times, STAGES[2]):
-        factors = msif.Factors.build(basis, msif.fit_lambda(model, batches(s.train, s.batch),
-                                                            basis))
-    with stopwatch(times, STAGES[3]):
-        pre = msif.precondition_queries(
-            model,
-            batches(s.queries, len(s.queries)),
-            [q.id for q in s.queries],
-            method="single-stage",
-            ft_factors=factors,
+        factors = msif.Factors.build(
+            basis, msif.fit_lambda(model, batches(s.train, s.batch), basis)
         )
-        scores = msif.score(model, batches(s.train, s.batch), pre).values
+    scores = {}
+    for q in s.query_counts:
+        with stopwatch(times, score_stage(q)):
+            pre = msif.precondition_queries(
+                model,
+                batches(s.queries[:q], q),
+                [e.id for e in s.queries[:q]],
+                method="single-stage",
+                ft_factors=factors,
+            )
+            scores[q] = msif.score(model, batches(s.train, s.batch), pre).values
     return scores, cov, factors
 
 
-def run_kronfluence(s: Setup, modules: list[str], conv: Convention, times: dict[str, float],
-                    workdir: str, tag: str) -> tuple[torch.Tensor, dict, dict]:
-    """kronfluence's four stages, timed; returns scores (Q, N), covariance and Λ factors."""
-    analyzer_cls, prepare_model, factor_args_cls, score_args_cls, task_base = require_kronfluence()
-    task = make_task(task_base, modules, conv, s.seed)
-    model = prepare_model(copy.deepcopy(s.model), task)
+def kronfluence_arguments(s: Setup, conv: Convention):
+    """FactorArguments and ScoreArguments with every dtype set to the setup's."""
+    _, _, factor_args_cls, score_args_cls, _ = require_kronfluence()
     dt = s.dtype
     fargs = factor_args_cls(
         strategy="ekfac",
@@ -199,7 +213,7 @@ def run_kronfluence(s: Setup, modules: list[str], conv: Convention, times: dict[
         gradient_covariance_dtype=dt,
         per_sample_gradient_dtype=dt,
         lambda_dtype=dt,
-        eigendecomposition_dtype=torch.float64,
+        eigendecomposition_dtype=torch.float64,  # msif also decomposes in float64
     )
     sargs = score_args_cls(
         damping_factor=conv.damping,
@@ -208,74 +222,124 @@ def run_kronfluence(s: Setup, modules: list[str], conv: Convention, times: dict[
         score_dtype=dt,
         query_gradient_svd_dtype=dt,
     )
-    train, queries = SequenceDataset(s.train), SequenceDataset(s.queries)
+    return fargs, sargs
+
+
+def run_kronfluence(
+    s: Setup, modules: list[str], conv: Convention, times: dict[str, float], workdir: str, tag: str
+) -> tuple[dict[int, torch.Tensor], dict, dict]:
+    """kronfluence's stages, timed; returns {queries: scores (Q, N)}, covariance and Λ."""
+    analyzer_cls, prepare_model, _, _, task_base = require_kronfluence()
+    task = make_task(task_base, modules, conv, s.seed)
+    model = prepare_model(copy.deepcopy(s.model), task)
+    fargs, sargs = kronfluence_arguments(s, conv)
+    train = SequenceDataset(s.train)
+    scores = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kronfluence's CUDA GradScaler deprecation noise
         an = analyzer_cls(tag, model, task, cpu=True, disable_tqdm=True, output_dir=workdir)
         with stopwatch(times, STAGES[0]):
-            an.fit_covariance_matrices("f", train, per_device_batch_size=s.batch,
-                                       factor_args=fargs, overwrite_output_dir=True)
+            an.fit_covariance_matrices(
+                "f",
+                train,
+                per_device_batch_size=s.batch,
+                factor_args=fargs,
+                overwrite_output_dir=True,
+            )
         with stopwatch(times, STAGES[1]):
             an.perform_eigendecomposition("f", factor_args=fargs, overwrite_output_dir=True)
         with stopwatch(times, STAGES[2]):
-            an.fit_lambda_matrices("f", train, per_device_batch_size=s.batch, factor_args=fargs,
-                                   overwrite_output_dir=True)
-        with stopwatch(times, STAGES[3]):
-            an.compute_pairwise_scores(
-                "s", "f", queries, train,
-                per_device_query_batch_size=len(s.queries),
-                per_device_train_batch_size=s.batch,
-                score_args=sargs,
+            an.fit_lambda_matrices(
+                "f",
+                train,
+                per_device_batch_size=s.batch,
+                factor_args=fargs,
                 overwrite_output_dir=True,
             )
-        scores = an.load_pairwise_scores("s")["all_modules"]
+        for q in s.query_counts:
+            with stopwatch(times, score_stage(q)):
+                an.compute_pairwise_scores(
+                    f"s{q}",
+                    "f",
+                    SequenceDataset(s.queries[:q]),
+                    train,
+                    per_device_query_batch_size=q,
+                    per_device_train_batch_size=s.batch,
+                    score_args=sargs,
+                    overwrite_output_dir=True,
+                )
+            scores[q] = an.load_pairwise_scores(f"s{q}")["all_modules"]
         return scores, an.load_covariance_matrices("f"), an.load_lambda_matrices("f")
 
 
-def factor_errors(cov: msif.CovarianceSums, factors: msif.Factors, k_cov: dict,
-                  k_lam: dict) -> tuple[float, float]:
+def factor_errors(
+    cov: msif.CovarianceSums, factors: msif.Factors, k_cov: dict, k_lam: dict
+) -> tuple[float, float]:
     """Largest relative difference over modules of the mean A and of Λ (kronfluence vs msif)."""
     err_a, err_l = 0.0, 0.0
     for name in factors.specs:
-        a = k_cov["activation_covariance"][name] / k_cov["num_activation_covariance_processed"][
-            name]
+        count = k_cov["num_activation_covariance_processed"][name]
+        a = k_cov["activation_covariance"][name] / count
         err_a = max(err_a, relative_error(a, cov.activation[name] / cov.num_tokens))
         lam = k_lam["lambda_matrix"][name] / k_lam["num_lambda_processed"][name]
         err_l = max(err_l, relative_error(lam, factors.lambdas[name]))
     return err_a, err_l
 
 
-def make_setup(args, dtype: torch.dtype, train: int, seed: int = 0) -> Setup:
+def make_setup(
+    hidden: int,
+    layers: int,
+    vocab: int,
+    seq: int,
+    train: int,
+    query_counts: tuple[int, ...],
+    batch: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> Setup:
     """Model and data of one comparison."""
-    model = neox(args.hidden, args.layers, heads=4, vocab=args.vocab, seed=seed).to(dtype)
+    model = neox(hidden, layers, heads=4, vocab=vocab, seed=seed).to(dtype)
     return Setup(
         model,
-        token_examples(train, args.seq, args.vocab, seed=10 + seed),
-        token_examples(args.queries, args.seq, args.vocab, seed=20 + seed),
-        args.batch,
+        token_examples(train, seq, vocab, seed=10 + seed),
+        token_examples(max(query_counts), seq, vocab, seed=20 + seed),
+        batch,
         dtype,
+        tuple(query_counts),
     )
 
 
 def timing_run(args) -> dict:
     """Side-by-side stage times in float32 with matched conventions, best of args.repeat."""
-    s = make_setup(args, torch.float32, args.train)
+    s = make_setup(
+        args.hidden,
+        args.layers,
+        args.vocab,
+        args.seq,
+        args.train,
+        args.queries,
+        args.batch,
+        torch.float32,
+    )
     t_msif: dict[str, float] = {}
     t_kron: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as workdir:
-        # One-off costs of a process's first hooks, kernels and einsum paths fall on neither.
-        tiny = Setup(s.model, s.train[: s.batch], s.queries[:2], s.batch, s.dtype)
-        _, _, factors = run_msif(tiny, {})
-        run_kronfluence(tiny, list(factors.specs), Convention(), {}, workdir, "warmup")
+        if not args.quick:
+            # One-off costs of a process's first hooks, kernels and einsum paths fall on neither.
+            tiny = Setup(s.model, s.train[: s.batch], s.queries[:2], s.batch, s.dtype, (2,))
+            _, _, factors = run_msif(tiny, {})
+            run_kronfluence(tiny, list(factors.specs), Convention(), {}, workdir, "warmup")
         for _ in range(args.repeat):  # interleaved, so a busy moment hits both sides alike
             ours, _, factors = run_msif(s, t_msif)
-            theirs, _, _ = run_kronfluence(s, list(factors.specs), Convention(), t_kron,
-                                           workdir, "timing")
+            theirs, _, _ = run_kronfluence(
+                s, list(factors.specs), Convention(), t_kron, workdir, "timing"
+            )
+    q = max(s.query_counts)
     return {
         "msif": t_msif,
         "kronfluence": t_kron,
-        "spearman": spearman(ours, theirs),
-        "pearson": pearson(ours, theirs),
+        "spearman": spearman(ours[q], theirs[q]),
+        "pearson": pearson(ours[q], theirs[q]),
         "modules": list(factors.specs),
     }
 
@@ -283,48 +347,76 @@ def timing_run(args) -> dict:
 def convention_runs(args) -> list[dict]:
     """float64 agreement under each convention variant (kronfluence side changed)."""
     # An uneven last batch, so a per-batch mean loss is not a uniform rescaling.
-    s = make_setup(args, torch.float64, args.corr_train, seed=1)
+    s = make_setup(
+        args.corr_hidden,
+        args.layers,
+        args.vocab,
+        args.corr_seq,
+        args.corr_train,
+        (args.corr_queries,),
+        args.batch,
+        torch.float64,
+        seed=1,
+    )
     ours, cov, factors = run_msif(s, {})
+    q = args.corr_queries
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for i, conv in enumerate(args.variants):
-            theirs, k_cov, k_lam = run_kronfluence(s, list(factors.specs), conv, {}, workdir,
-                                                   f"conv{i}")
+            theirs, k_cov, k_lam = run_kronfluence(
+                s, list(factors.specs), conv, {}, workdir, f"conv{i}"
+            )
             err_a, err_l = factor_errors(cov, factors, k_cov, k_lam)
-            rows.append({
-                "convention": conv.name,
-                "spearman": spearman(ours, theirs),
-                "pearson": pearson(ours, theirs),
-                "score_rel_err": relative_error(theirs, ours),
-                "A_rel_err": err_a,
-                "lambda_rel_err": err_l,
-            })
+            rows.append(
+                {
+                    "convention": conv.name,
+                    "spearman": spearman(ours[q], theirs[q]),
+                    "pearson": pearson(ours[q], theirs[q]),
+                    "score_rel_err": relative_error(theirs[q], ours[q]),
+                    "A_rel_err": err_a,
+                    "lambda_rel_err": err_l,
+                }
+            )
     return rows
 
 
 def print_report(args, timing: dict, rows: list[dict]) -> None:
     """Markdown tables of times, ratios and agreement."""
     print(f"machine: {machine()}")
-    print(f"timing model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab};"
-          f" {args.train} training sequences x {args.seq} tokens, {args.queries} queries, batch "
-          f"{args.batch}; float32; best of {args.repeat}; {len(timing['modules'])} modules\n")
+    print(
+        f"timing model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab};"
+        f" {args.train} training sequences x {args.seq} tokens, batch {args.batch}; float32; "
+        f"best of {args.repeat} (interleaved); {len(timing['modules'])} modules\n"
+    )
     print("| stage | msif s | kronfluence s | kronfluence / msif |\n|---|---:|---:|---:|")
-    fit_m = fit_k = 0.0
-    for st in STAGES:
+    fit_m = sum(timing["msif"][st] for st in STAGES)
+    fit_k = sum(timing["kronfluence"][st] for st in STAGES)
+    for st in [*STAGES, *(score_stage(q) for q in args.queries)]:
         m, k = timing["msif"][st], timing["kronfluence"][st]
-        if st != STAGES[3]:
-            fit_m, fit_k = fit_m + m, fit_k + k
         print(f"| {st} | {m:.3f} | {k:.3f} | {k / m:.2f} |")
-    print(f"| **fitting (first three)** | {fit_m:.3f} | {fit_k:.3f} | {fit_k / fit_m:.2f} |")
-    print(f"\nfloat32 agreement: Spearman {timing['spearman']:.6f}, Pearson "
-          f"{timing['pearson']:.6f}\n")
-    print(f"float64 agreement, {args.corr_train} training sequences (last batch short), "
-          f"{args.queries} queries; one convention changed at a time on the kronfluence side:\n")
-    print("| kronfluence convention | Spearman | Pearson | ‖ΔS‖/‖S‖ | max ‖ΔA‖/‖A‖ | "
-          "max ‖ΔΛ‖/‖Λ‖ |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        f"| **fitting (covariance + eigendecomposition + Λ)** | {fit_m:.3f} | {fit_k:.3f} | "
+        f"{fit_k / fit_m:.2f} |"
+    )
+    print(
+        f"\nfloat32 agreement ({max(args.queries)} queries): Spearman "
+        f"{timing['spearman']:.6f}, Pearson {timing['pearson']:.6f}\n"
+    )
+    print(
+        f"float64 agreement: hidden {args.corr_hidden}, {args.layers} layers, "
+        f"{args.corr_train} training sequences x {args.corr_seq} tokens (last batch short), "
+        f"{args.corr_queries} queries; one convention changed at a time on the kronfluence "
+        "side:\n"
+    )
+    print(
+        "| kronfluence convention | Spearman | Pearson | ‖ΔS‖/‖S‖ | max ‖ΔA‖/‖A‖ | "
+        "max ‖ΔΛ‖/‖Λ‖ |\n|---|---:|---:|---:|---:|---:|"
+    )
     for r in rows:
-        print(f"| {r['convention']} | {r['spearman']:.6f} | {r['pearson']:.6f} | "
-              f"{r['score_rel_err']:.1e} | {r['A_rel_err']:.1e} | {r['lambda_rel_err']:.1e} |")
+        print(
+            f"| {r['convention']} | {r['spearman']:.6f} | {r['pearson']:.6f} | "
+            f"{r['score_rel_err']:.1e} | {r['A_rel_err']:.1e} | {r['lambda_rel_err']:.1e} |"
+        )
 
 
 def parse(argv) -> argparse.Namespace:
@@ -336,15 +428,26 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--train", type=int, default=256, help="training sequences (timing run)")
-    p.add_argument("--corr-train", type=int, default=60, help="training sequences (float64)")
-    p.add_argument("--queries", type=int, default=32)
+    p.add_argument(
+        "--queries",
+        type=int,
+        nargs="+",
+        default=[8, 64],
+        help="query counts scored in the timing run",
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--corr-hidden", type=int, default=64, help="hidden size (float64 runs)")
+    p.add_argument("--corr-seq", type=int, default=32, help="sequence length (float64 runs)")
+    p.add_argument("--corr-train", type=int, default=60, help="training sequences (float64)")
+    p.add_argument("--corr-queries", type=int, default=16, help="queries (float64 runs)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: 1)")
     args = p.parse_args(argv)
     args.variants = VARIANTS
     if args.quick:
         args.hidden, args.layers, args.vocab, args.seq = 16, 1, 32, 8
-        args.train, args.corr_train, args.queries, args.batch, args.repeat = 8, 10, 3, 4, 1
+        args.train, args.queries, args.batch, args.repeat = 8, [3], 4, 1
+        args.corr_hidden, args.corr_seq, args.corr_train, args.corr_queries = 16, 8, 10, 3
         args.variants = VARIANTS[:2]
     return args
 
@@ -353,6 +456,7 @@ def main(argv=None) -> dict:
     """Run both comparisons, print Markdown, return the numbers."""
     args = parse(argv)
     require_kronfluence()
+    torch.set_num_threads(args.threads)
     timing = timing_run(args)
     rows = convention_runs(args)
     print_report(args, timing, rows)
@@ -361,4 +465,3 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-

@@ -17,6 +17,7 @@ full run, a temporary folder for --quick):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -48,8 +49,20 @@ def fitted_factors(model, data: list[dict]) -> msif.Factors:
 def preconditioned(model, factors, n: int, seq: int, vocab: int, rank: int | None):
     """n random queries (half prompt) preconditioned single-stage, optionally rank-r."""
     qs = token_examples(n, seq, vocab, seed=7, prompt=seq // 2)
-    return msif.precondition_queries(model, batches(qs, 32), [q.id for q in qs],
-                                     method="single-stage", ft_factors=factors, rank=rank)
+    return msif.precondition_queries(
+        model,
+        batches(qs, 32),
+        [q.id for q in qs],
+        method="single-stage",
+        ft_factors=factors,
+        rank=rank,
+    )
+
+
+def stored_mib(pre: msif.PreconditionedQueries) -> float:
+    """Size of the preconditioned queries' tensors, MiB."""
+    tensors = list(pre.dense.values()) + [x for usv in pre.lowrank.values() for x in usv]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def queries_curve(a) -> list[dict]:
@@ -64,8 +77,10 @@ def queries_curve(a) -> list[dict]:
             start = time.perf_counter()
             pre = preconditioned(model, factors, q, a.seq, a.vocab, rank)
             row[f"precondition {label}"] = time.perf_counter() - start
-            row[f"score {label}"] = best_time(lambda pre=pre: msif.score(model, corpus, pre),
-                                              a.repeat)
+            row[f"stored MiB {label}"] = stored_mib(pre)
+            row[f"score {label}"] = best_time(
+                lambda pre=pre: msif.score(model, corpus, pre), a.repeat
+            )
         rows.append(row)
     return rows
 
@@ -104,12 +119,20 @@ def probe(directory: str, n: int, seq: int, vocab: int, batch: int) -> dict:
     stream_top_k(model, pre, stream(n, seq, vocab, batch, seed=1))
     seconds = time.perf_counter() - start
     peak = rss_mib()
+    gc.collect()
     tracemalloc.start()
     stream_top_k(model, pre, stream(n, seq, vocab, batch, seed=1))
-    traced = tracemalloc.get_traced_memory()[1]
+    gc.collect()
+    retained, traced = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"docs": n, "seconds": seconds, "rss_after_first_batch_mib": base,
-            "peak_rss_mib": peak, "tracemalloc_peak_kib": traced / 1024}
+    return {
+        "docs": n,
+        "seconds": seconds,
+        "rss_after_first_batch_mib": base,
+        "peak_rss_mib": peak,
+        "tracemalloc_peak_kib": traced / 1024,
+        "tracemalloc_retained_kib": retained / 1024,
+    }
 
 
 def corpus_curve(a, workdir: str) -> list[dict]:
@@ -122,12 +145,27 @@ def corpus_curve(a, workdir: str) -> list[dict]:
     hf_logging.disable_progress_bar()
     model.save_pretrained(workdir)
     pre.save(workdir)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     rows = []
     for n in a.corpus_sizes:
-        cmd = [sys.executable, "-m", "benchmarks.scaling", "--probe", workdir, str(n),
-               str(a.seq), str(a.vocab), str(a.batch)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.scaling",
+            "--threads",
+            str(a.threads),
+            "--probe",
+            workdir,
+            str(n),
+            str(a.seq),
+            str(a.vocab),
+            str(a.batch),
+        ]
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"corpus probe for {n} documents failed:\n{out.stderr[-2000:]}")
@@ -135,8 +173,9 @@ def corpus_curve(a, workdir: str) -> list[dict]:
     return rows
 
 
-def stage_times(model, data: list[dict], pre_queries: int, seq: int, vocab: int,
-                repeat: int) -> dict:
+def stage_times(
+    model, data: list[dict], pre_queries: int, seq: int, vocab: int, repeat: int
+) -> dict:
     """Seconds of covariance, Λ and scoring (pre_queries full-rank queries) on data."""
     cov = msif.fit_covariance(model, data, stage="ft")
     basis = msif.eigendecompose(cov)
@@ -181,8 +220,15 @@ def table(rows: list[dict], fmt: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, x: list, series: dict[str, list], xlabel: str, ylabel: str, title: str,
-         right: tuple[str, list] | None = None) -> None:
+def plot(
+    path: Path,
+    x: list,
+    series: dict[str, list],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    right: tuple[str, list] | None = None,
+) -> None:
     """One small log-log line chart (optionally a second y axis), written as a PNG."""
     import matplotlib
 
@@ -221,35 +267,64 @@ def report(a, out: Path, results: dict) -> None:
     """Print the tables and write the four PNGs into out."""
     q, c, h, s = (results[k] for k in ("queries", "corpus", "hidden", "seqlen"))
     print(f"machine: {machine()}")
-    print(f"model: GPT-NeoX hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; "
-          f"{a.docs} documents x {a.seq} tokens unless varied; batch {a.batch}\n")
+    print(
+        f"model: GPT-NeoX hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; "
+        f"{a.docs} documents x {a.seq} tokens unless varied; batch {a.batch}\n"
+    )
     print(f"### Queries (corpus {a.docs} x {a.seq} tokens; seconds)\n\n{table(q)}\n")
-    print(f"### Corpus size (streamed, {a.corpus_queries} full-rank queries, fresh process per "
-          f"size)\n\n{table(c, {'docs': 'd', 'tracemalloc_peak_kib': '.0f'})}\n")
-    print(f"seconds per document, largest / smallest (sizes above the first): "
-          f"{linearity(c):.2f}; peak RSS spread: "
-          f"{max(r['peak_rss_mib'] for r in c) - min(r['peak_rss_mib'] for r in c):.1f} MiB\n")
+    kib = {"docs": "d", "tracemalloc_peak_kib": ".0f", "tracemalloc_retained_kib": ".0f"}
+    print(
+        f"### Corpus size (streamed, {a.corpus_queries} full-rank queries, fresh process per "
+        f"size)\n\n{table(c, kib)}\n"
+    )
+    print(
+        f"seconds per document, largest / smallest (sizes above the first): "
+        f"{linearity(c):.2f}; peak RSS spread: "
+        f"{max(r['peak_rss_mib'] for r in c) - min(r['peak_rss_mib'] for r in c):.1f} MiB\n"
+    )
     print(f"### Hidden size ({a.docs} x {a.seq} tokens; seconds)\n\n{table(h)}\n")
-    print(f"### Sequence length ({a.docs} documents, hidden {a.hidden}; seconds)\n\n"
-          f"{table(s)}\n")
+    print(f"### Sequence length ({a.docs} documents, hidden {a.hidden}; seconds)\n\n{table(s)}\n")
     out.mkdir(parents=True, exist_ok=True)
     qs = [r["queries"] for r in q]
-    plot(out / "scaling_queries.png", qs,
-         {"score, full": [r["score full"] for r in q],
-          "score, rank 32": [r["score rank-32"] for r in q],
-          "precondition, full": [r["precondition full"] for r in q]},
-         "queries", "seconds", f"corpus {a.docs}×{a.seq} tokens")
+    plot(
+        out / "scaling_queries.png",
+        qs,
+        {
+            "score, full": [r["score full"] for r in q],
+            "score, rank 32": [r["score rank-32"] for r in q],
+            "precondition, full": [r["precondition full"] for r in q],
+        },
+        "queries",
+        "seconds",
+        f"corpus {a.docs}×{a.seq} tokens",
+    )
     docs = [r["docs"] for r in c]
-    plot(out / "scaling_corpus.png", docs, {"seconds": [r["seconds"] for r in c]},
-         "documents", "seconds", "streaming iter_scores", ("peak RSS MiB",
-                                                            [r["peak_rss_mib"] for r in c]))
+    plot(
+        out / "scaling_corpus.png",
+        docs,
+        {"seconds": [r["seconds"] for r in c]},
+        "documents",
+        "seconds",
+        "streaming iter_scores",
+        ("peak RSS MiB", [r["peak_rss_mib"] for r in c]),
+    )
     stages = ("covariance", "Λ", "score", "eigendecomposition")
-    plot(out / "scaling_hidden.png", [r["hidden"] for r in h],
-         {k: [r[k] for r in h] for k in stages}, "hidden size", "seconds",
-         f"{a.docs}×{a.seq} tokens")
-    plot(out / "scaling_seqlen.png", [r["seq"] for r in s],
-         {k: [r[k] for r in s] for k in stages}, "sequence length", "seconds",
-         f"{a.docs} documents")
+    plot(
+        out / "scaling_hidden.png",
+        [r["hidden"] for r in h],
+        {k: [r[k] for r in h] for k in stages},
+        "hidden size",
+        "seconds",
+        f"{a.docs}×{a.seq} tokens",
+    )
+    plot(
+        out / "scaling_seqlen.png",
+        [r["seq"] for r in s],
+        {k: [r[k] for r in s] for k in stages},
+        "sequence length",
+        "seconds",
+        f"{a.docs} documents",
+    )
     print(f"plots: {', '.join(sorted(str(p) for p in out.glob('scaling_*.png')))}")
 
 
@@ -258,8 +333,9 @@ def parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI)")
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs")
-    p.add_argument("--probe", nargs=5, metavar=("DIR", "N", "SEQ", "VOCAB", "BATCH"),
-                   help=argparse.SUPPRESS)  # internal: one corpus size in a fresh process
+    p.add_argument(
+        "--probe", nargs=5, metavar=("DIR", "N", "SEQ", "VOCAB", "BATCH"), help=argparse.SUPPRESS
+    )  # internal: one corpus size in a fresh process
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=512)
@@ -267,6 +343,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: 1)")
     a = p.parse_args(argv)
     a.query_counts = [1, 4, 16, 64, 256]
     a.corpus_sizes = [64, 128, 256, 512, 1024]
@@ -275,7 +352,7 @@ def parse(argv) -> argparse.Namespace:
     a.seq_lengths = [32, 64, 128, 256, 512]
     if a.quick:
         a.hidden, a.layers, a.vocab, a.seq, a.docs, a.batch, a.repeat = 16, 1, 64, 16, 8, 4, 1
-        a.query_counts, a.corpus_sizes, a.corpus_queries = [1, 4], [8, 16, 32], 2
+        a.query_counts, a.corpus_sizes, a.corpus_queries = [1, 4], [8, 32], 2
         a.hidden_sizes, a.seq_lengths = [8, 16], [8, 16]
     return a
 
@@ -283,6 +360,7 @@ def parse(argv) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the four curves, print tables, write PNGs; return the rows."""
     a = parse(argv)
+    torch.set_num_threads(a.threads)
     if a.probe:
         directory, n, seq, vocab, batch = a.probe
         print(json.dumps(probe(directory, int(n), int(seq), int(vocab), int(batch))))

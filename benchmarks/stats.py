@@ -1,11 +1,10 @@
-"""Small helpers shared by the comparison benchmarks: correlations, timers, file output."""
+"""Small helpers shared by the comparison benchmarks: correlations and a stopwatch."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -54,18 +53,3 @@ def stopwatch(times: dict[str, float], key: str) -> Iterator[None]:
     yield
     elapsed = time.perf_counter() - start
     times[key] = min(elapsed, times.get(key, float("inf")))
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    """(seconds, result) of one call."""
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a file atomically (temp file + rename), so a failed run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

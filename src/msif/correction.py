@@ -103,7 +103,7 @@ def _accumulate(total: torch.Tensor, spec: ModuleSpec, a, g, q_a, q_g) -> None:
     per_seq = spec.out_features * spec.in_dim
     step = max(1, CHUNK_ELEMENTS // per_seq)
     for i in range(0, a.shape[0], step):
-        rotated = torch.einsum("bto,bti->boi", g_rot[i : i + step], a_rot[i : i + step])
+        rotated = torch.bmm(g_rot[i : i + step].mT, a_rot[i : i + step])
         total += rotated.square().sum(0).to("cpu", torch.float64)
 
 

@@ -112,7 +112,7 @@ def query_gradients(
             for name in specs:
                 a, g = activations_and_gradients(cap, name)
                 work = torch.float64 if a.dtype == torch.float64 else torch.float32
-                parts[name].append(torch.einsum("bto,bti->boi", g.to(work), a.to(work)))
+                parts[name].append(torch.bmm(g.to(work).mT, a.to(work)))
         cap.clear()
     if not parts or not next(iter(parts.values())):
         raise MsifError("no queries were given")

@@ -65,24 +65,32 @@ def choose_path(spec, queries, b, t, per_token: bool, path: str) -> str:
 
 
 def _per_token_dense(a, g, w) -> torch.Tensor:
+    # Plain matmuls: torch.einsum picks slow batched kernels for these shapes on CPU.
     q, o, i = w.shape
     b, t = a.shape[:2]
+    a2, g2 = a.reshape(1, b * t, i), g.reshape(1, b * t, o)
     step = max(1, CHUNK_ELEMENTS // max(1, b * t * min(o, i)))
     out = []
     for s in range(0, q, step):
         wc = w[s : s + step]
         if i <= o:  # contract through the smaller width
-            out.append(torch.einsum("bto,qoi,bti->qbt", g, wc, a))
+            out.append((torch.matmul(g2, wc) * a2).sum(-1))
         else:
-            out.append(((torch.einsum("bti,qoi->qbto", a, wc)) * g).sum(-1))
-    return torch.cat(out)
+            out.append((torch.matmul(a2, wc.mT) * g2).sum(-1))
+    return torch.cat(out).reshape(q, b, t)
 
 
 def _per_token_lowrank(a, g, usv) -> torch.Tensor:
     u, s, v = usv
-    gu = torch.einsum("bto,qor->qbtr", g, u)
-    av = torch.einsum("bti,qir->qbtr", a, v)
-    return torch.einsum("qbtr,qr,qbtr->qbt", gu, s, av)
+    b, t = a.shape[:2]
+    gu = torch.matmul(g.reshape(1, b * t, -1), u)  # (Q, BT, r)
+    av = torch.matmul(a.reshape(1, b * t, -1), v)
+    return (gu * av * s[:, None, :]).sum(-1).reshape(-1, b, t)
+
+
+def per_example_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """DW_n = Σ_t g_t a_tᵀ for every sequence: (B, out, in')."""
+    return torch.bmm(g.mT, a)
 
 
 def module_scores(a, g, queries: PreconditionedQueries, name: str, path: str, dense_cache: dict):
@@ -94,9 +102,10 @@ def module_scores(a, g, queries: PreconditionedQueries, name: str, path: str, de
             return _per_token_lowrank(a, g, usv)
         return _per_token_dense(a, g, queries.dense[name].to(a.device, work))
     if name not in dense_cache:
-        dense_cache[name] = queries.weight(name).to(a.device, work)
-    dw = torch.einsum("bto,bti->boi", g, a)
-    return torch.einsum("qoi,boi->qb", dense_cache[name], dw)
+        w = queries.weight(name).to(a.device, work)
+        dense_cache[name] = w.reshape(w.shape[0], -1)
+    dw = per_example_gradients(a, g)
+    return dense_cache[name] @ dw.reshape(dw.shape[0], -1).T
 
 
 def _score_batch(model, batch, queries, specs, cap, per_token, path, dense_cache, paths_used):
@@ -150,8 +159,11 @@ def score(
     specs, left_out = scoring_modules(model, queries)
     paths: dict[str, str] = {}
     results = list(_iter(model, batches, queries, specs, per_token, path, progress, paths))
-    values = (torch.cat([r.scores for r in results], dim=1) if results
-              else torch.zeros(queries.num_queries, 0))
+    values = (
+        torch.cat([r.scores for r in results], dim=1)
+        if results
+        else torch.zeros(queries.num_queries, 0)
+    )
     tokens = [r.token_scores for r in results] if per_token else None
     return Scores(values, list(queries.query_ids), list(specs), left_out, tokens, paths)
 
