@@ -25,8 +25,7 @@ def train_step(model, data) -> None:
         p.requires_grad_(True)
     for b in data:
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                    use_cache=False)
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
         sequence_losses(out.logits, b["labels"]).sum().backward()
     model.zero_grad(set_to_none=True)
 
@@ -36,24 +35,39 @@ def run(args) -> list[tuple[str, float]]:
     model = neox(args.hidden, args.layers, heads=4, vocab=args.vocab)
     data = token_batches(args.batch * args.batches, args.seq, args.vocab, 0, args.batch)
     tokens = args.batch * args.batches * args.seq
-    rows = [("training step (fwd+bwd)", tokens / best_time(lambda: train_step(model, data),
-                                                             args.repeat))]
+    rows = [
+        (
+            "training step (fwd+bwd)",
+            tokens / best_time(lambda: train_step(model, data), args.repeat),
+        )
+    ]
     cov = msif.fit_covariance(model, data)
-    rows.append(("covariance fit", tokens / best_time(lambda: msif.fit_covariance(model, data),
-                                                      args.repeat)))
+    rows.append(
+        (
+            "covariance fit",
+            tokens / best_time(lambda: msif.fit_covariance(model, data), args.repeat),
+        )
+    )
     basis = msif.eigendecompose(cov)
-    rows.append(("Λ fit", tokens / best_time(lambda: msif.fit_lambda(model, data, basis),
-                                             args.repeat)))
+    rows.append(
+        ("Λ fit", tokens / best_time(lambda: msif.fit_lambda(model, data, basis), args.repeat))
+    )
     factors = msif.Factors.build(basis, msif.fit_lambda(model, data, basis))
     factors.stage = "ft"
     for q in args.queries:
         qs = token_examples(q, args.seq // 2, args.vocab, 1, prompt=args.seq // 4)
         for rank in (0, 32):
-            pre = msif.precondition_queries(model, batches(qs, 16), [e.id for e in qs],
-                                            method="single-stage", ft_factors=factors,
-                                            rank=rank or None)
+            pre = msif.precondition_queries(
+                model,
+                batches(qs, 16),
+                [e.id for e in qs],
+                method="single-stage",
+                ft_factors=factors,
+                rank=rank or None,
+            )
             name = f"scoring, {q} quer{'y' if q == 1 else 'ies'}" + (
-                f", rank {rank}" if rank else ", full")
+                f", rank {rank}" if rank else ", full"
+            )
             t = best_time(lambda pre=pre: msif.score(model, data, pre), args.repeat)
             rows.append((name, tokens / t))
     return rows
@@ -71,15 +85,24 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--queries", type=int, nargs="+", default=[1, 16, 256])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: the shared 2-core machines are erratic with more)",
+    )
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.hidden, args.layers, args.seq, args.batches, args.repeat = 16, 1, 16, 1, 1
         args.queries, args.vocab = [1, 4], 64
     rows = run(args)
     base = rows[0][1]
     print(f"machine: {machine()}")
-    print(f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-          f"batch {args.batch} x {args.seq} tokens, {args.batches} batches")
+    print(
+        f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
+        f"batch {args.batch} x {args.seq} tokens, {args.batches} batches"
+    )
     print("| pass | tokens/s | ÷ training step |\n|---|---:|---:|")
     for name, tps in rows:
         print(f"| {name} | {tps:,.0f} | {tps / base:.2f} |")

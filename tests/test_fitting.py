@@ -290,3 +290,21 @@ def test_hooks_leave_the_model_as_they_found_it(model, examples):
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_sampled_labels_follow_the_model_distribution():
+    from msif.loss import sample_labels
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 5, dtype=torch.float64)
+    ids = torch.tensor([[1, 2, 3]])
+    labels = torch.tensor([[1, 2, 3]])
+    mask = torch.ones_like(ids)
+    counts = torch.zeros(2, 5, dtype=torch.float64)
+    for seed in range(4000):
+        drawn = sample_labels(logits, ids, labels, mask, seed)
+        assert drawn[0, 0] == -100  # the first token is never predicted
+        counts[0, drawn[0, 1]] += 1
+        counts[1, drawn[0, 2]] += 1
+    expected = torch.softmax(logits[0, :2], -1)
+    assert (counts / 4000 - expected).abs().max() < 0.03

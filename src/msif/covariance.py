@@ -108,7 +108,8 @@ def _accumulate(cov: CovarianceSums, spec: ModuleSpec, a, g, mask) -> None:
     a_t = a[mask].to(work)
     g_t = g[mask].to(work).view(-1, spec.num_blocks, spec.block_size)
     cov.activation[spec.name] += (a_t.T @ a_t).to("cpu", torch.float64)
-    cov.gradient[spec.name] += torch.einsum("nkb,nkc->kbc", g_t, g_t).to("cpu", torch.float64)
+    blocks = g_t.transpose(0, 1)  # (k, n, bs): one plain matmul per block
+    cov.gradient[spec.name] += torch.bmm(blocks.mT, blocks).to("cpu", torch.float64)
 
 
 def empty_sums(

@@ -61,6 +61,13 @@ def sample_labels(
             s = sequence_seed(seed, input_ids[n][real], labels[n][real])
             gen = torch.Generator(device=logits.device).manual_seed(s)
             probs = torch.softmax(logits[n, pos].double(), dim=-1)
-            draw = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            draw = _inverse_cdf_draw(probs, gen)
             sampled[n, pos + 1] = draw
     return sampled
+
+
+def _inverse_cdf_draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One categorical draw per row by inverse CDF (torch.multinomial is slow on wide rows)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=probs.dtype, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
