@@ -12,13 +12,24 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from msif.data import Example, batches
 
 
-def neox(hidden: int, layers: int = 2, heads: int = 4, vocab: int = 512, seed: int = 0,
-         positions: int = 2048) -> GPTNeoXForCausalLM:
+def neox(
+    hidden: int,
+    layers: int = 2,
+    heads: int = 4,
+    vocab: int = 512,
+    seed: int = 0,
+    positions: int = 2048,
+) -> GPTNeoXForCausalLM:
     """A GPT-NeoX built from a config (no download), eval mode."""
     torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=4 * hidden,
-                        max_position_embeddings=positions)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=positions,
+    )
     return GPTNeoXForCausalLM(cfg).eval()
 
 
@@ -26,12 +37,14 @@ def token_examples(n: int, length: int, vocab: int, seed: int, prompt: int = 0) 
     """n random sequences of a fixed length; the first `prompt` tokens unscored."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (n, length), generator=g).tolist()
-    return [Example(f"s{seed}-{i}", row, [-100] * prompt + row[prompt:])
-            for i, row in enumerate(ids)]
+    return [
+        Example(f"s{seed}-{i}", row, [-100] * prompt + row[prompt:]) for i, row in enumerate(ids)
+    ]
 
 
-def token_batches(n: int, length: int, vocab: int, seed: int, batch: int,
-                  prompt: int = 0) -> list[dict]:
+def token_batches(
+    n: int, length: int, vocab: int, seed: int, batch: int, prompt: int = 0
+) -> list[dict]:
     """Collated batches of token_examples."""
     return list(batches(token_examples(n, length, vocab, seed, prompt), batch))
 
@@ -52,5 +65,7 @@ def machine() -> str:
     import os
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, "
-            f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )

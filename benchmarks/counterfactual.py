@@ -2,6 +2,7 @@
 
 python -m benchmarks.counterfactual [--quick] [--preset default] [--queries 10] [--k 5]
                                     [--methods multi-stage,single-stage,...] [--json out.json]
+python -m benchmarks.counterfactual --report out.json [--noise filler.json]   # tables only
 
 For held-out queries the fine-tuned model answers correctly, each method's top-k proponents
 (highest positive scores) are removed from the pre-training corpus; both training stages are
@@ -13,7 +14,8 @@ The reference θ_ft is retrained on the full corpus by the same code, and the ru
 reproduces the cached world's fine-tuned model bitwise, so Δloss measures the removal and not
 training nondeterminism. Removing any documents still reshuffles every later minibatch (the
 seeded permutation depends on the corpus size): the `random` (and optional `filler`) control
-measures that floor. Identical removal sets are retrained once.
+measures that floor; a `--methods filler` report passed as --noise gives every query one
+noise sample per control retrain. Identical removal sets are retrained once.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from msif.errors import MsifError
 from msif.factors import Damping
 from msif.loss import sequence_losses
 from msif.world import (
+    Document,
+    Fact,
     FactWorld,
     WorldConfig,
     completion_matches,
@@ -52,6 +56,7 @@ from msif.world import (
 
 INFLUENCE_METHODS = ("multi-stage", "single-stage", "gradient-dot")
 METHODS = (*INFLUENCE_METHODS, "bm25", "random", "filler")
+CONTROL_METHODS = ("random", "filler")
 DEFAULT_METHODS = ("multi-stage", "single-stage", "gradient-dot", "bm25", "random")
 QUICK_METHODS = ("multi-stage", "random")
 PT_DAMPING_FACTOR = 0.1  # what `msif run` uses for the pre-train stage
@@ -72,6 +77,7 @@ class Trial:
     delta_loss: float
     still_answers: bool
     others_delta: float  # mean Δloss on the other selected queries: how targeted the removal is
+    all_deltas: tuple[float, ...] = ()  # Δloss of every selected query under this removal
 
 
 @dataclass
@@ -102,6 +108,22 @@ class Report:
         d = asdict(self)
         d["reproduction_max_abs_diff"] = self.reproduction_max_abs_diff
         return d
+
+    @staticmethod
+    def from_dict(d: dict) -> Report:
+        """Inverse of to_dict (the derived fields are recomputed, not read)."""
+        d = {k: v for k, v in d.items() if k != "reproduction_max_abs_diff"}
+        trials = [
+            Trial(
+                **{
+                    **t,
+                    "removed": tuple(t["removed"]),
+                    "all_deltas": tuple(t.get("all_deltas", ())),
+                }
+            )
+            for t in d.pop("trials")
+        ]
+        return Report(**d, trials=trials)
 
 
 @dataclass
@@ -269,6 +291,18 @@ def answers(model: torch.nn.Module, world: World, chosen: Sequence[int]) -> list
     )
 
 
+def reproduce(world: World, picked: Sequence[Example]) -> tuple[list[float], bool]:
+    """Query losses after retraining on the full corpus, and whether θ_ft came back bitwise."""
+    reference = retrain(world, ())
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(
+            reference.state_dict().values(), world.ft.state_dict().values(), strict=True
+        )
+    )
+    return query_losses(reference, picked, world.pad), same
+
+
 def run(
     preset: str,
     num_queries: int,
@@ -292,14 +326,7 @@ def run(
     qids = [q.id for q in picked]
     original = query_losses(world.ft, picked, world.pad)
     tick = time.perf_counter()
-    reference = retrain(world, ())
-    reproduced = query_losses(reference, picked, world.pad)
-    bitwise = all(
-        torch.equal(a, b)
-        for a, b in zip(
-            reference.state_dict().values(), world.ft.state_dict().values(), strict=True
-        )
-    )
+    reproduced, bitwise = reproduce(world, picked)
     report = Report(
         preset,
         k,
@@ -342,6 +369,7 @@ def run(
                 deltas[row],
                 ok[row],
                 statistics.fmean(others) if others else 0.0,
+                tuple(deltas),
             )
             report.trials.append(trial)
             log(
@@ -353,20 +381,31 @@ def run(
     return report
 
 
-def wins(report: Report) -> dict[str, int]:
+def wins(report: Report, among: Sequence[str] | None = None) -> dict[str, int]:
     """Per method, the queries where its Δloss is the largest (every tied method counts)."""
-    out = dict.fromkeys(report.methods, 0)
+    among = list(among if among is not None else report.methods)
+    out = dict.fromkeys(among, 0)
     for qid in report.query_ids:
-        rows = [t for t in report.trials if t.query_id == qid]
+        rows = [t for t in report.trials if t.query_id == qid and t.method in among]
         best = max(t.delta_loss for t in rows)
         for t in rows:
             out[t.method] += t.delta_loss == best
     return out
 
 
+def beats(report: Report, method: str, control: str) -> int:
+    """Queries where method's removal raised the loss more than control's removal did."""
+    by = {(t.query_id, t.method): t.delta_loss for t in report.trials}
+    return sum(by[q, method] > by[q, control] for q in report.query_ids)
+
+
 def summary_rows(report: Report) -> list[dict]:
     """Per method: Δloss mean/std, wins, relevant hits, answers lost, off-target Δloss."""
     won = wins(report)
+    # BM25 reads the answer itself (prompt + completion), and in the fact world the relevant
+    # documents are exactly those holding the name and the answer: rank the rest without it.
+    rest = [m for m in report.methods if m != "bm25"]
+    won_rest = wins(report, rest) if len(rest) < len(report.methods) else won
     rows = []
     for method in report.methods:
         ts = [t for t in report.trials if t.method == method]
@@ -378,6 +417,12 @@ def summary_rows(report: Report) -> list[dict]:
                 "std": statistics.stdev(d) if len(d) > 1 else 0.0,
                 "median": statistics.median(d),
                 "wins": won[method],
+                "wins_no_bm25": won_rest.get(method),
+                "beats_random": (
+                    beats(report, method, "random")
+                    if "random" in report.methods and method != "random"
+                    else None
+                ),
                 "hit": sum(t.relevant_removed > 0 for t in ts),
                 "relevant_removed": statistics.fmean(t.relevant_removed for t in ts),
                 "answers_lost": sum(not t.still_answers for t in ts),
@@ -390,28 +435,125 @@ def summary_rows(report: Report) -> list[dict]:
 def markdown(report: Report) -> str:
     """The results table."""
     n = len(report.query_ids)
+
+    def count(v: int | None) -> str:
+        return "–" if v is None else f"{v}/{n}"
+
     lines = [
         f"| method (top-{report.k} removed) | Δloss mean ± std | median | wins | "
-        f"top-{report.k} ∋ relevant | relevant removed (mean) | answer lost | "
-        "Δloss on the other queries (mean) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"wins without BM25 | beats random | top-{report.k} ∋ relevant | "
+        "relevant removed (mean) | answer lost | Δloss on the other queries (mean) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary_rows(report):
         lines.append(
             f"| {r['method']} | {r['mean']:+.3f} ± {r['std']:.3f} | {r['median']:+.3f} | "
-            f"{r['wins']}/{n} | {r['hit']}/{n} | {r['relevant_removed']:.2f} | "
-            f"{r['answers_lost']}/{n} | {r['others']:+.4f} |"
+            f"{count(r['wins'])} | {count(r['wins_no_bm25'])} | {count(r['beats_random'])} | "
+            f"{count(r['hit'])} | {r['relevant_removed']:.2f} | {count(r['answers_lost'])} | "
+            f"{r['others']:+.4f} |"
         )
     return "\n".join(lines)
 
 
-def per_query_markdown(report: Report) -> str:
-    """Δloss of every (query, method), queries as rows."""
-    head = "| query | loss before | " + " | ".join(report.methods) + " |"
-    lines = [head, "|---|---:|" + "---:|" * len(report.methods)]
+def noise_floor(report: Report) -> dict[str, float]:
+    """Per query, the std of its Δloss over the distinct control (random/filler) retrains.
+
+    A control removal targets nothing, so how much it moves a query's loss is the
+    reshuffling noise a targeted removal has to beat; a query's own control counts too.
+    """
+    seen, runs = set(), []
+    for t in report.trials:
+        # Reports written before all_deltas was recorded carry none.
+        measured = len(t.all_deltas) == len(report.query_ids)
+        if t.method in CONTROL_METHODS and measured and frozenset(t.removed) not in seen:
+            seen.add(frozenset(t.removed))
+            runs.append(t.all_deltas)
+    if len(runs) < 2:
+        return {}
+    return {q: statistics.stdev([r[j] for r in runs]) for j, q in enumerate(report.query_ids)}
+
+
+KINDS = ("relevant", "same entity", "same answer", "same attribute", "other fact", "filler")
+
+
+def removed_kind(doc: Document, fact: Fact, relevant: Sequence[str]) -> str:
+    """How a removed document relates to the query's fact (first matching kind of KINDS)."""
+    if doc.id in relevant:
+        return "relevant"
+    if doc.fact is None:
+        return "filler"
+    if doc.fact.entity == fact.entity:
+        return "same entity"
+    if doc.fact.value == fact.value:
+        return "same answer"
+    return "same attribute" if doc.fact.attribute == fact.attribute else "other fact"
+
+
+def breakdown_markdown(report: Report) -> str:
+    """Per method, what kinds of documents it removed (counts over all its queries)."""
+    facts = generate_facts(WorldConfig.preset(report.preset))
+    docs = {d.id: d for d in facts.documents}
+    queries = {q.id: q for q in facts.queries}
+    lines = ["| method | " + " | ".join(KINDS) + " |", "|---|" + "---:|" * len(KINDS)]
+    for method in report.methods:
+        counts = dict.fromkeys(KINDS, 0)
+        for t in report.trials:
+            if t.method == method:
+                q = queries[t.query_id]
+                for d in t.removed:
+                    counts[removed_kind(docs[d], q.qa.fact, q.relevant_ids)] += 1
+        lines.append(f"| {method} | " + " | ".join(str(counts[k]) for k in KINDS) + " |")
+    return "\n".join(lines)
+
+
+def control_deltas(noise: Report, query_ids: Sequence[str]) -> dict[str, list[float]]:
+    """Per query, its Δloss under every distinct control retrain of another report."""
+    if list(noise.query_ids) != list(query_ids):
+        raise CounterfactualError(
+            "the noise report measured other queries; run it with the same preset and --seed"
+        )
+    seen, runs = set(), []
+    for t in noise.trials:
+        if t.method in CONTROL_METHODS and len(t.all_deltas) == len(query_ids):
+            if frozenset(t.removed) not in seen:
+                seen.add(frozenset(t.removed))
+                runs.append(t.all_deltas)
+    if not runs:
+        raise CounterfactualError("the noise report holds no control retrains with all Δloss")
+    return {q: [r[j] for r in runs] for j, q in enumerate(query_ids)}
+
+
+def noise_markdown(report: Report, noise: Report) -> str:
+    """Per method, how its Δloss compares with the same query's control-retrain Δloss."""
+    controls = control_deltas(noise, report.query_ids)
+    n, runs = len(report.query_ids), len(next(iter(controls.values())))
+    lines = [
+        f"| method | Δloss above all {runs} control retrains | median excess over the "
+        "control median |",
+        "|---|---:|---:|",
+    ]
+    for method in report.methods:
+        ts = [t for t in report.trials if t.method == method]
+        above = sum(t.delta_loss > max(controls[t.query_id]) for t in ts)
+        excess = [t.delta_loss - statistics.median(controls[t.query_id]) for t in ts]
+        lines.append(f"| {method} | {above}/{n} | {statistics.median(excess):+.3f} |")
+    return "\n".join(lines)
+
+
+def per_query_markdown(report: Report, noise: Report | None = None) -> str:
+    """Δloss (relevant documents removed) of every (query, method); noise std when measured."""
+    if noise is not None:
+        controls = control_deltas(noise, report.query_ids)
+        floor = {q: statistics.stdev(v) for q, v in controls.items() if len(v) > 1}
+    else:
+        floor = noise_floor(report)
+    extra = ["noise std"] if floor else []
+    head = "| query | loss before | " + " | ".join([*report.methods, *extra]) + " |"
+    lines = [head, "|---|---:|" + "---:|" * (len(report.methods) + len(extra))]
     for qid in report.query_ids:
         by = {t.method: t for t in report.trials if t.query_id == qid}
         cells = [f"{by[m].delta_loss:+.3f} ({by[m].relevant_removed})" for m in report.methods]
+        cells += [f"{floor[qid]:.3f}"] if floor else []
         lines.append(f"| {qid} | {report.reproduced_loss[qid]:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -432,12 +574,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the full report as JSON here")
+    p.add_argument("--report", help="print the tables of a saved --json report; no training")
+    p.add_argument(
+        "--noise", help="a saved report of control retrains (--methods filler) to compare with"
+    )
     return p.parse_args(argv)
 
 
+def print_report(report: Report, noise: Report | None = None) -> None:
+    """The summary and per-query tables, the noise floor and the retraining cost."""
+    print(markdown(report))
+    print()
+    print(per_query_markdown(report, noise))
+    print()
+    print(breakdown_markdown(report))
+    if noise is not None:
+        print()
+        print(noise_markdown(report, noise))
+    floor = noise_floor(report)
+    if floor:
+        print(f"\nmean noise std over queries {statistics.fmean(floor.values()):.3f}")
+    if report.retrains:
+        print(
+            f"\n{report.retrains} retrains in {report.retrain_seconds:.0f}s "
+            f"({report.retrain_seconds / report.retrains:.1f}s each); "
+            f"total {report.seconds:.0f}s"
+        )
+
+
+def load_report(path: str) -> Report:
+    """A report saved with --json."""
+    try:
+        return Report.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CounterfactualError(f"cannot read a counterfactual report from {path}: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> Report:
-    """Run the benchmark and print the tables."""
+    """Run the benchmark (or re-read a saved report) and print the tables."""
     args = parse_args(argv)
+    noise = load_report(args.noise) if args.noise else None  # read first: fail before training
+    if args.report:
+        report = load_report(args.report)
+        print_report(report, noise)
+        return report
     torch.set_num_threads(1)  # as msif.world trains: bitwise reproduction needs the same threads
     if args.quick:
         preset, n, methods = "small", 2, list(QUICK_METHODS)
@@ -450,22 +630,19 @@ def main(argv: Sequence[str] | None = None) -> Report:
         flush=True,
     )
     report = run(preset, n, methods, args.k, args.seed, log=lambda s: print(s, flush=True))
-    print(markdown(report))
-    print()
-    print(per_query_markdown(report))
-    print(
-        f"\n{report.retrains} retrains in {report.retrain_seconds:.0f}s "
-        f"({report.retrain_seconds / report.retrains:.1f}s each); total {report.seconds:.0f}s"
-    )
+    print_report(report, noise)
+    if not all(math.isfinite(t.delta_loss) for t in report.trials):
+        raise CounterfactualError("a retrained model gave a non-finite query loss")
     if args.json:
         # Written beside and renamed, so an interrupted run leaves no half-written report.
         tmp = Path(f"{args.json}.tmp")
         tmp.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         tmp.replace(args.json)
-    if not all(math.isfinite(t.delta_loss) for t in report.trials):
-        raise CounterfactualError("a retrained model gave a non-finite query loss")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MsifError as e:
+        raise SystemExit(f"error: {e}") from None

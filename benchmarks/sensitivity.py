@@ -30,23 +30,36 @@ def load_world(preset: str, max_length: int = 64):
     corpus = pq.read_table(w["corpus"])
     pairs = pq.read_table(w["finetune"])
     queries = pq.read_table(w["queries"])
-    docs = tokenize_documents(tok, corpus.column("id").to_pylist(),
-                              corpus.column("text").to_pylist(), max_length)
-    ft_rows = tokenize_prompt_completion(tok, [f"ft-{i}" for i in range(pairs.num_rows)],
-                                         pairs.column("prompt").to_pylist(),
-                                         pairs.column("completion").to_pylist(), max_length)
-    qs = tokenize_prompt_completion(tok, queries.column("id").to_pylist(),
-                                    queries.column("prompt").to_pylist(),
-                                    queries.column("completion").to_pylist(), max_length)
-    relevant = dict(zip(queries.column("id").to_pylist(),
-                        queries.column("relevant_ids").to_pylist(), strict=True))
+    docs = tokenize_documents(
+        tok, corpus.column("id").to_pylist(), corpus.column("text").to_pylist(), max_length
+    )
+    ft_rows = tokenize_prompt_completion(
+        tok,
+        [f"ft-{i}" for i in range(pairs.num_rows)],
+        pairs.column("prompt").to_pylist(),
+        pairs.column("completion").to_pylist(),
+        max_length,
+    )
+    qs = tokenize_prompt_completion(
+        tok,
+        queries.column("id").to_pylist(),
+        queries.column("prompt").to_pylist(),
+        queries.column("completion").to_pylist(),
+        max_length,
+    )
+    relevant = dict(
+        zip(
+            queries.column("id").to_pylist(),
+            queries.column("relevant_ids").to_pylist(),
+            strict=True,
+        )
+    )
     return w, pt, ft, tok, docs, ft_rows, qs, relevant
 
 
 def fit(model, examples, stage, pad):
     """Factors of one stage, fitted in memory."""
-    basis = msif.eigendecompose(msif.fit_covariance(model, batches(examples, 16, pad),
-                                                    stage=stage))
+    basis = msif.eigendecompose(msif.fit_covariance(model, batches(examples, 16, pad), stage=stage))
     return msif.Factors.build(basis, msif.fit_lambda(model, batches(examples, 16, pad), basis))
 
 
@@ -71,22 +84,33 @@ def main(argv=None) -> None:
     qids, dids = [q.id for q in qs], [d.id for d in docs]
     factors_grid = [0.1, 1.0] if args.quick else [0.001, 0.01, 0.1, 1.0, 10.0]
     alphas = [None, w["alpha"] or 0.01] if args.quick else [None, 1e-4, w["alpha"] or 0.01]
-    print(f"world {preset}: {len(docs)} documents, {len(qs)} queries, "
-          f"accuracy {w['accuracy']}")
+    print(f"world {preset}: {len(docs)} documents, {len(qs)} queries, accuracy {w['accuracy']}")
     print("| method | damping factor | α | MRR | recall@10 |\n|---|---:|---:|---:|---:|")
     start = time.perf_counter()
     for method in ("gradient-dot", "single-stage", "multi-stage"):
-        grid = [(None, None)] if method == "gradient-dot" else [
-            (f, a) for f in factors_grid for a in alphas]
+        grid = (
+            [(None, None)]
+            if method == "gradient-dot"
+            else [(f, a) for f in factors_grid for a in alphas]
+        )
         for factor, alpha in grid:
-            pre = msif.precondition_queries(ft, batches(qs, 16, pad), qids, method=method,
-                                            ft_factors=fft, pt_factors=fpt, alpha=alpha,
-                                            damping=Damping(factor or 0.1))
+            pre = msif.precondition_queries(
+                ft,
+                batches(qs, 16, pad),
+                qids,
+                method=method,
+                ft_factors=fft,
+                pt_factors=fpt,
+                alpha=alpha,
+                damping=Damping(factor or 0.1),
+            )
             model = ft if method == "single-stage" else pt
             values = msif.score(model, batches(docs, 16, pad), pre).values
             m, r = mrr(values, qids, dids, relevant)
-            print(f"| {method} | {factor if factor is not None else '-'} | "
-                  f"{alpha if alpha is not None else 'rel.'} | {m:.3f} | {r:.3f} |")
+            print(
+                f"| {method} | {factor if factor is not None else '-'} | "
+                f"{alpha if alpha is not None else 'rel.'} | {m:.3f} | {r:.3f} |"
+            )
     print(f"grid time {time.perf_counter() - start:.0f}s")
 
 

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # shared 2-core machines: more threads thrash
 export MSIF_TRIM="${MSIF_TRIM:-1}"
 export MSIF_CACHE="${MSIF_CACHE:-$PWD/.msif-cache}"
 ruff check .

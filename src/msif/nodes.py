@@ -100,10 +100,17 @@ def inputs_key(**inputs) -> str:
 
 def already_complete(out_uri: str, key: str) -> bool:
     """True when out_uri holds a complete output made from the same inputs."""
-    from msif.storage import is_complete, read_manifest
+    from msif.storage import BucketNotFoundError, StorageError, is_complete, read_manifest, split_gs
 
-    if not is_complete(out_uri):
-        return False
+    try:
+        if not is_complete(out_uri):
+            return False
+    except BucketNotFoundError:
+        # Name the output, not the marker object this check happened to read.
+        bucket, _ = split_gs(out_uri)
+        raise StorageError(
+            f"{out_uri}: checking the destination failed: no such bucket {bucket!r}"
+        ) from None
     if read_manifest(out_uri).get("metadata", {}).get("inputs") != key:
         return False
     log.info("%s is complete for these inputs: skipped", out_uri)
