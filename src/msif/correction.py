@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from msif.covariance import check_compatible, header, specs_from_meta
+from msif.covariance import check_compatible, header, reduce_partials, specs_from_meta
 from msif.eigen import Eigenbasis
 from msif.errors import MsifError
 from msif.fingerprint import check_fingerprint, model_fingerprint
@@ -153,9 +153,4 @@ def fit_lambda(
 
 def reduce_lambda(parts: Sequence[LambdaSums]) -> LambdaSums:
     """Add Λ partial sums from shards."""
-    if not parts:
-        raise MsifError("no Λ partial sums given")
-    total = parts[0]
-    for p in parts[1:]:
-        total = total + p
-    return total
+    return reduce_partials(parts, "Λ partial sums")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from msif.errors import MismatchError
+from msif.errors import MismatchError, MsifError
 from msif.fingerprint import model_fingerprint
 from msif.hooks import activations_and_gradients, capture, frozen
 from msif.loss import scored_positions
@@ -91,6 +93,13 @@ def header(obj) -> dict:
 def specs_from_meta(meta: dict) -> dict[str, ModuleSpec]:
     """Module specs recorded in an artifact's metadata, in order."""
     return {d["name"]: ModuleSpec.from_dict(d) for d in meta["modules"]}
+
+
+def reduce_partials(parts: Sequence, what: str):
+    """Sum shard partials (CovarianceSums or LambdaSums) with their own +."""
+    if not parts:
+        raise MsifError(f"no {what} given")
+    return functools.reduce(operator.add, parts)
 
 
 def check_compatible(a, b, what: str) -> None:

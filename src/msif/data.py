@@ -23,7 +23,8 @@ class Example:
     labels: list[int]
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's padding id (its eos id, else 0, when it has none)."""
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -142,6 +143,3 @@ def check_ids(examples: Iterable[Example], vocab: int) -> None:
             raise MismatchError(
                 f"row {e.id!r} has token id {bad[0]} outside the model's vocabulary of {vocab}"
             )
-
-
-pad_id_of = _pad_id

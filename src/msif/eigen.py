@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from msif.covariance import CovarianceSums, header, specs_from_meta
+from msif.covariance import CovarianceSums, header, reduce_partials, specs_from_meta
 from msif.errors import MsifError
 from msif.modules import ModuleSpec
 
@@ -67,12 +67,7 @@ class Eigenbasis:
 
 def reduce_sums(parts: Sequence[CovarianceSums]) -> CovarianceSums:
     """Add partial sums from shards (refusing mismatched ones)."""
-    if not parts:
-        raise MsifError("no covariance partial sums given")
-    total = parts[0]
-    for p in parts[1:]:
-        total = total + p
-    return total
+    return reduce_partials(parts, "covariance partial sums")
 
 
 def eigendecompose(
