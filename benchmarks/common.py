@@ -49,13 +49,21 @@ def token_batches(
     return list(batches(token_examples(n, length, vocab, seed, prompt), batch))
 
 
+def _sync() -> None:
+    # CUDA kernels run asynchronously: a wall-clock time must wait for them.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
     """Fastest of `repeat` wall-clock runs (after one warm-up)."""
     fn()
+    _sync()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return min(times)
 

@@ -50,8 +50,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def main(argv=None) -> None:
-    """Print a table of rank r vs Pearson/Spearman of scores and top-10 overlap."""
+def main(argv=None) -> list[dict]:
+    """Print a table of rank r vs Pearson/Spearman of scores and top-10 overlap; return it."""
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -74,6 +74,7 @@ def main(argv=None) -> None:
     print(f"hidden {hidden}, {n_docs} docs, {len(qs)} queries; full-rank scoring {t_full:.2f}s")
     print("| rank | Pearson | Spearman | top-10 overlap | scoring time / full |")
     print("|---:|---:|---:|---:|---:|")
+    rows = []
     for r in (1, 2, 4, 8, 16, 32):
         pre = msif.precondition_queries(ft, qb, ids, ft_factors=fft, pt_factors=fpt, rank=r)
         t0 = time.perf_counter()
@@ -85,10 +86,19 @@ def main(argv=None) -> None:
             len(set(got[q].topk(k).indices.tolist()) & set(ref[q].topk(k).indices.tolist()))
             for q in range(len(qs))
         )
+        row = {
+            "rank": r,
+            "pearson": pearson,
+            "spearman": spearman(got.flatten(), ref.flatten()),
+            "top10_overlap": overlap / (k * len(qs)),
+            "time_ratio": t_r / t_full,
+        }
+        rows.append(row)
         print(
-            f"| {r} | {pearson:.4f} | {spearman(got.flatten(), ref.flatten()):.4f} | "
-            f"{overlap / (k * len(qs)):.2f} | {t_r / t_full:.2f} |"
+            f"| {r} | {pearson:.4f} | {row['spearman']:.4f} | "
+            f"{row['top10_overlap']:.2f} | {row['time_ratio']:.2f} |"
         )
+    return rows
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def mrr(values: torch.Tensor, query_ids, doc_ids, relevant) -> tuple[float, floa
     return m["mrr"], m["recall@10"]
 
 
-def main(argv=None) -> None:
-    """Print MRR / recall@10 for each grid point."""
+def main(argv=None) -> list[dict]:
+    """Print MRR / recall@10 for each grid point; return the rows."""
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--preset", default="default")
@@ -87,6 +87,7 @@ def main(argv=None) -> None:
     print(f"world {preset}: {len(docs)} documents, {len(qs)} queries, accuracy {w['accuracy']}")
     print("| method | damping factor | α | MRR | recall@10 |\n|---|---:|---:|---:|---:|")
     start = time.perf_counter()
+    rows = []
     for method in ("gradient-dot", "single-stage", "multi-stage"):
         grid = (
             [(None, None)]
@@ -107,11 +108,15 @@ def main(argv=None) -> None:
             model = ft if method == "single-stage" else pt
             values = msif.score(model, batches(docs, 16, pad), pre).values
             m, r = mrr(values, qids, dids, relevant)
+            rows.append(
+                {"method": method, "factor": factor, "alpha": alpha, "mrr": m, "recall@10": r}
+            )
             print(
                 f"| {method} | {factor if factor is not None else '-'} | "
                 f"{alpha if alpha is not None else 'rel.'} | {m:.3f} | {r:.3f} |"
             )
     print(f"grid time {time.perf_counter() - start:.0f}s")
+    return rows
 
 
 if __name__ == "__main__":

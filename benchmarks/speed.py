@@ -1,6 +1,8 @@
 """Tokens/s of msif's passes against a plain training step, side by side in one run.
 
 python -m benchmarks.speed [--quick] [--hidden 128 --layers 4 --seq 128 --batch 8]
+python -m benchmarks.speed --device cuda --dtype bfloat16 --hidden 768 --layers 12 --heads 12 \
+    --vocab 16384 --seq 512 --batch 16 --threads 16     # ~110 M parameters, on a GPU
 
 The training step is forward + backward with weight gradients (no optimiser). Covariance and
 Λ fitting add label sampling and per-module statistics; corpus scoring needs no weight
@@ -17,6 +19,7 @@ import msif
 from benchmarks.common import best_time, machine, neox, token_batches, token_examples
 from msif.data import batches
 from msif.loss import sequence_losses
+from msif.passes import model_device, to_device
 
 
 def train_step(model, data) -> None:
@@ -32,9 +35,16 @@ def train_step(model, data) -> None:
 
 def run(args) -> list[tuple[str, float]]:
     """(name, tokens/s) of every pass."""
-    model = neox(args.hidden, args.layers, heads=4, vocab=args.vocab)
-    data = token_batches(args.batch * args.batches, args.seq, args.vocab, 0, args.batch)
+    dtype = getattr(torch, args.dtype)
+    model = neox(args.hidden, args.layers, heads=args.heads, vocab=args.vocab)
+    model = model.to(args.device, dtype)
+    # On the device before timing, for every pass alike.
+    data = [
+        to_device(b, model_device(model))
+        for b in token_batches(args.batch * args.batches, args.seq, args.vocab, 0, args.batch)
+    ]
     tokens = args.batch * args.batches * args.seq
+    args.params = sum(p.numel() for p in model.parameters())
     rows = [
         (
             "training step (fwd+bwd)",
@@ -73,8 +83,8 @@ def run(args) -> list[tuple[str, float]]:
     return rows
 
 
-def main(argv=None) -> None:
-    """Print a Markdown table of tokens/s and the ratio to the training step."""
+def main(argv=None) -> list[tuple[str, float]]:
+    """Print a Markdown table of tokens/s and the ratio to the training step; return the rows."""
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI)")
     p.add_argument("--hidden", type=int, default=128)
@@ -83,6 +93,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--queries", type=int, nargs="+", default=[1, 16, 256])
     p.add_argument(
@@ -100,12 +113,14 @@ def main(argv=None) -> None:
     base = rows[0][1]
     print(f"machine: {machine()}")
     print(
-        f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
+        f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+        f"{args.params / 1e6:.1f} M parameters, {args.dtype} on {args.device}; "
         f"batch {args.batch} x {args.seq} tokens, {args.batches} batches"
     )
     print("| pass | tokens/s | ÷ training step |\n|---|---:|---:|")
     for name, tps in rows:
         print(f"| {name} | {tps:,.0f} | {tps / base:.2f} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from msif.testing import gcs_emulator as start_emulator
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory) -> Emulator:
+def gcs_emulator() -> Emulator:
     """A real gcp-storage-emulator process for the session, with bucket `msif-test`.
 
-    Sets STORAGE_EMULATOR_HOST (so msif.storage talks to it), a short retry base delay and
-    a session-private download cache (MSIF_CACHE_DIR) for as long as the session runs.
+    Sets STORAGE_EMULATOR_HOST (so msif.storage talks to it) and a short retry base delay for
+    as long as the session runs. Downloads share $MSIF_CACHE: they are keyed by content hash.
     """
     with pytest.MonkeyPatch.context() as mp:
         try:
@@ -26,7 +26,6 @@ def gcs_emulator(tmp_path_factory) -> Emulator:
                 emulator.create_bucket(DEFAULT_BUCKET)
                 mp.setenv("STORAGE_EMULATOR_HOST", emulator.endpoint)
                 mp.setenv("MSIF_STORAGE_RETRY_BASE", "0.01")
-                mp.setenv("MSIF_CACHE_DIR", str(tmp_path_factory.mktemp("msif-cache")))
                 yield emulator
         except EmulatorError as exc:
             pytest.skip(str(exc))

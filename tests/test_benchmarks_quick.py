@@ -14,7 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest` puts only tests/ on the path
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import exactness, kronfluence_compare, scaling  # noqa: E402
+from benchmarks import (  # noqa: E402
+    exactness,
+    kronfluence_compare,
+    rank_tracking,
+    scaling,
+    sensitivity,
+    speed,
+)
 from benchmarks.stats import pearson, ranks, spearman  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -103,3 +110,34 @@ def test_streamed_top_k_equals_top_k_of_all_scores():
     full = scaling.msif.score(model, docs, pre).values
     streamed = scaling.stream_top_k(model, pre, iter(docs), k=4)
     torch.testing.assert_close(streamed, full.float().topk(4, dim=1).values)
+
+
+def test_speed_quick_times_every_pass(capsys):
+    rows = speed.main(["--quick"])
+    names = [name for name, _ in rows]
+    assert names[0] == "training step (fwd+bwd)"
+    assert names[1:3] == ["covariance fit", "Λ fit"]
+    for q in ("1 query", "4 queries"):
+        assert f"scoring, {q}, full" in names and f"scoring, {q}, rank 32" in names
+    assert all(math.isfinite(t) and t > 0 for _, t in rows)
+    assert "| pass | tokens/s | ÷ training step |" in capsys.readouterr().out
+
+
+def test_rank_tracking_quick_is_exact_once_the_rank_covers_every_module():
+    rows = {r["rank"]: r for r in rank_tracking.main(["--quick"])}
+    assert sorted(rows) == [1, 2, 4, 8, 16, 32]
+    # hidden 16: no module is wider than 65 × 17, so rank 32 keeps every singular value.
+    assert rows[32]["pearson"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[32]["top10_overlap"] == 1.0
+    assert rows[1]["pearson"] < rows[8]["pearson"] < 1.0
+
+
+def test_sensitivity_quick_covers_the_grid_and_multi_stage_beats_the_gradient_dot():
+    rows = sensitivity.main(["--quick"])
+    grid = {(r["method"], r["factor"], r["alpha"]) for r in rows}
+    assert ("gradient-dot", None, None) in grid
+    assert len(grid) == len(rows) == 1 + 2 * 2 * 2  # factors {0.1, 1} × α {relative, world's}
+    assert all(0.0 <= r["mrr"] <= 1.0 and 0.0 <= r["recall@10"] <= 1.0 for r in rows)
+    dot = next(r["mrr"] for r in rows if r["method"] == "gradient-dot")
+    multi = [r for r in rows if r["method"] == "multi-stage" and r["alpha"] is not None]
+    assert all(r["mrr"] > dot for r in multi)

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import COMMON, run_nodes
 from mini_world import build, save_model, tokenizer_for
 
 import msif
 from msif.cli import main
 from msif.data import batches, tokenize_documents, tokenize_prompt_completion
 from msif.models import load_model
-
-COMMON = ["--max-length", "32", "--batch-size", "4", "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -26,150 +26,11 @@ def run(*argv) -> int:
     return main([str(a) for a in argv])
 
 
-def fit_stage(w, out, stage, n=2):
-    model, data = (w["pt_model"], w["corpus"]) if stage == "pt" else (w["ft_model"], w["finetune"])
-    covs = [out / f"{stage}-cov-{i}" for i in range(n)]
-    for i, c in enumerate(covs):
-        assert (
-            run(
-                "fit-covariance",
-                "--model",
-                model,
-                "--data",
-                data,
-                "--stage",
-                stage,
-                "--shard",
-                i,
-                "--num-shards",
-                n,
-                "--out",
-                c,
-                *COMMON,
-            )
-            == 0
-        )
-    assert run("eigendecompose", "--partials", *covs, "--out", out / f"{stage}-eigen") == 0
-    lams = [out / f"{stage}-lam-{i}" for i in range(n)]
-    for i, lam in enumerate(lams):
-        assert (
-            run(
-                "fit-lambda",
-                "--model",
-                model,
-                "--data",
-                data,
-                "--stage",
-                stage,
-                "--eigenbasis",
-                out / f"{stage}-eigen",
-                "--shard",
-                i,
-                "--num-shards",
-                n,
-                "--out",
-                lam,
-                *COMMON,
-            )
-            == 0
-        )
-    assert (
-        run(
-            "build-factors",
-            "--eigenbasis",
-            out / f"{stage}-eigen",
-            "--partials",
-            *lams,
-            "--out",
-            out / f"{stage}-factors",
-        )
-        == 0
-    )
-    return out / f"{stage}-factors"
-
-
 @pytest.fixture(scope="module")
 def pipeline(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    fpt, fft = fit_stage(world, out, "pt"), fit_stage(world, out, "ft")
-    assert (
-        run(
-            "query-gradients",
-            "--model",
-            world["ft_model"],
-            "--queries",
-            world["queries"],
-            "--ft-factors",
-            fft,
-            "--pt-factors",
-            fpt,
-            "--alpha",
-            "0.05",
-            "--out",
-            out / "pre",
-            *COMMON,
-        )
-        == 0
-    )
-    shards = [out / f"scores-{i}" for i in range(3)]
-    for i, s in enumerate(shards):
-        assert (
-            run(
-                "score",
-                "--model",
-                world["pt_model"],
-                "--corpus",
-                world["corpus"],
-                "--preconditioned",
-                out / "pre",
-                "--shard",
-                i,
-                "--num-shards",
-                3,
-                "--top-k",
-                20,
-                "--full",
-                "--out",
-                s,
-                *COMMON,
-            )
-            == 0
-        )
-    assert (
-        run(
-            "bm25",
-            "--corpus",
-            world["corpus"],
-            "--queries",
-            world["queries"],
-            "--top-k",
-            20,
-            "--out",
-            out / "bm25",
-        )
-        == 0
-    )
-    assert (
-        run(
-            "rank",
-            "--scores",
-            *shards,
-            out / "bm25",
-            "--corpus",
-            world["corpus"],
-            "--queries",
-            world["queries"],
-            "--top-k",
-            20,
-            "--factors",
-            fpt,
-            fft,
-            "--out",
-            out / "ranking",
-        )
-        == 0
-    )
-    return out, fpt, fft, shards
+    r = run_nodes(world, out, num_shards=3, full=True)
+    return out, Path(r["pt_factors"]), Path(r["ft_factors"]), [Path(s) for s in r["shards"]]
 
 
 def test_cli_scores_equal_library_scores(world, pipeline):
@@ -247,7 +108,7 @@ def test_deterministic_reruns(world, pipeline, tmp_path):
         "--shard",
         0,
         "--num-shards",
-        2,
+        3,
         *COMMON,
     ]
     assert run(*args, "--out", tmp_path / "again") == 0
@@ -258,7 +119,7 @@ def test_deterministic_reruns(world, pipeline, tmp_path):
 def test_missing_shard_is_refused(world, pipeline, tmp_path, capsys):
     out, _, _, shards = pipeline
     assert run("eigendecompose", "--partials", out / "pt-cov-0", "--out", tmp_path / "e") == 1
-    assert "shard 1 of 2 is missing" in capsys.readouterr().err
+    assert "shard 1 of 3 is missing" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     assert (
         run(

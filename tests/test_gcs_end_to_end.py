@@ -17,16 +17,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import ALPHA, COMMON, TOP_K, cli, run_nodes
 from mini_world import WORDS, build
 
 from msif import storage
-from msif.cli import main
 from msif.storage import is_complete, join, local_input_dir
 from msif.testing import DEFAULT_BUCKET
 
-COMMON = ["--max-length", "32", "--batch-size", "4", "--no-progress", "--device", "cpu"]
-TOP_K = 20  # above the mini world's 12 documents: every document is ranked
-ALPHA = 0.05
 TRIM = os.environ.get("MSIF_TRIM") == "1"
 KEY = ["method", "query_id", "rank", "doc_id"]
 
@@ -65,12 +62,6 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
-def cli(*argv) -> None:
-    """Run one msif subcommand in-process; it must succeed."""
-    args = [str(a) for a in argv]
-    assert main(args) == 0, f"msif {' '.join(args)} failed"
-
-
 def fresh_prefix(name: str) -> str:
     """A new, empty gs:// prefix in the emulator's test bucket."""
     return f"gs://{DEFAULT_BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
@@ -91,52 +82,6 @@ def upload_world(world: dict[str, str], prefix: str) -> dict[str, str]:
         uris[key] = join(prefix, key)
         storage.upload_tree(world[key], uris[key])
     return uris
-
-
-def fit_stage(w: dict[str, str], out: str, stage: str, num_shards: int) -> str:
-    """fit-covariance ×N → eigendecompose → fit-lambda ×N → build-factors; the factors URI."""
-    model, data = (w["pt_model"], w["corpus"]) if stage == "pt" else (w["ft_model"], w["finetune"])
-    fit = ["--model", model, "--data", data, "--stage", stage, "--num-shards", num_shards]
-    covs = [join(out, f"{stage}-cov-{i}") for i in range(num_shards)]
-    for i, cov in enumerate(covs):
-        cli("fit-covariance", *fit, "--shard", i, "--out", cov, *COMMON)
-    eigen = join(out, f"{stage}-eigen")
-    cli("eigendecompose", "--partials", *covs, "--out", eigen)
-    lams = [join(out, f"{stage}-lam-{i}") for i in range(num_shards)]
-    for i, lam in enumerate(lams):
-        cli("fit-lambda", *fit, "--eigenbasis", eigen, "--shard", i, "--out", lam, *COMMON)
-    factors = join(out, f"{stage}-factors")
-    cli("build-factors", "--eigenbasis", eigen, "--partials", *lams, "--out", factors)
-    return factors
-
-
-def run_nodes(w: dict[str, str], out: str, num_shards: int = 2) -> dict[str, str]:
-    """Every node of the multi-stage pipeline with outputs under out; their URIs."""
-    fpt, fft = fit_stage(w, out, "pt", num_shards), fit_stage(w, out, "ft", num_shards)
-    pre = join(out, "pre")
-    cli(
-        "query-gradients",
-        *("--model", w["ft_model"], "--queries", w["queries"], "--method", "multi-stage"),
-        *("--ft-factors", fft, "--pt-factors", fpt, "--alpha", ALPHA, "--out", pre),
-        *COMMON,
-    )
-    shards = [join(out, f"scores-{i}") for i in range(num_shards)]
-    for i, s in enumerate(shards):
-        cli(
-            "score",
-            *("--model", w["pt_model"], "--corpus", w["corpus"], "--preconditioned", pre),
-            *("--shard", i, "--num-shards", num_shards, "--top-k", TOP_K, "--out", s),
-            *COMMON,
-        )
-    bm25 = join(out, "bm25")
-    cli("bm25", "--corpus", w["corpus"], "--queries", w["queries"], "--top-k", TOP_K, "--out", bm25)
-    ranking = join(out, "ranking")
-    cli(
-        "rank",
-        *("--scores", *shards, bm25, "--corpus", w["corpus"], "--queries", w["queries"]),
-        *("--top-k", TOP_K, "--factors", fpt, fft, "--out", ranking),
-    )
-    return {"out": out, "pre": pre, "scores-0": shards[0], "ranking": ranking}
 
 
 def ranking_rows(ranking_uri: str, methods: Sequence[str] | None = None) -> list[dict]:
@@ -234,11 +179,20 @@ print(json.dumps(run_pipeline_locally(params, root)))
 
 
 @pytest.mark.slow
-def test_kfp_local_with_gs_corpus_gives_the_cli_ranking(gs_world, world, local_run, tmp_path):
-    """The compiled pipeline's components, run by kfp.local with gs:// inputs, rank like the
-    CLI on local files (multi-stage and BM25; the pipeline adds two more methods)."""
+def test_kfp_local_with_gs_inputs_gives_the_inprocess_run(gs_world, world, tmp_path):
+    """kfp.local runs every component (ParallelFor, Collected, optional inputs) with gs://
+    inputs and produces exactly the ranking, metrics and UI artifacts of the same nodes called
+    in-process on local files."""
+    from msif.main_job import JobSettings, run_inprocess
+    from msif.metrics import kfp_metrics
+
     num_shards = 1 if TRIM else 2  # trimmed: fewer tasks, same code paths
-    reference = local_run if num_shards == 2 else run_nodes(world, str(tmp_path / "ref"), 1)
+    settings = JobSettings(num_shards, 32, 4, alpha=ALPHA, top_k=TOP_K, progress=False)
+    reference = run_inprocess(
+        {k: world[k] for k in ("pt_model", "ft_model", "corpus", "finetune", "queries")},
+        tmp_path / "inprocess",
+        settings,
+    )
     params = {
         "pt_model_uri": gs_world["pt_model"],
         "ft_model_uri": gs_world["ft_model"],
@@ -265,13 +219,18 @@ def test_kfp_local_with_gs_corpus_gives_the_cli_ranking(gs_world, world, local_r
     out = json.loads(child.stdout.strip().splitlines()[-1])
     metrics = json.loads(Path(out["metrics_json"]).read_text())
     assert set(metrics["methods"]) == {"multi-stage", "single-stage", "gradient-dot", "bm25"}
-    want = json.loads((local_input_dir(reference["ranking"]) / "metrics.json").read_text())
-    for method in ("multi-stage", "bm25"):
-        assert metrics["methods"][method] == pytest.approx(want["methods"][method])
-    methods = ["multi-stage", "bm25"]
-    assert_same_ranking(
-        ranking_rows(out["ranking"], methods), ranking_rows(reference["ranking"], methods)
-    )
+    want = reference["metrics"]["methods"]
+    assert {m: pytest.approx(v) for m, v in want.items()} == metrics["methods"]
+    assert out["kfp_metrics"] == pytest.approx(kfp_metrics(metrics))
+    ranking = Path(out["ranking"])
+    assert Path(out["report_md"]).read_text() == (ranking / "report.md").read_text()
+    assert Path(out["report_html"]).read_bytes() == (ranking / "report.html").read_bytes()
+    got = pq.read_table(out["ranking_parquet"]).to_pylist()
+    want = pq.read_table(Path(reference["ranking"]) / "ranking.parquet").to_pylist()
+    assert [[r[k] for k in [*KEY, "relevant"]] for r in got] == [
+        [r[k] for k in [*KEY, "relevant"]] for r in want
+    ]
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- streaming

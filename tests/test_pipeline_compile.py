@@ -1,6 +1,6 @@
 """The KFP pipeline: compiled IR (nodes, fan-out/fan-in, GPU placement, retries, artifact
-types, caching), the committed YAML, the compile command, the rank node's UI outputs, and a
-kfp.local end-to-end run that must agree with the same nodes called in-process."""
+types, caching), the committed YAML, the compile command and the rank node's UI outputs.
+The kfp.local end-to-end run is in test_gcs_end_to_end.py, with gs:// inputs."""
 
 from __future__ import annotations
 
@@ -563,52 +563,3 @@ def test_local_parameters_are_checked(tmp_path):
         LocalRunError, match="missing required pipeline parameter\\(s\\) corpus_uri"
     ):
         check_parameters({k: "x" for k in required - {"corpus_uri"}})
-
-
-@pytest.mark.slow
-def test_local_run_matches_inprocess_nodes(tmp_path):
-    """kfp.local runs every component (ParallelFor, Collected, optional inputs) on a mini world
-    and produces exactly the ranking that calling the same nodes in-process produces."""
-    import pyarrow.parquet as pq
-    from mini_world import build
-
-    from msif.local_run import run_pipeline_locally
-    from msif.main_job import JobSettings, run_inprocess
-
-    world = build(tmp_path / "world")
-    settings = JobSettings(num_shards=2, max_length=32, batch_size=4, top_k=5, progress=False)
-    params = {
-        "pt_model_uri": world["pt_model"],
-        "ft_model_uri": world["ft_model"],
-        "corpus_uri": world["corpus"],
-        "finetune_data_uri": world["finetune"],
-        "queries_uri": world["queries"],
-        "num_shards": 2,
-        "max_length": 32,
-        "batch_size": 4,
-        "top_k": 5,
-        "accelerator_count": 0,
-        "gpu_node_selector": {},
-    }
-    out = run_pipeline_locally(params, tmp_path / "kfp")
-    metrics = json.loads(Path(out["metrics_json"]).read_text())
-    assert set(metrics["methods"]) == {"multi-stage", "single-stage", "gradient-dot", "bm25"}
-    from msif.metrics import kfp_metrics
-
-    assert out["kfp_metrics"] == pytest.approx(kfp_metrics(metrics))
-    assert Path(out["report_md"]).read_text() == (Path(out["ranking"]) / "report.md").read_text()
-    assert (
-        Path(out["report_html"]).read_bytes() == (Path(out["ranking"]) / "report.html").read_bytes()
-    )
-
-    reference = run_inprocess(
-        {k: world[k] for k in ("pt_model", "ft_model", "corpus", "finetune", "queries")},
-        tmp_path / "inprocess",
-        settings,
-    )
-    assert metrics == reference["metrics"]
-    got = pq.read_table(out["ranking_parquet"]).to_pylist()
-    want = pq.read_table(Path(reference["ranking"]) / "ranking.parquet").to_pylist()
-    key = ["method", "query_id", "rank", "doc_id", "relevant"]
-    assert [[r[k] for k in key] for r in got] == [[r[k] for k in key] for r in want]
-    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-5)

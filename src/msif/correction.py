@@ -15,7 +15,7 @@ from msif.errors import MsifError
 from msif.fingerprint import check_fingerprint, model_fingerprint
 from msif.hooks import activations_and_gradients, capture, frozen
 from msif.modules import ModuleSpec
-from msif.passes import gradient_pass
+from msif.passes import gradient_pass, model_device, sums_device
 from msif.progress import progress_bar
 
 STEM = "lambda"
@@ -104,7 +104,7 @@ def _accumulate(total: torch.Tensor, spec: ModuleSpec, a, g, q_a, q_g) -> None:
     step = max(1, CHUNK_ELEMENTS // per_seq)
     for i in range(0, a.shape[0], step):
         rotated = torch.bmm(g_rot[i : i + step].mT, a_rot[i : i + step])
-        total += rotated.square().sum(0).to("cpu", torch.float64)
+        total += rotated.square().sum(0).to(total.device)
 
 
 def fit_lambda(
@@ -119,7 +119,8 @@ def fit_lambda(
     specs = eigenbasis.specs
     check_fingerprint(eigenbasis.fingerprint, model_fingerprint(model, specs), "the eigenbasis")
     seed = eigenbasis.seed if seed is None else seed
-    sums = {k: torch.zeros(s.shape, dtype=torch.float64) for k, s in specs.items()}
+    device = sums_device(model)
+    sums = {k: torch.zeros(s.shape, dtype=torch.float64, device=device) for k, s in specs.items()}
     result = LambdaSums(
         eigenbasis.stage,
         specs,
@@ -130,6 +131,11 @@ def fit_lambda(
         seed,
         {"eigenbasis": eigenbasis_id(eigenbasis)},
     )
+    # Moved and cast once: a per-batch copy of every basis would dominate a GPU pass.
+    dev = model_device(model)
+    work = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    q_a = {k: v.to(dev, work) for k, v in eigenbasis.activation_eigvecs.items() if k in specs}
+    q_g = {k: v.to(dev, work) for k, v in eigenbasis.gradient_eigvecs.items() if k in specs}
     with frozen(model), capture(model, specs) as cap:
         for batch in progress_bar(batches, progress, f"lambda ({eigenbasis.stage})"):
             labels = gradient_pass(model, batch, cap, sample=True, seed=seed)
@@ -137,17 +143,11 @@ def fit_lambda(
             for name, spec in specs.items():
                 a, g = activations_and_gradients(cap, name)
                 a = a * real[..., None].to(a.dtype)
-                _accumulate(
-                    sums[name],
-                    spec,
-                    a,
-                    g,
-                    eigenbasis.activation_eigvecs[name],
-                    eigenbasis.gradient_eigvecs[name],
-                )
+                _accumulate(sums[name], spec, a, g, q_a[name], q_g[name])
             result.num_tokens += int((labels != -100).sum())
             result.num_sequences += int(batch["input_ids"].shape[0])
         cap.clear()
+    result.sums = {k: v.cpu() for k, v in sums.items()}
     return result
 
 

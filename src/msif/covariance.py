@@ -16,7 +16,7 @@ from msif.fingerprint import model_fingerprint
 from msif.hooks import activations_and_gradients, capture, frozen
 from msif.loss import scored_positions
 from msif.modules import ModuleSelection, ModuleSpec, find_modules
-from msif.passes import gradient_pass
+from msif.passes import gradient_pass, sums_device
 from msif.progress import progress_bar
 
 STEM = "covariance"
@@ -116,23 +116,26 @@ def _accumulate(cov: CovarianceSums, spec: ModuleSpec, a, g, mask) -> None:
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
     a_t = a[mask].to(work)
     g_t = g[mask].to(work).view(-1, spec.num_blocks, spec.block_size)
-    cov.activation[spec.name] += (a_t.T @ a_t).to("cpu", torch.float64)
+    act, grad = cov.activation[spec.name], cov.gradient[spec.name]
+    act += (a_t.T @ a_t).to(act.device)
     blocks = g_t.transpose(0, 1)  # (k, n, bs): one plain matmul per block
-    cov.gradient[spec.name] += torch.bmm(blocks.mT, blocks).to("cpu", torch.float64)
+    grad += torch.bmm(blocks.mT, blocks).to(grad.device)
 
 
 def empty_sums(
-    stage: str, specs: dict[str, ModuleSpec], fingerprint: dict, seed: int
+    stage: str,
+    specs: dict[str, ModuleSpec],
+    fingerprint: dict,
+    seed: int,
+    device: torch.device | str = "cpu",
 ) -> CovarianceSums:
-    """Zero sums for the given modules."""
+    """Zero float64 sums for the given modules."""
+    f64 = {"dtype": torch.float64, "device": device}
     return CovarianceSums(
         stage,
         specs,
-        {k: torch.zeros(s.in_dim, s.in_dim, dtype=torch.float64) for k, s in specs.items()},
-        {
-            k: torch.zeros(s.num_blocks, s.block_size, s.block_size, dtype=torch.float64)
-            for k, s in specs.items()
-        },
+        {k: torch.zeros(s.in_dim, s.in_dim, **f64) for k, s in specs.items()},
+        {k: torch.zeros(s.num_blocks, s.block_size, s.block_size, **f64) for k, s in specs.items()},
         0,
         0,
         fingerprint,
@@ -151,7 +154,7 @@ def fit_covariance(
 ) -> CovarianceSums:
     """Sum a aᵀ and g gᵀ over scored tokens, with g from labels sampled from the model."""
     specs = modules if isinstance(modules, dict) else find_modules(model, modules)
-    cov = empty_sums(stage, specs, model_fingerprint(model, specs), seed)
+    cov = empty_sums(stage, specs, model_fingerprint(model, specs), seed, sums_device(model))
     with frozen(model), capture(model, specs) as cap:
         for batch in progress_bar(batches, progress, f"covariance ({stage})"):
             labels = gradient_pass(model, batch, cap, sample=True, seed=seed)
@@ -162,4 +165,6 @@ def fit_covariance(
             cov.num_tokens += int(mask.sum())
             cov.num_sequences += int(batch["input_ids"].shape[0])
         cap.clear()
+    cov.activation = {k: v.cpu() for k, v in cov.activation.items()}
+    cov.gradient = {k: v.cpu() for k, v in cov.gradient.items()}
     return cov

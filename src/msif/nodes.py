@@ -28,7 +28,7 @@ from msif.modules import ModuleSelection
 from msif.precondition import PreconditionedQueries, precondition_queries
 from msif.score import iter_scores
 from msif.tables import TableOptions, iter_examples, require_queries, table_kind
-from msif.topk import TopK, merge_topk
+from msif.topk import RANKING_SCHEMA, TopK, merge_topk
 
 log = logging.getLogger("msif")
 
@@ -125,17 +125,36 @@ def artifact_digest(uri: str) -> str:
     return inputs_key(files={k: v.get("sha256") for k, v in files.items()})
 
 
-def _stage_batches(
-    model, tokenizer, data_uri: str, shard: int, num_shards: int, opts: RunOptions
-) -> tuple[Iterator[dict], dict]:
+def _shard_examples(
+    model,
+    tokenizer,
+    uri: str,
+    shard: int,
+    num_shards: int,
+    opts: RunOptions,
+    *,
+    corpus: bool = False,
+):
+    """Examples of one shard of a table, with its source and row range."""
     from msif.parquet_source import ParquetSource
 
     check_shard(shard, num_shards)
-    source = ParquetSource.open(data_uri)
-    kind = table_kind(source.schema, data_uri)
+    source = ParquetSource.open(uri)
+    kind = table_kind(source.schema, uri)
+    if corpus and kind != "corpus":
+        raise DataError(f"{uri} is not a corpus: it needs `id` and `text` or `input_ids`")
     start, stop = source.shard_range(shard, num_shards)
     vocab = model.get_input_embeddings().num_embeddings
     examples = iter_examples(source, tokenizer, kind, opts.table(), vocab, start, stop)
+    return examples, source, (start, stop)
+
+
+def _stage_batches(
+    model, tokenizer, data_uri: str, shard: int, num_shards: int, opts: RunOptions
+) -> tuple[Iterator[dict], dict]:
+    examples, source, (start, stop) = _shard_examples(
+        model, tokenizer, data_uri, shard, num_shards, opts
+    )
     info = {
         "data": data_uri,
         "data_fingerprint": source.fingerprint(),
@@ -341,19 +360,6 @@ class _Explained:
     scores: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
 
-def _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts):
-    from msif.parquet_source import ParquetSource
-
-    check_shard(shard, num_shards)
-    source = ParquetSource.open(corpus_uri)
-    if table_kind(source.schema, corpus_uri) != "corpus":
-        raise DataError(f"{corpus_uri} is not a corpus: it needs `id` and `text` or `input_ids`")
-    start, stop = source.shard_range(shard, num_shards)
-    vocab = model.get_input_embeddings().num_embeddings
-    examples = iter_examples(source, tokenizer, "corpus", opts.table(), vocab, start, stop)
-    return examples, source, (start, stop)
-
-
 def _explain(model, tokenizer, pq_, topk: TopK, explain_k: int, opts: RunOptions) -> _Explained:
     # A second, per-token pass over only the documents the report will show.
     wanted = sorted({d for q in range(topk.num_queries) for d, _ in topk.rows(q)[:explain_k]})
@@ -416,7 +422,9 @@ def score_node(
         return
     pq_ = PreconditionedQueries.load(local_input_dir(preconditioned_uri))
     model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
-    examples, source, rows = _corpus_batches(model, tokenizer, corpus_uri, shard, num_shards, opts)
+    examples, source, rows = _shard_examples(
+        model, tokenizer, corpus_uri, shard, num_shards, opts, corpus=True
+    )
     pending: list[Example] = []
     topk = TopK(top_k, pq_.num_queries)
     paths: dict[str, str] = {}
@@ -641,21 +649,6 @@ def _relevant(queries: pa.Table) -> dict[str, list[str]]:
             strict=True,
         )
     }
-
-
-RANKING_SCHEMA = pa.schema(
-    [
-        ("method", pa.string()),
-        ("query_id", pa.string()),
-        ("rank", pa.int32()),
-        ("doc_id", pa.string()),
-        ("score", pa.float32()),
-        ("text", pa.string()),
-        ("tokens", pa.list_(pa.string())),
-        ("token_scores", pa.list_(pa.float32())),
-        ("relevant", pa.bool_()),
-    ]
-)
 
 
 def _ranking_table(merged: dict[str, pa.Table], queries: pa.Table, corpus_uri: str) -> pa.Table:

@@ -21,6 +21,15 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def sums_device(model: nn.Module) -> torch.device:
+    """Where float64 running sums live: beside the model, so a GPU pass never syncs per batch.
+
+    MPS has no float64, so its sums stay on the CPU.
+    """
+    device = model_device(model)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def gradient_pass(
     model: nn.Module, batch: Mapping, cap: Capture, *, sample: bool = False, seed: int = 0
 ) -> torch.Tensor:

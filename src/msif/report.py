@@ -27,10 +27,11 @@ import numpy as np
 import pyarrow as pa
 
 from msif.errors import DataError
+from msif.topk import RANKING_SCHEMA
 from msif.version import __version__
 
 METHOD_ORDER = ("multi-stage", "single-stage", "gradient-dot", "bm25")
-RANKING_REQUIRED = ("method", "query_id", "rank", "doc_id", "score")
+RANKING_REQUIRED = RANKING_SCHEMA.names[:5]  # text, tokens, scores and flags may be absent
 QUERIES_REQUIRED = ("id", "prompt", "completion")
 HTML_TOKENS = 256  # tokens shown per document in HTML (a window around the strongest token)
 MD_TOKENS = 120

@@ -748,15 +748,17 @@ def _verify_tree(root: Path, manifest: dict, uri: str) -> None:
             )
 
 
+def cache_home() -> Path:
+    """msif's cache directory (worlds, downloads): $MSIF_CACHE, else $XDG_CACHE_HOME/msif."""
+    if os.environ.get("MSIF_CACHE"):
+        return Path(os.environ["MSIF_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "msif"
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The local download cache: cache_dir, $MSIF_CACHE_DIR, or ~/.cache/msif."""
-    if cache_dir is not None:
-        root = Path(cache_dir)
-    elif os.environ.get("MSIF_CACHE_DIR"):
-        root = Path(os.environ["MSIF_CACHE_DIR"])
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = Path(base) / "msif"
+    """The local download cache: cache_dir, else cache_home(); created if missing."""
+    root = Path(cache_dir) if cache_dir is not None else cache_home()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -30,6 +30,22 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
+# One row per (method, query, rank) of the merged rankings that `rank` writes and the report reads.
+RANKING_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("query_id", pa.string()),
+        ("rank", pa.int32()),
+        ("doc_id", pa.string()),
+        ("score", pa.float32()),
+        ("text", pa.string()),
+        ("tokens", pa.list_(pa.string())),
+        ("token_scores", pa.list_(pa.float32())),
+        ("relevant", pa.bool_()),
+    ]
+)
+
+
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise DataError(f"top-k needs k >= 1, got {k!r}")

@@ -86,9 +86,10 @@ class WorldPaths:
 
 
 def default_cache_dir() -> Path:
-    """$MSIF_CACHE, else ~/.cache/msif."""
-    env = os.environ.get("MSIF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "msif"
+    """Where worlds are cached: msif.storage.cache_home() ($MSIF_CACHE or ~/.cache/msif)."""
+    from msif.storage import cache_home
+
+    return cache_home()
 
 
 def world_dir(config: WorldConfig, cache_dir: str | Path | None = None) -> Path:
