@@ -11,8 +11,9 @@ from tiny import make_batches, perturbed, random_examples, tiny_model
 from torch import nn
 
 import msif
-from msif.factors import Damping, Factors
+from msif.factors import Damping, Factors, change_of_basis
 from msif.modules import ModuleSelection
+from msif.precondition import rotate_tokens_first, summed_gradients
 
 
 def fit_factors(model, data, stage, selection=None, seed=0):
@@ -85,6 +86,51 @@ def test_block_inverse_equals_dense_inverse_and_leaves_factors_untouched(blocks)
     torch.testing.assert_close(got, dense_solve(factors, "m", v, 0.3), rtol=1e-10, atol=1e-10)
     assert torch.equal(factors.inverse_apply("m", v, 0.3), got)
     assert torch.equal(factors.lambdas["m"], before["m"])
+
+
+def _random_factors(stage, spec, gen):
+    blocks, bs = spec.num_blocks, spec.block_size
+    return Factors(
+        stage,
+        {spec.name: spec},
+        {spec.name: _random_orthogonal(spec.in_dim, gen)},
+        {spec.name: torch.stack([_random_orthogonal(bs, gen) for _ in range(blocks)])},
+        {spec.name: torch.rand(spec.out_features, spec.in_dim, generator=gen, dtype=torch.float64)},
+        1,
+        1,
+        {},
+        0,
+    )
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_eigenbasis_routes_and_change_of_basis_equal_dense_rotations(blocks):
+    gen = torch.Generator().manual_seed(5)
+    spec = msif.ModuleSpec("m", "linear", 4, 2 * blocks, True, 2)
+    ft, pt = _random_factors("ft", spec, gen), _random_factors("pt", spec, gen)
+    q = kron_basis(ft, "m")  # columns: vec(Q_G e_i e_jᵀ Q_Aᵀ), row-major like reshape
+    a = torch.randn(3, 7, spec.in_dim, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 7, spec.out_features, generator=gen, dtype=torch.float64)
+    dense = torch.bmm(g.mT, a)
+    want = (dense.reshape(3, -1) @ q).reshape(dense.shape)
+    for route in ("tokens", "sum", "auto"):
+        got = summed_gradients(spec, a, g, ft, route)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ft.from_eigenbasis("m", want), dense, rtol=1e-12, atol=1e-12)
+    r = torch.randn(4, spec.out_features, spec.in_dim, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        change_of_basis(ft, pt, "m", r),
+        pt.to_eigenbasis("m", ft.from_eigenbasis("m", r)),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_tokens_are_rotated_first_only_when_that_is_cheaper():
+    wide = msif.ModuleSpec("m", "linear", 512, 2048, False, 2048)  # out·in'·(bs+in') ≈ 2.7e9
+    assert rotate_tokens_first(wide, 64)  # 64·(2048² + 512²) ≈ 2.9e8
+    assert not rotate_tokens_first(wide, 1024)  # ≈ 4.6e9
+    assert not rotate_tokens_first(msif.ModuleSpec("m", "linear", 4, 4, True, 4), 8)
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -96,6 +96,13 @@ def rotate_output(g: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...kb,kbc->...kc", gb, q_g).reshape(g.shape)
 
 
+def rotate_rows(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal matrix (k, bs, bs) times x (..., k·bs, in'), as batched matmuls."""
+    k, bs, _ = blocks.shape
+    rows = x.reshape(*x.shape[:-2], k, bs, x.shape[-1])
+    return torch.matmul(blocks, rows).reshape(x.shape)
+
+
 def _accumulate(total: torch.Tensor, spec: ModuleSpec, a, g, q_a, q_g) -> None:
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
     a_rot = a.to(work) @ q_a.to(a.device, work)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from msif.correction import LambdaSums, eigenbasis_id, reduce_lambda, rotate_output
+from msif.correction import LambdaSums, eigenbasis_id, reduce_lambda, rotate_rows
 from msif.covariance import header, specs_from_meta
 from msif.eigen import Eigenbasis
 from msif.errors import MismatchError, MsifError
@@ -130,14 +130,34 @@ class Factors:
         """The λ this module gets under a damping rule."""
         return damping.value(self.lambdas[name])
 
+    def to_eigenbasis(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """Q_Gᵀ v Q_A for v (..., out, in'): v in the module's Kronecker eigenbasis."""
+        q_a, q_g = self._basis(name, v)
+        return rotate_rows(q_g.mT, v @ q_a)
+
+    def from_eigenbasis(self, name: str, r: torch.Tensor) -> torch.Tensor:
+        """Q_G r Q_Aᵀ: back from eigenbasis coordinates to weight coordinates."""
+        q_a, q_g = self._basis(name, r)
+        return rotate_rows(q_g, r) @ q_a.T
+
+    def divide(self, name: str, r: torch.Tensor, lambda_: float) -> torch.Tensor:
+        """r / (Λ + λ): the damped inverse in eigenbasis coordinates."""
+        return r / (self.lambdas[name].to(r.device, r.dtype) + lambda_)
+
     def inverse_apply(self, name: str, v: torch.Tensor, lambda_: float) -> torch.Tensor:
         """(F + λI)⁻¹ v for a module; v is (..., out, in'); the factors are left untouched."""
-        q_a = self.activation_eigvecs[name].to(v.device, v.dtype)
-        q_g = self.gradient_eigvecs[name].to(v.device, v.dtype)
-        lam = self.lambdas[name].to(v.device, v.dtype)
-        rotated = rotate_output((v @ q_a).transpose(-1, -2), q_g).transpose(-1, -2)
-        rotated = rotated / (lam + lambda_)
-        return (
-            rotate_output(rotated.transpose(-1, -2), q_g.transpose(-1, -2)).transpose(-1, -2)
-            @ q_a.T
-        )
+        return self.from_eigenbasis(name, self.divide(name, self.to_eigenbasis(name, v), lambda_))
+
+    def _basis(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q_a = self.activation_eigvecs[name].to(like.device, like.dtype)
+        return q_a, self.gradient_eigvecs[name].to(like.device, like.dtype)
+
+
+def change_of_basis(src: Factors, dst: Factors, name: str, r: torch.Tensor) -> torch.Tensor:
+    """dst's eigenbasis coordinates of what is r in src's: (Q_G'ᵀ Q_G) r (Q_Aᵀ Q_A').
+
+    Equal to dst.to_eigenbasis(src.from_eigenbasis(r)) at the cost of one rotation, not two.
+    """
+    q_a, q_g = src._basis(name, r)
+    q_a2, q_g2 = dst._basis(name, r)
+    return rotate_rows(q_g2.mT @ q_g, r) @ (q_a.T @ q_a2)

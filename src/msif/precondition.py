@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from msif.correction import rotate_output
 from msif.errors import MismatchError, MsifError
-from msif.factors import Damping, Factors
+from msif.factors import Damping, Factors, change_of_basis
 from msif.fingerprint import check_fingerprint, model_fingerprint
 from msif.hooks import activations_and_gradients, capture, frozen
 from msif.modules import ModuleSelection, ModuleSpec, find_modules
@@ -102,21 +103,53 @@ def query_gradients(
     batches: Iterable[Mapping[str, torch.Tensor]],
     specs: dict[str, ModuleSpec],
     *,
+    basis: Factors | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-query gradients of the completion loss, (Q, out, in') per module, true labels."""
+    """Per-query gradients of the completion loss, (Q, out, in') per module, true labels.
+
+    With a basis they come in that stage's Kronecker eigenbasis, Q_Gᵀ ∇ℓ Q_A.
+    """
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in specs}
     with frozen(model), capture(model, specs) as cap:
         for batch in progress_bar(batches, progress, "query gradients"):
             gradient_pass(model, batch, cap)
-            for name in specs:
+            for name, spec in specs.items():
                 a, g = activations_and_gradients(cap, name)
                 work = torch.float64 if a.dtype == torch.float64 else torch.float32
-                parts[name].append(torch.bmm(g.to(work).mT, a.to(work)))
+                parts[name].append(summed_gradients(spec, a.to(work), g.to(work), basis))
         cap.clear()
     if not parts or not next(iter(parts.values())):
         raise MsifError("no queries were given")
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def rotate_tokens_first(spec: ModuleSpec, tokens: int) -> bool:
+    """Whether rotating every token's a and g costs less than rotating the summed gradient.
+
+    A query's gradient Σ_t g_t a_tᵀ has rank ≤ tokens, so for short queries on wide modules
+    T·(out·bs + in'²) multiply-adds beat out·in'·(bs + in').
+    """
+    o, i, bs = spec.out_features, spec.in_dim, spec.block_size
+    return tokens * (o * bs + i * i) < o * i * (bs + i)
+
+
+def summed_gradients(
+    spec: ModuleSpec, a: torch.Tensor, g: torch.Tensor, basis: Factors | None, route: str = "auto"
+) -> torch.Tensor:
+    """Σ_t g_t a_tᵀ per sequence (B, out, in'), in basis's eigenbasis when one is given.
+
+    route: "auto" (the cheaper), "tokens" (rotate a and g, then sum) or "sum" (the reverse).
+    """
+    if basis is None:
+        return torch.bmm(g.mT, a)
+    if route == "auto":
+        route = "tokens" if rotate_tokens_first(spec, a.shape[1]) else "sum"
+    if route == "tokens":
+        q_a = basis.activation_eigvecs[spec.name].to(a.device, a.dtype)
+        q_g = basis.gradient_eigvecs[spec.name].to(a.device, a.dtype)
+        return torch.bmm(rotate_output(g, q_g).mT, a @ q_a)
+    return basis.to_eigenbasis(spec.name, torch.bmm(g.mT, a))
 
 
 def _common_specs(specs: dict[str, ModuleSpec], *factor_sets: Factors | None):
@@ -191,7 +224,9 @@ def precondition_queries(
         specs = find_modules(model, modules)
         fp = model_fingerprint(model, specs)
     specs, left_out = _common_specs(specs, *need)
-    grads = query_gradients(model, batches, specs, progress=progress)
+    # Preconditioned queries start in the fine-tune eigenbasis, where (F_ft + αI)⁻¹ is diagonal.
+    basis = ft_factors if method != "gradient-dot" else None
+    grads = query_gradients(model, batches, specs, basis=basis, progress=progress)
     ids = list(query_ids)
     if len(ids) != next(iter(grads.values())).shape[0]:
         raise MsifError(f"{len(ids)} query ids for {next(iter(grads.values())).shape[0]} queries")
@@ -203,11 +238,14 @@ def precondition_queries(
             rule = Damping(damping.factor, alpha) if alpha is not None else damping
             lam = ft_factors.damping_for(name, rule)
             out.damping["ft"][name] = lam
-            w = ft_factors.inverse_apply(name, w, lam)
+            w = ft_factors.divide(name, w, lam)
         if method == "multi-stage":
             lam = pt_factors.damping_for(name, damping)
             out.damping["pt"][name] = lam
-            w = pt_factors.inverse_apply(name, w, lam)
+            w = change_of_basis(ft_factors, pt_factors, name, w)
+            w = pt_factors.from_eigenbasis(name, pt_factors.divide(name, w, lam))
+        elif method == "single-stage":
+            w = ft_factors.from_eigenbasis(name, w)
         if rank:
             out.lowrank[name] = low_rank(w, rank)
         else:
