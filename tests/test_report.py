@@ -18,22 +18,10 @@ from msif.report import (
     token_window,
     write_report,
 )
+from msif.topk import RANKING_SCHEMA
 from msif.version import __version__
 
 PLANT = "<script>alert('x')</script>"
-RANKING_SCHEMA = pa.schema(
-    [
-        ("method", pa.string()),
-        ("query_id", pa.string()),
-        ("rank", pa.int32()),
-        ("doc_id", pa.string()),
-        ("score", pa.float32()),
-        ("text", pa.string()),
-        ("tokens", pa.list_(pa.string())),
-        ("token_scores", pa.list_(pa.float32())),
-        ("relevant", pa.bool_()),
-    ]
-)
 TOKENS = ["<bos>", "Paris", "is", "the", "capital"]
 TOKEN_SCORES = [0.0, 0.75, -0.375, 0.03125, 0.1875]  # binary fractions: exact in float32
 
