@@ -59,7 +59,8 @@ def sample_labels(
                 continue
             real = attention_mask[n].bool()
             s = sequence_seed(seed, input_ids[n][real], labels[n][real])
-            gen = torch.Generator(device=logits.device).manual_seed(s)
+            # Uniforms drawn on the CPU: a CUDA generator would give GPU shards other labels.
+            gen = torch.Generator().manual_seed(s)
             probs = torch.softmax(logits[n, pos].double(), dim=-1)
             draw = _inverse_cdf_draw(probs, gen)
             sampled[n, pos + 1] = draw
@@ -69,5 +70,5 @@ def sample_labels(
 def _inverse_cdf_draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One categorical draw per row by inverse CDF (torch.multinomial is slow on wide rows)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=probs.dtype, device=probs.device)
+    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64).to(probs)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
