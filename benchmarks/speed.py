@@ -105,6 +105,8 @@ def main(argv=None) -> list[tuple[str, float]]:
         help="torch threads (1: the shared 2-core machines are erratic with more)",
     )
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device")
     torch.set_num_threads(args.threads)
     if args.quick:
         args.hidden, args.layers, args.seq, args.batches, args.repeat = 16, 1, 16, 1, 1
