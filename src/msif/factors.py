@@ -132,12 +132,12 @@ class Factors:
 
     def to_eigenbasis(self, name: str, v: torch.Tensor) -> torch.Tensor:
         """Q_Gᵀ v Q_A for v (..., out, in'): v in the module's Kronecker eigenbasis."""
-        q_a, q_g = self._basis(name, v)
+        q_a, q_g = self.eigenvectors(name, v)
         return rotate_rows(q_g.mT, v @ q_a)
 
     def from_eigenbasis(self, name: str, r: torch.Tensor) -> torch.Tensor:
         """Q_G r Q_Aᵀ: back from eigenbasis coordinates to weight coordinates."""
-        q_a, q_g = self._basis(name, r)
+        q_a, q_g = self.eigenvectors(name, r)
         return rotate_rows(q_g, r) @ q_a.T
 
     def divide(self, name: str, r: torch.Tensor, lambda_: float) -> torch.Tensor:
@@ -148,7 +148,8 @@ class Factors:
         """(F + λI)⁻¹ v for a module; v is (..., out, in'); the factors are left untouched."""
         return self.from_eigenbasis(name, self.divide(name, self.to_eigenbasis(name, v), lambda_))
 
-    def _basis(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eigenvectors(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q_A (in', in') and block-diagonal Q_G (k, bs, bs) on like's device and dtype."""
         q_a = self.activation_eigvecs[name].to(like.device, like.dtype)
         return q_a, self.gradient_eigvecs[name].to(like.device, like.dtype)
 
@@ -158,6 +159,6 @@ def change_of_basis(src: Factors, dst: Factors, name: str, r: torch.Tensor) -> t
 
     Equal to dst.to_eigenbasis(src.from_eigenbasis(r)) at the cost of one rotation, not two.
     """
-    q_a, q_g = src._basis(name, r)
-    q_a2, q_g2 = dst._basis(name, r)
+    q_a, q_g = src.eigenvectors(name, r)
+    q_a2, q_g2 = dst.eigenvectors(name, r)
     return rotate_rows(q_g2.mT @ q_g, r) @ (q_a.T @ q_a2)

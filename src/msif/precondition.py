@@ -146,8 +146,7 @@ def summed_gradients(
     if route == "auto":
         route = "tokens" if rotate_tokens_first(spec, a.shape[1]) else "sum"
     if route == "tokens":
-        q_a = basis.activation_eigvecs[spec.name].to(a.device, a.dtype)
-        q_g = basis.gradient_eigvecs[spec.name].to(a.device, a.dtype)
+        q_a, q_g = basis.eigenvectors(spec.name, a)
         return torch.bmm(rotate_output(g, q_g).mT, a @ q_a)
     return basis.to_eigenbasis(spec.name, torch.bmm(g.mT, a))
 
