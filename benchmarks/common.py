@@ -68,6 +68,27 @@ def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
+def interleaved_best_times(
+    passes: list[tuple[str, Callable[[], object]]], repeat: int = 3
+) -> dict[str, float]:
+    """Fastest wall-clock time of each pass, the passes taking turns in every round.
+
+    Taking turns puts a busy or quiet moment of a shared machine on all passes alike, so
+    ratios between them hold better than with one pass's repeats after another's.
+    """
+    for _, fn in passes:  # warm-up
+        fn()
+    _sync()
+    best = {name: float("inf") for name, _ in passes}
+    for _ in range(repeat):
+        for name, fn in passes:
+            start = time.perf_counter()
+            fn()
+            _sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def machine() -> str:
     """One line describing where the numbers were taken."""
     import os

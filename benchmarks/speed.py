@@ -16,7 +16,13 @@ import argparse
 import torch
 
 import msif
-from benchmarks.common import best_time, machine, neox, token_batches, token_examples
+from benchmarks.common import (
+    interleaved_best_times,
+    machine,
+    neox,
+    token_batches,
+    token_examples,
+)
 from msif.data import batches
 from msif.loss import sequence_losses
 from msif.passes import model_device, to_device
@@ -45,25 +51,15 @@ def run(args) -> list[tuple[str, float]]:
     ]
     tokens = args.batch * args.batches * args.seq
     args.params = sum(p.numel() for p in model.parameters())
-    rows = [
-        (
-            "training step (fwd+bwd)",
-            tokens / best_time(lambda: train_step(model, data), args.repeat),
-        )
-    ]
     cov = msif.fit_covariance(model, data)
-    rows.append(
-        (
-            "covariance fit",
-            tokens / best_time(lambda: msif.fit_covariance(model, data), args.repeat),
-        )
-    )
     basis = msif.eigendecompose(cov)
-    rows.append(
-        ("Λ fit", tokens / best_time(lambda: msif.fit_lambda(model, data, basis), args.repeat))
-    )
     factors = msif.Factors.build(basis, msif.fit_lambda(model, data, basis))
     factors.stage = "ft"
+    passes = [
+        ("training step (fwd+bwd)", lambda: train_step(model, data)),
+        ("covariance fit", lambda: msif.fit_covariance(model, data)),
+        ("Λ fit", lambda: msif.fit_lambda(model, data, basis)),
+    ]
     for q in args.queries:
         qs = token_examples(q, args.seq // 2, args.vocab, 1, prompt=args.seq // 4)
         for rank in (0, 32):
@@ -78,8 +74,9 @@ def run(args) -> list[tuple[str, float]]:
             name = f"scoring, {q} quer{'y' if q == 1 else 'ies'}" + (
                 f", rank {rank}" if rank else ", full"
             )
-            t = best_time(lambda pre=pre: msif.score(model, data, pre), args.repeat)
-            rows.append((name, tokens / t))
+            passes.append((name, lambda pre=pre: msif.score(model, data, pre)))
+    best = interleaved_best_times(passes, args.repeat)
+    rows = [(name, tokens / best[name]) for name, _ in passes]
     return rows
 
 
@@ -96,7 +93,7 @@ def main(argv=None) -> list[tuple[str, float]]:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--queries", type=int, nargs="+", default=[1, 16, 256])
     p.add_argument(
         "--threads",
@@ -117,7 +114,8 @@ def main(argv=None) -> list[tuple[str, float]]:
     print(
         f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
         f"{args.params / 1e6:.1f} M parameters, {args.dtype} on {args.device}; "
-        f"batch {args.batch} x {args.seq} tokens, {args.batches} batches"
+        f"batch {args.batch} x {args.seq} tokens, {args.batches} batches; "
+        f"best of {args.repeat} interleaved rounds"
     )
     print("| pass | tokens/s | ÷ training step |\n|---|---:|---:|")
     for name, tps in rows:

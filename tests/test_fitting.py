@@ -11,7 +11,7 @@ from tiny import make_batches, perturbed, random_examples, tiny_model
 
 import msif
 from msif.correction import LambdaSums
-from msif.covariance import CovarianceSums
+from msif.covariance import CovarianceSums, gram
 from msif.data import collate
 from msif.errors import MismatchError, MsifError
 from msif.hooks import capture, frozen
@@ -308,3 +308,10 @@ def test_sampled_labels_follow_the_model_distribution():
         counts[1, drawn[0, 2]] += 1
     expected = torch.softmax(logits[0, :2], -1)
     assert (counts / 4000 - expected).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (40, 300), (3, 33, 517)])
+def test_gram_equals_the_plain_product(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = gram(x, leaf=64)  # 300 and 517 recurse three levels down
+    torch.testing.assert_close(got, x.mT @ x, rtol=1e-12, atol=1e-12)
