@@ -55,19 +55,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Fastest of `repeat` wall-clock runs (after one warm-up)."""
-    fn()
-    _sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def interleaved_best_times(
     passes: list[tuple[str, Callable[[], object]]], repeat: int = 3
 ) -> dict[str, float]:
@@ -87,6 +74,11 @@ def interleaved_best_times(
             _sync()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def best_time(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Fastest of `repeat` wall-clock runs (after one warm-up)."""
+    return interleaved_best_times([("", fn)], repeat)[""]
 
 
 def machine() -> str:

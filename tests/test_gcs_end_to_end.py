@@ -23,6 +23,7 @@ from mini_world import WORDS, build
 from msif import storage
 from msif.storage import is_complete, join, local_input_dir
 from msif.testing import DEFAULT_BUCKET
+from msif.testing.memcheck import reset_peak
 
 TRIM = os.environ.get("MSIF_TRIM") == "1"
 KEY = ["method", "query_id", "rank", "doc_id"]
@@ -237,23 +238,19 @@ def test_kfp_local_with_gs_inputs_gives_the_inprocess_run(gs_world, world, tmp_p
 
 _MEASURE_CHILD = """
 import json, sys
-from pathlib import Path
 import torch
 from msif.cli import main
+from msif.testing.memcheck import reset_peak, status_kib
 torch.set_num_threads(1)
 model, pre, warm, corpus, out, *common = sys.argv[1:]
 def score(data, dest):
     argv = ["score", "--model", model, "--corpus", data, "--preconditioned", pre]
     assert main([*argv, "--top-k", "5", "--out", dest, *common]) == 0
-def kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
 score(warm, out + "-warm")  # every lazy import and one-off allocation happens here
-Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
-before = kib("VmRSS")
+assert reset_peak()
+before = status_kib("VmRSS")
 score(corpus, out)
-print(json.dumps({"peak_growth_kib": kib("VmHWM") - before}))
+print(json.dumps({"peak_growth_kib": status_kib("VmHWM") - before}))
 """
 
 FILLER_BYTES = 16 << 10  # per document; the tail past max-length is read, then truncated
@@ -274,16 +271,7 @@ def filler_corpus(path: Path, num_docs: int, seed: int) -> int:
     return sum(len(t) for t in texts)
 
 
-def _peak_resettable() -> bool:
-    # Linux: writing 5 to clear_refs resets VmHWM, so a child can measure one phase's peak.
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _peak_resettable(), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.skipif(not reset_peak(), reason="needs Linux /proc/self/clear_refs")
 def test_scoring_a_gs_corpus_streams_in_flat_memory(gs_world, tmp_path):
     """Peak RSS growth of `msif score` over a gs:// corpus 8× larger stays nearly the same."""
     prefix = fresh_prefix("stream")

@@ -15,7 +15,7 @@ from msif.errors import MsifError
 from msif.fingerprint import check_fingerprint, model_fingerprint
 from msif.hooks import activations_and_gradients, capture, frozen
 from msif.modules import ModuleSpec
-from msif.passes import gradient_pass, model_device, sums_device
+from msif.passes import gradient_pass, model_device, sums_device, work_dtype
 from msif.progress import progress_bar
 
 STEM = "lambda"
@@ -104,7 +104,7 @@ def rotate_rows(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate(total: torch.Tensor, spec: ModuleSpec, a, g, q_a, q_g) -> None:
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    work = work_dtype(a.dtype)
     a_rot = a.to(work) @ q_a.to(a.device, work)
     g_rot = rotate_output(g.to(work), q_g.to(a.device, work))
     per_seq = spec.out_features * spec.in_dim
@@ -140,7 +140,7 @@ def fit_lambda(
     )
     # Moved and cast once: a per-batch copy of every basis would dominate a GPU pass.
     dev = model_device(model)
-    work = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    work = work_dtype(next(model.parameters()).dtype)
     q_a = {k: v.to(dev, work) for k, v in eigenbasis.activation_eigvecs.items() if k in specs}
     q_g = {k: v.to(dev, work) for k, v in eigenbasis.gradient_eigvecs.items() if k in specs}
     with frozen(model), capture(model, specs) as cap:

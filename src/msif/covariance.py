@@ -16,7 +16,7 @@ from msif.fingerprint import model_fingerprint
 from msif.hooks import activations_and_gradients, capture, frozen
 from msif.loss import scored_positions
 from msif.modules import ModuleSelection, ModuleSpec, find_modules
-from msif.passes import gradient_pass, sums_device
+from msif.passes import gradient_pass, sums_device, work_dtype
 from msif.progress import progress_bar
 
 STEM = "covariance"
@@ -133,7 +133,7 @@ def gram(x: torch.Tensor, leaf: int = 256) -> torch.Tensor:
 
 
 def _accumulate(cov: CovarianceSums, spec: ModuleSpec, a, g, mask) -> None:
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    work = work_dtype(a.dtype)
     # Small blocks pay off on CPU; a GPU's matmuls want larger ones.
     leaf = 256 if a.device.type == "cpu" else 1024
     a_t = a[mask].to(work)

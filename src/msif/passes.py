@@ -21,6 +21,12 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision per-batch statistics are computed in: float64 for float64 models, else
+    float32 (half-precision activations are upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def sums_device(model: nn.Module) -> torch.device:
     """Where float64 running sums live: beside the model, so a GPU pass never syncs per batch.
 

@@ -15,7 +15,7 @@ from msif.factors import Damping, Factors, change_of_basis
 from msif.fingerprint import check_fingerprint, model_fingerprint
 from msif.hooks import activations_and_gradients, capture, frozen
 from msif.modules import ModuleSelection, ModuleSpec, find_modules
-from msif.passes import gradient_pass
+from msif.passes import gradient_pass, work_dtype
 from msif.progress import progress_bar
 
 STEM = "queries"
@@ -116,7 +116,7 @@ def query_gradients(
             gradient_pass(model, batch, cap)
             for name, spec in specs.items():
                 a, g = activations_and_gradients(cap, name)
-                work = torch.float64 if a.dtype == torch.float64 else torch.float32
+                work = work_dtype(a.dtype)
                 parts[name].append(summed_gradients(spec, a.to(work), g.to(work), basis))
         cap.clear()
     if not parts or not next(iter(parts.values())):

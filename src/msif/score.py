@@ -13,7 +13,7 @@ from msif.errors import MismatchError
 from msif.fingerprint import check_fingerprint, model_fingerprint
 from msif.hooks import activations_and_gradients, capture, frozen
 from msif.modules import ModuleSpec, matching_specs
-from msif.passes import gradient_pass
+from msif.passes import gradient_pass, work_dtype
 from msif.precondition import PreconditionedQueries
 from msif.progress import progress_bar
 
@@ -114,7 +114,7 @@ def _score_batch(model, batch, queries, specs, cap, per_token, path, dense_cache
     total = None
     for name, spec in specs.items():
         a, g = activations_and_gradients(cap, name)
-        work = torch.float64 if a.dtype == torch.float64 else torch.float32
+        work = work_dtype(a.dtype)
         # Padding needs no mask here: its output gradient g is exactly zero.
         a, g = a.to(work), g.to(work)
         chosen = choose_path(spec, queries, b, t, per_token, path)

@@ -21,7 +21,8 @@ ROW_GROUP = 1000
 TEXT_BYTES = 1000
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A /proc/self/status field in KiB (VmRSS, VmHWM), None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -31,8 +32,9 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_peak() -> bool:
-    # Writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS on Linux.
+def reset_peak() -> bool:
+    """Reset VmHWM (the peak RSS) to the current RSS (Linux); False where unsupported."""
+    # Writing 5 to clear_refs is the Linux interface for it.
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -46,15 +48,15 @@ def stream_peak_growth(uri: str, batch_rows: int = 256) -> dict:
 
     source = ParquetSource.open(uri)
     columns = [c for c in ("id", "text") if c in source.schema.names]
-    exact = _reset_peak()
-    before = _status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    exact = reset_peak()
+    before = status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     rows = chars = 0
     for batch in source.iter_batches(columns, batch_rows=batch_rows):
         rows += batch.num_rows
         chars += sum(len(t) for t in batch.column(columns[-1]).to_pylist())
     seconds = time.perf_counter() - started
-    peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "uri": uri,
         "rows": rows,
