@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from msif.data import collate
-from msif.loss import sample_labels, sequence_losses
+from msif.data import Example, collate
+from msif.loss import IGNORE, sample_labels, sequence_losses
 from msif.modules import resolve, weight_gradient
 
 
 def per_example_gradients(model, examples, specs, *, sample=False, seed=0):
-    """{module: (N, out, in')} from one autograd backward per example."""
+    """{module: (N, out, in')} from one autograd backward per example.
+
+    Each example is right-padded to the longest one, as in a batch of all of them: BLOOM takes
+    its attention softmax in float32, whose rounding depends on the row length on some CPUs.
+    """
+    length = max(len(e.input_ids) for e in examples)
     modules = resolve(model, specs.values())
     grads = {k: [] for k in specs}
     params = list(model.parameters())
@@ -19,7 +24,10 @@ def per_example_gradients(model, examples, specs, *, sample=False, seed=0):
         p.requires_grad_(True)
     try:
         for e in examples:
-            batch = collate([e], 0)
+            pad = length - len(e.input_ids)
+            padded = Example(e.id, e.input_ids + [0] * pad, e.labels + [IGNORE] * pad)
+            batch = collate([padded], 0)
+            batch["attention_mask"][0, len(e.input_ids) :] = 0
             model.zero_grad(set_to_none=True)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             labels = batch["labels"]
