@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from msif.data import Example, batches
+from msif.data.examples import Example, batches
 
 
 def neox(

@@ -38,11 +38,11 @@ import torch
 import msif
 from benchmarks.common import machine
 from benchmarks.sensitivity import fit, load_world
-from msif.bm25 import BM25Index
-from msif.data import Example, batches, collate
+from msif.core.loss import sequence_losses
+from msif.data.examples import Example, batches, collate
+from msif.ekfac.factors import Damping
 from msif.errors import MsifError
-from msif.factors import Damping
-from msif.loss import sequence_losses
+from msif.evaluation.bm25 import BM25Index
 from msif.world import (
     Document,
     Fact,

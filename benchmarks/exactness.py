@@ -6,7 +6,7 @@ A tiny float64 GPT-NeoX is briefly pre-trained on random token documents (θ_pt,
 predictive distribution is not uniform) and a perturbed copy stands in for θ_ft. The exact
 reference builds, per tracked module, the dense Fisher F = mean over sequences of
 vec(DW_n) vec(DW_n)ᵀ from one autograd backward per sequence with the *same* sampled labels
-msif uses (msif.loss.sample_labels seeds each sequence by its content), i.e. the true Fisher
+msif uses (msif.core.loss.sample_labels seeds each sequence by its content), i.e. the true Fisher
 restricted to the module's block, and solves with it:
 
   exact multi-stage S = Σ_modules ⟨(F_pt + λ_pt I)⁻¹ (F_ft + α I)⁻¹ ∇ℓ(q, θ_ft), ∇ℓ(z, θ_pt)⟩
@@ -28,10 +28,10 @@ import torch
 import msif
 from benchmarks.common import machine, neox
 from benchmarks.stats import pearson, spearman
-from msif.data import Example, batches, collate
-from msif.loss import sample_labels, sequence_losses
-from msif.modules import ModuleSpec, resolve, weight_gradient
-from msif.precondition import PreconditionedQueries
+from msif.attribution.precondition import PreconditionedQueries
+from msif.core.loss import sample_labels, sequence_losses
+from msif.core.modules import ModuleSpec, resolve, weight_gradient
+from msif.data.examples import Example, batches, collate
 
 SEED = 0  # Fisher label seed for msif's fits and for the exact reference
 

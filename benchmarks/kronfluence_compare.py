@@ -36,8 +36,8 @@ from torch.utils.data import Dataset
 import msif
 from benchmarks.common import machine, neox, token_examples
 from benchmarks.stats import pearson, relative_error, spearman, stopwatch
-from msif.data import Example, batches, collate
-from msif.loss import IGNORE, sample_labels, scored_positions, sequence_losses
+from msif.core.loss import IGNORE, sample_labels, scored_positions, sequence_losses
+from msif.data.examples import Example, batches, collate
 
 INSTALL_HINT = (
     "pip install -c constraints.txt --no-deps kronfluence==1.0.1 accelerate einops einconv "

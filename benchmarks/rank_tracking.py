@@ -12,7 +12,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import msif
-from msif.data import Example, batches
+from msif.data.examples import Example, batches
 
 
 def _model(seed: int, hidden: int) -> GPTNeoXForCausalLM:

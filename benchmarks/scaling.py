@@ -33,7 +33,7 @@ import torch
 
 import msif
 from benchmarks.common import best_time, machine, neox, token_batches, token_examples
-from msif.data import Example, batches, collate
+from msif.data.examples import Example, batches, collate
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent

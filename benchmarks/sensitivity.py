@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import torch
 
 import msif
-from msif.data import batches, tokenize_documents, tokenize_prompt_completion
-from msif.factors import Damping
+from msif.data.examples import batches, tokenize_documents, tokenize_prompt_completion
+from msif.data.models import load_model
+from msif.ekfac.factors import Damping
+from msif.evaluation.metrics import evaluate_rankings
 from msif.main_job import build_world_paths
-from msif.metrics import evaluate_rankings
-from msif.models import load_model
 
 
 def load_world(preset: str, max_length: int = 64):

@@ -23,9 +23,9 @@ from benchmarks.common import (
     token_batches,
     token_examples,
 )
-from msif.data import batches
-from msif.loss import sequence_losses
-from msif.passes import model_device, to_device
+from msif.core.loss import sequence_losses
+from msif.core.passes import model_device, to_device
+from msif.data.examples import batches
 
 
 def train_step(model, data) -> None:

@@ -22,14 +22,14 @@ def rank(
     report_html: Output[HTML],
 ):
     """`msif rank`, then its metrics and reports as the KFP UI's Metrics/Markdown/HTML."""
-    # Only msif.cli and msif.metrics here: in a pod, kfp's runtime-only `dsl` cannot define
-    # components, so importing msif.components would fail.
+    # Only msif.cli and msif.evaluation.metrics here: in a pod, kfp's runtime-only `dsl`
+    # cannot define components, so importing msif.components would fail.
     import json
     import shutil
     from pathlib import Path
 
     from msif.cli import main
-    from msif.metrics import kfp_metrics
+    from msif.evaluation.metrics import kfp_metrics
 
     shards = [*multi_stage_scores, *single_stage_scores, *gradient_dot_scores, bm25_scores]
     argv = ["rank", "--scores", *[s.path for s in shards]]

@@ -17,7 +17,7 @@ from msif.testing import gcs_emulator as start_emulator
 def gcs_emulator() -> Emulator:
     """A real gcp-storage-emulator process for the session, with bucket `msif-test`.
 
-    Sets STORAGE_EMULATOR_HOST (so msif.storage talks to it) and a short retry base delay for
+    Sets STORAGE_EMULATOR_HOST (so msif.storage.gcs talks to it) and a short retry base delay for
     as long as the session runs. Downloads share $MSIF_CACHE: they are keyed by content hash.
     """
     with pytest.MonkeyPatch.context() as mp:

@@ -3,21 +3,25 @@
 Data flows one way: data → model hooks → sums → factors → preconditioned queries → scores.
 """
 
-from msif.correction import LambdaSums, fit_lambda
-from msif.covariance import CovarianceSums, fit_covariance
-from msif.data import (
+from msif.attribution.precondition import (
+    PreconditionedQueries,
+    precondition_queries,
+    query_gradients,
+)
+from msif.attribution.scoring import Scores, iter_scores, score
+from msif.core.modules import ModuleSelection, ModuleSpec, find_modules
+from msif.data.examples import (
     Example,
     batches,
     collate,
     tokenize_documents,
     tokenize_prompt_completion,
 )
-from msif.eigen import Eigenbasis, eigendecompose
+from msif.ekfac.covariance import CovarianceSums, fit_covariance
+from msif.ekfac.eigenbasis import Eigenbasis, eigendecompose
+from msif.ekfac.factors import Damping, Factors
+from msif.ekfac.lambdas import LambdaSums, fit_lambda
 from msif.errors import DataError, MismatchError, MsifError
-from msif.factors import Damping, Factors
-from msif.modules import ModuleSelection, ModuleSpec, find_modules
-from msif.precondition import PreconditionedQueries, precondition_queries, query_gradients
-from msif.score import Scores, iter_scores, score
 from msif.version import __version__
 
 __all__ = [

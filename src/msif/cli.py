@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring(sub)
     _add_world_and_run(sub)
     try:
-        from msif.pipeline_cli import add_pipeline_parser
+        from msif.workflow.cli import add_pipeline_parser
     except ImportError:  # pragma: no cover - pipeline extras missing
         add_pipeline_parser = None
     if add_pipeline_parser is not None:

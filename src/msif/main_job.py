@@ -250,7 +250,7 @@ def run_command(args) -> int:
         rank=args.rank,
     )
     if args.runner == "kfp":
-        from msif.local_run import run_main_job_pipeline
+        from msif.workflow.local_run import run_main_job_pipeline
 
         result = run_main_job_pipeline(world, out, settings)
         result["timings"].update(node_times(Path(result["outputs"]["run_dir"])))

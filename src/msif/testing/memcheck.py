@@ -44,7 +44,7 @@ def reset_peak() -> bool:
 
 def stream_peak_growth(uri: str, batch_rows: int = 256) -> dict:
     """Stream every row of uri (id + text); report rows, seconds and peak RSS growth."""
-    from msif.parquet_source import ParquetSource
+    from msif.data.parquet import ParquetSource
 
     source = ParquetSource.open(uri)
     columns = [c for c in ("id", "text") if c in source.schema.names]
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(tmp: Path, args, remote: bool) -> None:
-    from msif import storage
+    from msif.storage import gcs as storage
 
     print(f"{'rows':>10} {'MiB on disk':>12} {'peak RSS growth MiB':>20} {'seconds':>8}")
     for factor in args.factors:

@@ -1,7 +1,7 @@
 """Pre-training and fine-tuning the fact world's tiny GPT-NeoX, and measuring what it learned.
 
-Sequences are tokenised with msif.data exactly as the pipeline tokenises them, so the losses
-the model was trained on are the losses the influence functions differentiate.
+Sequences are tokenised with msif.data.examples exactly as the pipeline tokenises them, so the
+losses the model was trained on are the losses the influence functions differentiate.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from msif.data import Example, collate, pad_id_of, tokenize_documents, tokenize_prompt_completion
-from msif.loss import IGNORE, sequence_losses
+from msif.core.loss import IGNORE, sequence_losses
+from msif.data.examples import (
+    Example,
+    collate,
+    pad_id_of,
+    tokenize_documents,
+    tokenize_prompt_completion,
+)
 from msif.world.config import WorldConfig, WorldConfigError
 
 log = logging.getLogger("msif")

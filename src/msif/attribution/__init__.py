@@ -1,0 +1,1 @@
+"""From factors to scores: preconditioned query gradients, corpus scoring, top-k."""

@@ -1,0 +1,193 @@
+"""Corpus scoring: ⟨W_q, ∇ℓ(z)⟩ per module from one forward and backward pass, no stored DW_z."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from msif.attribution.precondition import PreconditionedQueries
+from msif.core.fingerprint import check_fingerprint, model_fingerprint
+from msif.core.hooks import activations_and_gradients, capture, frozen
+from msif.core.modules import ModuleSpec, matching_specs
+from msif.core.passes import gradient_pass, work_dtype
+from msif.core.progress import progress_bar
+from msif.ekfac.covariance import specs_from_meta
+from msif.errors import MismatchError
+
+PATHS = ("auto", "materialise", "per-token")
+# Intermediate tensors of the per-token contraction are chunked over queries to this size.
+CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class BatchScores:
+    """Scores (Q, B) of one batch, per-token contributions (Q, B, T) when asked for."""
+
+    scores: torch.Tensor
+    token_scores: torch.Tensor | None = None
+    ids: list[str] | None = None
+
+
+@dataclass
+class Scores:
+    """Scores (Q, N) of all documents, per-token scores per batch when asked for."""
+
+    values: torch.Tensor
+    query_ids: list[str]
+    modules: list[str]
+    left_out: dict[str, str]
+    token_scores: list[torch.Tensor] | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def path_costs(spec: ModuleSpec, queries: PreconditionedQueries, b: int, t: int) -> dict:
+    """Multiply-add counts of the two ways to score one module (DESIGN §1 "Scoring cost")."""
+    q, o, i = queries.num_queries, spec.out_features, spec.in_dim
+    if spec.name in queries.lowrank:
+        r = queries.lowrank[spec.name][1].shape[-1]
+        per_token = b * t * q * r * (i + o + 1)
+    else:
+        per_token = q * b * t * (min(o, i) * max(o, i) + min(o, i))
+    return {"materialise": b * t * o * i + q * b * o * i, "per-token": per_token}
+
+
+def choose_path(spec, queries, b, t, per_token: bool, path: str) -> str:
+    """The cheaper path unless forced; per-token scores need the per-token path."""
+    if per_token:
+        return "per-token"
+    if path != "auto":
+        return path
+    costs = path_costs(spec, queries, b, t)
+    return min(costs, key=costs.get)
+
+
+def _per_token_dense(a, g, w) -> torch.Tensor:
+    # Plain matmuls: torch.einsum picks slow batched kernels for these shapes on CPU.
+    q, o, i = w.shape
+    b, t = a.shape[:2]
+    a2, g2 = a.reshape(1, b * t, i), g.reshape(1, b * t, o)
+    step = max(1, CHUNK_ELEMENTS // max(1, b * t * min(o, i)))
+    out = []
+    for s in range(0, q, step):
+        wc = w[s : s + step]
+        if i <= o:  # contract through the smaller width
+            out.append((torch.matmul(g2, wc) * a2).sum(-1))
+        else:
+            out.append((torch.matmul(a2, wc.mT) * g2).sum(-1))
+    return torch.cat(out).reshape(q, b, t)
+
+
+def _per_token_lowrank(a, g, usv) -> torch.Tensor:
+    u, s, v = usv
+    b, t = a.shape[:2]
+    gu = torch.matmul(g.reshape(1, b * t, -1), u)  # (Q, BT, r)
+    av = torch.matmul(a.reshape(1, b * t, -1), v)
+    return (gu * av * s[:, None, :]).sum(-1).reshape(-1, b, t)
+
+
+def per_example_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """DW_n = Σ_t g_t a_tᵀ for every sequence: (B, out, in')."""
+    return torch.bmm(g.mT, a)
+
+
+def module_scores(a, g, queries: PreconditionedQueries, name: str, path: str, dense_cache: dict):
+    """Scores (Q, B) or per-token (Q, B, T) of one module."""
+    work = a.dtype
+    if path == "per-token":
+        if name in queries.lowrank:
+            usv = tuple(x.to(a.device, work) for x in queries.lowrank[name])
+            return _per_token_lowrank(a, g, usv)
+        return _per_token_dense(a, g, queries.dense[name].to(a.device, work))
+    if name not in dense_cache:
+        w = queries.weight(name).to(a.device, work)
+        dense_cache[name] = w.reshape(w.shape[0], -1)
+    dw = per_example_gradients(a, g)
+    return dense_cache[name] @ dw.reshape(dw.shape[0], -1).T
+
+
+def _score_batch(model, batch, queries, specs, cap, per_token, path, dense_cache, paths_used):
+    gradient_pass(model, batch, cap)
+    b, t = batch["input_ids"].shape
+    total = None
+    for name, spec in specs.items():
+        a, g = activations_and_gradients(cap, name)
+        work = work_dtype(a.dtype)
+        # Padding needs no mask here: its output gradient g is exactly zero.
+        a, g = a.to(work), g.to(work)
+        chosen = choose_path(spec, queries, b, t, per_token, path)
+        paths_used[name] = chosen
+        s = module_scores(a, g, queries, name, chosen, dense_cache)
+        if per_token and s.dim() == 2:
+            raise AssertionError("per-token path must give (Q, B, T)")
+        if not per_token and s.dim() == 3:
+            s = s.sum(-1)
+        total = s if total is None else total + s
+    cap.clear()
+    ids = batch.get("ids")
+    if per_token:
+        return BatchScores(total.sum(-1), total, ids)
+    return BatchScores(total, None, ids)
+
+
+def scoring_modules(model: nn.Module, queries: PreconditionedQueries):
+    """Modules scored with this model (present with equal shape) and those left out."""
+    if queries.score_fingerprint is not None:
+        fp = dict(queries.score_fingerprint)
+        check_specs = specs_from_meta(fp)
+        check_fingerprint(
+            fp, model_fingerprint(model, check_specs), f"the {queries.method} queries' corpus model"
+        )
+    kept, left_out = matching_specs(model, queries.specs)
+    if not kept:
+        raise MismatchError("no module of the preconditioned queries is in the scoring model")
+    return kept, {**queries.left_out, **left_out}
+
+
+def score(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    queries: PreconditionedQueries,
+    *,
+    per_token: bool = False,
+    path: str = "auto",
+    progress: bool = False,
+) -> Scores:
+    """Influence scores (Q, N) of every document in batches on every query."""
+    specs, left_out = scoring_modules(model, queries)
+    paths: dict[str, str] = {}
+    results = list(_iter(model, batches, queries, specs, per_token, path, progress, paths))
+    values = (
+        torch.cat([r.scores for r in results], dim=1)
+        if results
+        else torch.zeros(queries.num_queries, 0)
+    )
+    tokens = [r.token_scores for r in results] if per_token else None
+    return Scores(values, list(queries.query_ids), list(specs), left_out, tokens, paths)
+
+
+def iter_scores(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    queries: PreconditionedQueries,
+    *,
+    per_token: bool = False,
+    path: str = "auto",
+    progress: bool = False,
+    paths_used: dict | None = None,
+) -> Iterator[BatchScores]:
+    """Yield BatchScores batch by batch (streaming; memory independent of corpus size)."""
+    specs, _ = scoring_modules(model, queries)
+    used = paths_used if paths_used is not None else {}
+    yield from _iter(model, batches, queries, specs, per_token, path, progress, used)
+
+
+def _iter(model, batches, queries, specs, per_token, path, progress, used):
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}")
+    cache: dict = {}
+    with frozen(model), capture(model, specs) as cap:
+        for batch in progress_bar(batches, progress, f"score ({queries.method})"):
+            yield _score_batch(model, batch, queries, specs, cap, per_token, path, cache, used)

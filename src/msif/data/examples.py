@@ -1,0 +1,145 @@
+"""Tokenisation of documents and prompt/completion rows into padded, masked batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from msif.core.loss import IGNORE
+from msif.errors import DataError, MismatchError
+
+log = logging.getLogger("msif")
+
+
+@dataclass
+class Example:
+    """One tokenised sequence: ids and the labels that score it (IGNORE = not scored)."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's padding id (its eos id, else 0, when it has none)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def document_example(doc_id: str, input_ids: Sequence[int], max_length: int) -> Example:
+    """A pre-training document: every token scored; long documents keep their first tokens."""
+    ids = [int(x) for x in input_ids]
+    if len(ids) < 2:
+        raise DataError(f"document {doc_id!r} has {len(ids)} token(s); at least 2 are needed")
+    if len(ids) > max_length:
+        ids = ids[:max_length]
+    return Example(doc_id, ids, list(ids))
+
+
+def prompt_completion_example(
+    row_id: str, prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int
+) -> Example:
+    """Prompt tokens masked, completion tokens scored; over-long prompts lose their start."""
+    p, c = [int(x) for x in prompt_ids], [int(x) for x in completion_ids]
+    if not c:
+        raise DataError(f"row {row_id!r} has an empty completion: nothing to score")
+    if len(c) >= max_length:
+        raise DataError(
+            f"row {row_id!r}: completion has {len(c)} tokens, max length is {max_length}"
+        )
+    p = p[-(max_length - len(c)) :]
+    if not p:
+        raise DataError(
+            f"row {row_id!r} has an empty prompt: the first completion token "
+            "would have nothing to be predicted from"
+        )
+    return Example(row_id, p + c, [IGNORE] * len(p) + c)
+
+
+def tokenize_documents(
+    tokenizer, ids: Sequence[str], texts: Sequence[str], max_length: int
+) -> list[Example]:
+    """Tokenise pre-training documents (`id`, `text`)."""
+    out = []
+    for doc_id, text in zip(ids, texts, strict=True):
+        if text is None or not str(text).strip():
+            raise DataError(f"document {doc_id!r} is empty")
+        enc = tokenizer(str(text), add_special_tokens=True, truncation=False)["input_ids"]
+        if len(enc) > max_length:
+            log.debug("document %s truncated from %d to %d tokens", doc_id, len(enc), max_length)
+        out.append(document_example(doc_id, enc, max_length))
+    return out
+
+
+def tokenize_prompt_completion(
+    tokenizer,
+    ids: Sequence[str],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    max_length: int,
+) -> list[Example]:
+    """Tokenise (`prompt`, `completion`) rows; the boundary is exact as each is encoded alone."""
+    out = []
+    for row_id, prompt, completion in zip(ids, prompts, completions, strict=True):
+        p = tokenizer(str(prompt or ""), add_special_tokens=True)["input_ids"]
+        c = tokenizer(str(completion or ""), add_special_tokens=False)["input_ids"]
+        out.append(prompt_completion_example(row_id, p, c, max_length))
+    return out
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict:
+    """Right-pad examples into a batch with input_ids, attention_mask, labels and ids."""
+    length = max(len(e.input_ids) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e.input_ids)
+        input_ids[i, :k] = torch.tensor(e.input_ids)
+        labels[i, :k] = torch.tensor(e.labels)
+        mask[i, :k] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "ids": [e.id for e in examples],
+    }
+
+
+def batches(examples: Iterable[Example], batch_size: int, pad_id: int = 0) -> Iterator[dict]:
+    """Group examples into collated batches of at most batch_size."""
+    chunk: list[Example] = []
+    for e in examples:
+        chunk.append(e)
+        if len(chunk) == batch_size:
+            yield collate(chunk, pad_id)
+            chunk = []
+    if chunk:
+        yield collate(chunk, pad_id)
+
+
+def check_tokenizer(tokenizer, model) -> None:
+    """Refuse a tokenizer whose ids the model's embedding cannot hold."""
+    vocab = model.get_input_embeddings().num_embeddings
+    size = len(tokenizer)
+    if size > vocab:
+        raise MismatchError(
+            f"tokenizer has {size} tokens but the model's embedding holds {vocab}: "
+            "they do not belong together"
+        )
+
+
+def check_ids(examples: Iterable[Example], vocab: int) -> None:
+    """Refuse pre-tokenised input_ids outside the model's vocabulary."""
+    for e in examples:
+        bad = [t for t in e.input_ids if t < 0 or t >= vocab]
+        if bad:
+            raise MismatchError(
+                f"row {e.id!r} has token id {bad[0]} outside the model's vocabulary of {vocab}"
+            )

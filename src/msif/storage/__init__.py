@@ -1,0 +1,1 @@
+"""Local paths and gs:// URIs: object access with retries, atomic publishing, caches."""

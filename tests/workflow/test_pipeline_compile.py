@@ -1,0 +1,565 @@
+"""The KFP pipeline: compiled IR (nodes, fan-out/fan-in, GPU placement, retries, artifact
+types, caching), the committed YAML, the compile command and the rank node's UI outputs.
+The kfp.local end-to-end run is in test_gcs_end_to_end.py, with gs:// inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from msif.components.image import DEFAULT_IMAGE, IMAGE_ENV
+
+from msif.workflow.cli import compile_pipeline, default_package, main
+
+GPU_NODES = {"fit-covariance", "fit-lambda", "query-gradients", "score-shard"}
+CPU_NODES = {"shard-indices", "eigendecompose", "build-factors", "bm25-scores", "rank"}
+SHARDED = {"fit-covariance", "fit-lambda", "score-shard"}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _no_image_env(monkeypatch):
+    # The default image is part of what the committed YAML pins.
+    monkeypatch.delenv(IMAGE_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
+    saved = os.environ.pop(IMAGE_ENV, None)
+    try:
+        return compile_pipeline(out)
+    finally:
+        if saved is not None:
+            os.environ[IMAGE_ENV] = saved
+
+
+@pytest.fixture(scope="module")
+def ir(compiled) -> dict:
+    docs = list(yaml.safe_load_all(compiled.read_text()))
+    assert len(docs) == 2, "pipeline spec + kfp-kubernetes platform spec"
+    spec, platform = docs
+    return {
+        "spec": spec,
+        "k8s": platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"],
+    }
+
+
+def node(name: str) -> str:
+    """Task/executor name → component function name (`exec-score-shard-3` → `score-shard`)."""
+    return re.sub(r"-\d+$", "", name.removeprefix("exec-"))
+
+
+def dags(spec: dict) -> dict[str, dict]:
+    """Every DAG in the spec (the root and each ParallelFor body), by component name."""
+    out = {"root": spec["root"]}
+    out.update({k: c for k, c in spec["components"].items() if "dag" in c})
+    return out
+
+
+def tasks(spec: dict) -> dict[str, tuple[str, dict]]:
+    """Every task of every DAG: task name → (DAG name, task spec)."""
+    return {t: (d, s) for d, c in dags(spec).items() for t, s in c["dag"]["tasks"].items()}
+
+
+def executor(spec: dict, task: dict) -> str:
+    return spec["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+def leaf_tasks(spec: dict) -> dict[str, tuple[str, dict]]:
+    """Tasks that run a container (not ParallelFor DAG tasks)."""
+    return {
+        t: (d, s)
+        for t, (d, s) in tasks(spec).items()
+        if "executorLabel" in spec["components"][s["componentRef"]["name"]]
+    }
+
+
+def loop_of(spec: dict, dag_name: str) -> dict:
+    """The root task that runs the ParallelFor DAG dag_name."""
+    (task,) = [
+        s for s in spec["root"]["dag"]["tasks"].values() if s["componentRef"]["name"] == dag_name
+    ]
+    return task
+
+
+def test_node_set(ir):
+    counts = Counter(node(t) for t in leaf_tasks(ir["spec"]))
+    assert counts == {
+        "shard-indices": 1,
+        "fit-covariance": 2,
+        "eigendecompose": 2,
+        "fit-lambda": 2,
+        "build-factors": 2,
+        "query-gradients": 3,
+        "score-shard": 3,
+        "bm25-scores": 1,
+        "rank": 1,
+    }
+    assert ir["spec"]["pipelineInfo"]["name"] == "multi-stage-influence"
+
+
+def test_sharded_nodes_fan_out_over_shard_indices(ir):
+    spec = ir["spec"]
+    loops = 0
+    for name, (dag, task) in leaf_tasks(spec).items():
+        if node(name) not in SHARDED:
+            assert dag == "root", f"{name} must not run per shard"
+            continue
+        loops += 1
+        iterator = loop_of(spec, dag)["parameterIterator"]
+        assert iterator["items"]["inputParameter"] == "pipelinechannel--shard-indices-Output"
+        item = task["inputs"]["parameters"]["shard"]["componentInputParameter"]
+        assert item == iterator["itemInput"] == "pipelinechannel--shard-indices-Output-loop-item"
+        assert task["inputs"]["parameters"]["num_shards"] == {
+            "componentInputParameter": "pipelinechannel--num_shards"
+        }
+    assert loops == 7  # covariance and Λ for two stages, scoring for three methods
+    shards = spec["root"]["dag"]["tasks"]["shard-indices"]["inputs"]["parameters"]
+    assert shards["num_shards"] == {"componentInputParameter": "num_shards"}
+
+
+def collected_from(spec: dict, dag_task: dict, input_name: str) -> tuple[str, str]:
+    """(producing node, its output) behind a dsl.Collected input of a root task."""
+    source = dag_task["inputs"]["artifacts"][input_name]["taskOutputArtifact"]
+    loop = spec["root"]["dag"]["tasks"][source["producerTask"]]
+    body = spec["components"][loop["componentRef"]["name"]]
+    assert body["outputDefinitions"]["artifacts"][source["outputArtifactKey"]]["isArtifactList"]
+    (selector,) = body["dag"]["outputs"]["artifacts"][source["outputArtifactKey"]][
+        "artifactSelectors"
+    ]
+    return node(selector["producerSubtask"]), selector["outputArtifactKey"]
+
+
+def loop_body(spec: dict, loop_task: str) -> dict:
+    """The one task inside the ParallelFor that root task loop_task runs."""
+    comp = spec["root"]["dag"]["tasks"][loop_task]["componentRef"]["name"]
+    (task,) = spec["components"][comp]["dag"]["tasks"].values()
+    return task
+
+
+def stage_of(spec: dict, task: dict) -> str:
+    return task["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
+
+
+def test_each_stage_chain_reduces_its_own_shards(ir):
+    spec = ir["spec"]
+    root = spec["root"]["dag"]["tasks"]
+    inputs = {"pt": ("pt_model_uri", "corpus_uri"), "ft": ("ft_model_uri", "finetune_data_uri")}
+    seen = set()
+    for name, task in root.items():
+        if node(name) != "build-factors":
+            continue
+        eig = root[task["inputs"]["artifacts"]["eigenbasis"]["taskOutputArtifact"]["producerTask"]]
+        assert collected_from(spec, task, "partials") == ("fit-lambda", "lambda_sums")
+        assert collected_from(spec, eig, "partials") == ("fit-covariance", "covariance")
+        lam_loop = task["inputs"]["artifacts"]["partials"]["taskOutputArtifact"]["producerTask"]
+        cov_loop = eig["inputs"]["artifacts"]["partials"]["taskOutputArtifact"]["producerTask"]
+        lam, cov = loop_body(spec, lam_loop), loop_body(spec, cov_loop)
+        stage = stage_of(spec, cov)
+        assert stage_of(spec, lam) == stage
+        model, data = inputs[stage]
+        for t in (cov, lam):
+            assert t["inputs"]["parameters"]["model_uri"]["componentInputParameter"].endswith(model)
+            assert t["inputs"]["parameters"]["data_uri"]["componentInputParameter"].endswith(data)
+        # Λ is fitted in this stage's eigenbasis, passed into the loop from the same node.
+        eig_name = task["inputs"]["artifacts"]["eigenbasis"]["taskOutputArtifact"]["producerTask"]
+        assert root[lam_loop]["inputs"]["artifacts"][f"pipelinechannel--{eig_name}-eigenbasis"][
+            "taskOutputArtifact"
+        ] == {"outputArtifactKey": "eigenbasis", "producerTask": eig_name}
+        seen.add(stage)
+    assert seen == {"pt", "ft"}
+
+
+def factors_stage(spec: dict, build_task_name: str) -> str:
+    root = spec["root"]["dag"]["tasks"]
+    eig = root[build_task_name]["inputs"]["artifacts"]["eigenbasis"]["taskOutputArtifact"]
+    cov_loop = root[eig["producerTask"]]["inputs"]["artifacts"]["partials"]
+    return stage_of(spec, loop_body(spec, cov_loop["taskOutputArtifact"]["producerTask"]))
+
+
+def test_methods_get_the_right_factors_models_and_reach_rank(ir):
+    spec = ir["spec"]
+    root = spec["root"]["dag"]["tasks"]
+    expected = {"multi-stage": {"ft", "pt"}, "single-stage": {"ft"}, "gradient-dot": set()}
+    score_model = {"multi-stage": "pt_model_uri", "single-stage": "ft_model_uri"}
+    score_model["gradient-dot"] = "pt_model_uri"
+    rank = root["rank"]
+    for name, task in root.items():
+        if node(name) != "query-gradients":
+            continue
+        method = task["inputs"]["parameters"]["method"]["runtimeValue"]["constant"]
+        arts = task["inputs"].get("artifacts", {})
+        stages = {}
+        for key, value in arts.items():
+            stages[key] = factors_stage(spec, value["taskOutputArtifact"]["producerTask"])
+        assert {k: v for k, v in stages.items()} == {f"{s}_factors": s for s in expected[method]}
+        assert task["inputs"]["parameters"]["ft_model_uri"] == {
+            "componentInputParameter": "ft_model_uri"
+        }
+        # The method's scores: a ParallelFor over shards fed by this node, collected by rank.
+        key = method.replace("-", "_") + "_scores"
+        source = rank["inputs"]["artifacts"][key]["taskOutputArtifact"]["producerTask"]
+        loop = root[source]
+        assert loop["inputs"]["artifacts"][f"pipelinechannel--{name}-preconditioned"][
+            "taskOutputArtifact"
+        ] == {"outputArtifactKey": "preconditioned", "producerTask": name}
+        assert collected_from(spec, rank, key) == ("score-shard", "scores")
+        body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+        (score,) = body.values()
+        model = score["inputs"]["parameters"]["model_uri"]["componentInputParameter"]
+        assert model == f"pipelinechannel--{score_model[method]}"
+    assert rank["inputs"]["artifacts"]["bm25_scores"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "scores",
+        "producerTask": "bm25-scores",
+    }
+    factor_inputs = {k: rank["inputs"]["artifacts"][f"{k}_factors"] for k in ("pt", "ft")}
+    for stage, ref in factor_inputs.items():
+        assert factors_stage(spec, ref["taskOutputArtifact"]["producerTask"]) == stage
+
+
+def test_accelerators_tolerations_and_selectors_only_on_gpu_nodes(ir):
+    spec, k8s = ir["spec"], ir["k8s"]
+    executors = spec["deploymentSpec"]["executors"]
+    assert {node(e) for e in executors} == GPU_NODES | CPU_NODES
+    for label, ex in executors.items():
+        resources = ex["container"]["resources"]
+        platform = k8s.get(label, {})
+        assert platform["podMetadata"]["labels"] == {"app.kubernetes.io/part-of": "msif"}
+        if node(label) in GPU_NODES:
+            assert resources["accelerator"]["resourceType"] == (
+                "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
+            )
+            assert resources["accelerator"]["resourceCount"] == (
+                "{{$.inputs.parameters['pipelinechannel--accelerator_count']}}"
+            )
+            assert resources["resourceCpuRequest"].endswith(
+                "['pipelinechannel--gpu_cpu_request']}}"
+            )
+            assert platform["tolerations"] == [
+                {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
+            ]
+            selector = platform["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]
+            assert selector.endswith("gpu_node_selector")
+        else:
+            assert "accelerator" not in resources, label
+            assert float(resources["cpuRequest"]) <= 4 and resources["memoryRequest"] > 0
+            assert "tolerations" not in platform and "nodeSelector" not in platform
+
+
+def test_retry_only_on_gpu_nodes_and_caching_everywhere(ir):
+    spec = ir["spec"]
+    for name, (_, task) in leaf_tasks(spec).items():
+        assert task["cachingOptions"] == {"enableCache": True}, name
+        if node(name) in GPU_NODES:
+            assert task["retryPolicy"] == {
+                "backoffDuration": "60s",
+                "backoffFactor": 2.0,
+                "backoffMaxDuration": "3600s",
+                "maxRetryCount": 3,
+            }, name
+        else:
+            assert "retryPolicy" not in task, name
+
+
+def test_artifact_types_between_nodes(ir):
+    comps = ir["spec"]["components"]
+
+    def out_type(comp: str, key: str) -> str:
+        return comps[comp]["outputDefinitions"]["artifacts"][key]["artifactType"]["schemaTitle"]
+
+    assert out_type("comp-fit-covariance", "covariance") == "system.Artifact"
+    assert out_type("comp-eigendecompose", "eigenbasis") == "system.Artifact"
+    assert out_type("comp-fit-lambda", "lambda_sums") == "system.Artifact"
+    assert out_type("comp-build-factors", "factors") == "system.Artifact"
+    assert out_type("comp-query-gradients", "preconditioned") == "system.Artifact"
+    assert out_type("comp-score-shard", "scores") == "system.Dataset"
+    assert out_type("comp-bm25-scores", "scores") == "system.Dataset"
+    rank_outputs = {k: out_type("comp-rank", k) for k in ("ranking", "metrics", "report")}
+    rank_outputs["report_html"] = out_type("comp-rank", "report_html")
+    assert rank_outputs == {
+        "ranking": "system.Dataset",
+        "metrics": "system.Metrics",
+        "report": "system.Markdown",
+        "report_html": "system.HTML",
+    }
+    rank_in = comps["comp-rank"]["inputDefinitions"]["artifacts"]
+    lists = {k for k, v in rank_in.items() if v.get("isArtifactList")}
+    assert lists == {"multi_stage_scores", "single_stage_scores", "gradient_dot_scores"}
+    optional = comps["comp-query-gradients"]["inputDefinitions"]["artifacts"]
+    assert {k: v.get("isOptional") for k, v in optional.items()} == {
+        "ft_factors": True,
+        "pt_factors": True,
+    }
+    # Models and data are URI parameters, never artifacts the pod would download whole.
+    for comp in ("comp-fit-covariance", "comp-fit-lambda", "comp-score-shard"):
+        params = comps[comp]["inputDefinitions"]["parameters"]
+        assert params["model_uri"]["parameterType"] == "STRING"
+
+
+def test_every_referenced_dag_input_exists(ir):
+    """kfp 2.17.3 forgets resource-only parameters in ParallelFor DAGs unless registered."""
+    spec, k8s = ir["spec"], ir["k8s"]
+    for dag_name, comp in dags(spec).items():
+        have = set(comp.get("inputDefinitions", {}).get("parameters", {}))
+        have |= set(comp.get("inputDefinitions", {}).get("artifacts", {}))
+        for name, task in comp["dag"]["tasks"].items():
+            refs = [
+                v["componentInputParameter"]
+                for v in task.get("inputs", {}).get("parameters", {}).values()
+                if "componentInputParameter" in v
+            ]
+            refs += [
+                v["componentInputArtifact"]
+                for v in task.get("inputs", {}).get("artifacts", {}).values()
+                if "componentInputArtifact" in v
+            ]
+            label = spec["components"][task["componentRef"]["name"]].get("executorLabel")
+            selector = k8s.get(label, {}).get("nodeSelector", {}).get("nodeSelectorJson", {})
+            refs += [selector["componentInputParameter"]] if selector else []
+            missing = sorted(set(refs) - have)
+            assert not missing, f"{dag_name}/{name} references missing inputs {missing}"
+        # Placeholders in resource settings must name inputs of the task itself.
+        for name, task in comp["dag"]["tasks"].items():
+            label = spec["components"][task["componentRef"]["name"]].get("executorLabel")
+            if not label:
+                continue
+            res = json.dumps(spec["deploymentSpec"]["executors"][label]["container"]["resources"])
+            for param in re.findall(r"parameters\['([^']+)'\]", res):
+                assert param in task["inputs"]["parameters"], (name, param)
+
+
+def test_runtime_parameters_and_defaults(ir):
+    params = ir["spec"]["root"]["inputDefinitions"]["parameters"]
+    required = {k for k, v in params.items() if "defaultValue" not in v and not v.get("isOptional")}
+    assert required == {
+        "pt_model_uri",
+        "ft_model_uri",
+        "corpus_uri",
+        "finetune_data_uri",
+        "queries_uri",
+    }
+    defaults = {k: v["defaultValue"] for k, v in params.items() if "defaultValue" in v}
+    assert defaults == {
+        "num_shards": 4,
+        "max_length": 512,
+        "batch_size": 8,
+        "damping_factor": 0.1,
+        "alpha": 0.0,
+        "query_rank": 0,
+        "top_k": 100,
+        "accelerator_type": "nvidia.com/gpu",
+        "accelerator_count": 1,
+        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        "gpu_cpu_request": "8",
+        "gpu_memory_request": "48Gi",
+        "seed": 0,
+    }
+
+
+def test_committed_yaml_is_current(compiled):
+    committed = default_package()
+    assert committed == ROOT / "pipelines" / "multi_stage_influence.yaml"
+    assert committed.read_text() == compiled.read_text(), (
+        "pipelines/multi_stage_influence.yaml is stale: run `msif pipeline compile`"
+    )
+
+
+def test_compile_is_deterministic(compiled, tmp_path):
+    again = compile_pipeline(tmp_path / "again.yaml")
+    assert again.read_bytes() == compiled.read_bytes()
+
+
+def test_compile_options_change_image_and_defaults_only(compiled, tmp_path, capsys):
+    out = tmp_path / "custom.yaml"
+    image = "europe-docker.pkg.dev/proj/repo/msif:1.2.3"
+    argv = ["pipeline", "compile", "--out", str(out), "--image", image]
+    argv += ["--accelerator-type", "NVIDIA_L4", "--gke-accelerator", ""]
+    argv += ["--accelerator-count", "2"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    spec = next(yaml.safe_load_all(out.read_text()))
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {image}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["accelerator_type"]["defaultValue"] == "NVIDIA_L4"
+    assert params["accelerator_count"]["defaultValue"] == 2
+    assert params["gpu_node_selector"]["defaultValue"] == {}
+    base = next(yaml.safe_load_all(compiled.read_text()))
+    base_images = {e["container"]["image"] for e in base["deploymentSpec"]["executors"].values()}
+    assert base_images == {DEFAULT_IMAGE}
+    # The environment and the imported components are as they were before the compile.
+    assert IMAGE_ENV not in os.environ
+    import msif.components
+
+    assert msif.components.IMAGE == DEFAULT_IMAGE
+    assert msif.components.rank.component_spec.implementation.container.image == DEFAULT_IMAGE
+
+
+def test_compile_reads_image_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(IMAGE_ENV, "ghcr.io/acme/msif:env")
+    out = compile_pipeline(tmp_path / "env.yaml")
+    spec = next(yaml.safe_load_all(out.read_text()))
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"ghcr.io/acme/msif:env"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image", "Not An Image"], "--image 'Not An Image' is not a container image"),
+        (["--accelerator-count", "-1"], "--accelerator-count must be >= 0, not -1"),
+    ],
+)
+def test_compile_bad_options_write_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "bad.yaml"
+    assert main(["pipeline", "compile", "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"msif: error: {message}") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+class FakeCli:
+    """Stands in for msif.cli.main inside component bodies: records argv, writes rank outputs."""
+
+    def __init__(self, rc: int = 0):
+        self.rc, self.calls = rc, []
+
+    def __call__(self, argv):
+        self.calls.append(list(argv))
+        if argv[0] == "rank" and self.rc == 0:
+            out = Path(argv[argv.index("--out") + 1])
+            out.mkdir(parents=True)
+            metrics = {
+                "methods": {
+                    "multi-stage": {"mrr": 0.75, "recall@10": 0.5, "num_queries": 4},
+                    "bm25": {"mrr": 0.25, "recall@10": None, "num_queries": 4},
+                },
+                "top_k": 5,
+            }
+            (out / "metrics.json").write_text(json.dumps(metrics))
+            (out / "report.md").write_text("# report\n")
+            (out / "report.html").write_text("<h1>report</h1>\n")
+        return self.rc
+
+
+@pytest.fixture
+def fake_cli(monkeypatch) -> FakeCli:
+    import msif.cli
+
+    fake = FakeCli()
+    monkeypatch.setattr(msif.cli, "main", fake)
+    return fake
+
+
+def art(tmp_path: Path, name: str, cls=None):
+    from kfp.dsl import Artifact
+
+    return (cls or Artifact)(name=name, uri=str(tmp_path / name), metadata={})
+
+
+def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
+    import msif.components as c
+
+    p = {"max_length": 32, "batch_size": 4}
+    cov = art(tmp_path, "cov")
+    # Local runs hand ParallelFor items over as floats: 1.0 must become "1".
+    c.fit_covariance.python_func("m", "d", "pt", 1.0, 2, seed=7, covariance=cov, **p)
+    eig = art(tmp_path, "eig")
+    c.eigendecompose.python_func([art(tmp_path, "c0"), art(tmp_path, "c1")], eig)
+    lam = art(tmp_path, "lam")
+    c.fit_lambda.python_func("m", "d", "ft", eig, 0.0, 2, seed=0, lambda_sums=lam, **p)
+    fac = art(tmp_path, "fac")
+    c.build_factors.python_func(eig, [art(tmp_path, "l0")], fac)
+    pre = art(tmp_path, "pre")
+    c.query_gradients.python_func(
+        "ft", "q", "multi-stage", 0.01, 0.1, 8, preconditioned=pre, ft_factors=fac,
+        pt_factors=art(tmp_path, "ptf"), **p,
+    )  # fmt: skip
+    c.query_gradients.python_func("ft", "q", "gradient-dot", 0.0, 0.1, 0, preconditioned=pre, **p)
+    sc = art(tmp_path, "sc")
+    c.score_shard.python_func("pt", "corpus", pre, 1.0, 2, 5, scores=sc, **p)
+    c.bm25_scores.python_func("corpus", "q", 5, sc)
+    t = str(tmp_path)
+    size = ["--max-length", "32", "--batch-size", "4"]
+    assert fake_cli.calls == [
+        ["fit-covariance", "--model", "m", "--data", "d", "--stage", "pt", "--shard", "1",
+         "--num-shards", "2", *size, "--seed", "7", "--out", f"{t}/cov"],
+        ["eigendecompose", "--partials", f"{t}/c0", f"{t}/c1", "--out", f"{t}/eig"],
+        ["fit-lambda", "--model", "m", "--data", "d", "--stage", "ft", "--eigenbasis", f"{t}/eig",
+         "--shard", "0", "--num-shards", "2", *size, "--seed", "0", "--out", f"{t}/lam"],
+        ["build-factors", "--eigenbasis", f"{t}/eig", "--partials", f"{t}/l0",
+         "--out", f"{t}/fac"],
+        ["query-gradients", "--model", "ft", "--queries", "q", "--method", "multi-stage",
+         "--damping-factor", "0.1", "--rank", "8", "--alpha", "0.01", "--ft-factors", f"{t}/fac",
+         "--pt-factors", f"{t}/ptf", *size, "--out", f"{t}/pre"],
+        ["query-gradients", "--model", "ft", "--queries", "q", "--method", "gradient-dot",
+         "--damping-factor", "0.1", "--rank", "0", *size, "--out", f"{t}/pre"],
+        ["score", "--model", "pt", "--corpus", "corpus", "--preconditioned", f"{t}/pre",
+         "--shard", "1", "--num-shards", "2", "--top-k", "5", *size, "--out", f"{t}/sc"],
+        ["bm25", "--corpus", "corpus", "--queries", "q", "--top-k", "5", "--out", f"{t}/sc"],
+    ]  # fmt: skip
+    assert c.shard_indices.python_func(num_shards=3.0) == [0, 1, 2]
+    with pytest.raises(ValueError, match="num_shards must be at least 1, not 0"):
+        c.shard_indices.python_func(num_shards=0)
+
+
+def test_rank_component_fills_the_ui_artifacts(fake_cli, tmp_path):
+    import msif.components as c
+    from kfp.dsl import HTML, Markdown, Metrics
+
+    scores = [[art(tmp_path, f"{m}{i}") for i in range(2)] for m in ("ms", "ss", "gd")]
+    ranking, metrics = art(tmp_path, "ranking"), art(tmp_path, "metrics", Metrics)
+    report, html = art(tmp_path, "report", Markdown), art(tmp_path, "report_html", HTML)
+    c.rank.python_func(
+        "corpus", "q", 5, *scores, art(tmp_path, "bm25"), art(tmp_path, "ptf"),
+        art(tmp_path, "ftf"), ranking, metrics, report, html,
+    )  # fmt: skip
+    t = str(tmp_path)
+    shards = [f"{t}/{m}{i}" for m in ("ms", "ss", "gd") for i in range(2)] + [f"{t}/bm25"]
+    assert fake_cli.calls == [
+        ["rank", "--scores", *shards, "--corpus", "corpus", "--queries", "q", "--top-k", "5",
+         "--factors", f"{t}/ptf", f"{t}/ftf", "--out", f"{t}/ranking"],
+    ]  # fmt: skip
+    assert metrics.metadata == {
+        "multi-stage_mrr": 0.75,
+        "multi-stage_recall-at-10": 0.5,
+        "multi-stage_num_queries": 4.0,
+        "bm25_mrr": 0.25,
+        "bm25_num_queries": 4.0,
+        "top_k": 5.0,
+    }
+    assert Path(report.path).read_text() == "# report\n"
+    assert Path(html.path).read_text() == "<h1>report</h1>\n"
+
+
+def test_component_failure_raises(fake_cli, tmp_path):
+    import msif.components as c
+
+    fake_cli.rc = 1
+    with pytest.raises(RuntimeError, match="msif bm25 failed with exit code 1"):
+        c.bm25_scores.python_func("corpus", "q", 5, art(tmp_path, "sc"))
+
+
+def test_local_parameters_are_checked(tmp_path):
+    from msif.workflow.local_run import LocalRunError, check_parameters, pipeline_parameters
+
+    required = {k for k, v in pipeline_parameters().items() if v}
+    assert required == {
+        "pt_model_uri",
+        "ft_model_uri",
+        "corpus_uri",
+        "finetune_data_uri",
+        "queries_uri",
+    }
+    with pytest.raises(LocalRunError, match=r"unknown pipeline parameter\(s\) shards;"):
+        check_parameters({"shards": 2})
+    with pytest.raises(
+        LocalRunError, match="missing required pipeline parameter\\(s\\) corpus_uri"
+    ):
+        check_parameters({k: "x" for k in required - {"corpus_uri"}})
