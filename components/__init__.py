@@ -1,45 +1,36 @@
-"""KFP v2 components of the msif pipeline: one thin wrapper around `msif.cli.main` per node.
+"""KFP v2 components of the msif pipeline, one module per node, named as the node.
 
 Every component runs in `IMAGE` (see `msif.components.image`), installs nothing at run time
-and maps its KFP artifact paths onto the CLI of docs/CONTRACTS.md, so a pod, a local
-`kfp.local` run and a test execute the same code.
+and passes its arguments, named like the flags of `msif NODE`, to `msif.cli.run_subcommand`,
+so a pod, a local `kfp.local` run, the in-process runner and a test execute the same code.
 """
 
-from msif.components.bm25_scores import bm25_scores
+from msif.components.bm25 import bm25
 from msif.components.build_factors import build_factors
 from msif.components.eigendecompose import eigendecompose
 from msif.components.fit_covariance import fit_covariance
 from msif.components.fit_lambda import fit_lambda
 from msif.components.image import DEFAULT_IMAGE, IMAGE, IMAGE_ENV
-from msif.components.query_gradients import query_gradients
+from msif.components.precondition_queries import precondition_queries
 from msif.components.rank import rank
-from msif.components.score_shard import score_shard
+from msif.components.score_corpus import score_corpus
 from msif.components.shard_indices import shard_indices
 
+# Node name → component: the DAG (msif.workflow.dag) names nodes, this finds their code.
+COMPONENTS = {
+    "fit-covariance": fit_covariance,
+    "eigendecompose": eigendecompose,
+    "fit-lambda": fit_lambda,
+    "build-factors": build_factors,
+    "precondition-queries": precondition_queries,
+    "score-corpus": score_corpus,
+    "bm25": bm25,
+    "rank": rank,
+    "shard-indices": shard_indices,
+}
 COMPONENT_MODULES = (
     "msif.components.image",
-    "msif.components.shard_indices",
-    "msif.components.fit_covariance",
-    "msif.components.eigendecompose",
-    "msif.components.fit_lambda",
-    "msif.components.build_factors",
-    "msif.components.query_gradients",
-    "msif.components.score_shard",
-    "msif.components.bm25_scores",
-    "msif.components.rank",
+    *(f"msif.components.{name.replace('-', '_')}" for name in COMPONENTS),
 )
 
-__all__ = [
-    "DEFAULT_IMAGE",
-    "IMAGE",
-    "IMAGE_ENV",
-    "bm25_scores",
-    "build_factors",
-    "eigendecompose",
-    "fit_covariance",
-    "fit_lambda",
-    "query_gradients",
-    "rank",
-    "score_shard",
-    "shard_indices",
-]
+__all__ = ["COMPONENTS", "COMPONENT_MODULES", "DEFAULT_IMAGE", "IMAGE", "IMAGE_ENV", *COMPONENTS]

@@ -1,4 +1,4 @@
-"""Pipeline node `build factors` (CPU): reduce Λ shards into one stage's EK-FAC factors."""
+"""Pipeline node `build-factors` (CPU): reduce Λ shards into one stage's EK-FAC factors."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
@@ -11,11 +11,16 @@ def build_factors(
     partials: Input[list[Artifact]],
     factors: Output[Artifact],
 ):
-    """`msif build-factors` from the eigenbasis and every shard's Λ partial sums."""
-    from msif.cli import main
+    """Adds every shard's Λ sums into the stage's factors: `msif build-factors`.
 
-    argv = ["build-factors", "--eigenbasis", eigenbasis.path]
-    argv += ["--partials", *[p.path for p in partials]]
-    rc = main([*argv, "--out", factors.path])
-    if rc != 0:
-        raise RuntimeError(f"msif build-factors failed with exit code {rc}")
+    Args:
+        eigenbasis: The stage's eigendecompose output.
+        partials: Every fit-lambda shard output of the stage.
+
+    Returns:
+        factors: Q_A, Q_G and Λ per module of one stage (safetensors + JSON).
+    """
+    arguments = dict(locals())  # the signature is the CLI's: first, before any other name
+    from msif.cli import run_subcommand
+
+    run_subcommand("build-factors", out=arguments.pop("factors"), **arguments)

@@ -1,4 +1,4 @@
-"""Pipeline node `fit covariance` (GPU): covariance partial sums of one data shard."""
+"""Pipeline node `fit-covariance` (GPU): covariance partial sums of one data shard."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Output
@@ -7,24 +7,43 @@ from msif.components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def fit_covariance(
-    model_uri: str,
-    data_uri: str,
+    model: str,
+    data: str,
     stage: str,
     shard: int,
     num_shards: int,
+    covariance: Output[Artifact],
     max_length: int,
     batch_size: int,
     seed: int,
-    covariance: Output[Artifact],
+    device: str,
+    dtype: str,
+    include: list,
+    exclude: list,
+    split_heads: bool,
 ):
-    """`msif fit-covariance` on shard `shard` of `num_shards` of the stage's data."""
-    from msif.cli import main
+    """Sums a aᵀ and g gᵀ (labels sampled from the model) over one shard: `msif fit-covariance`.
 
-    # Local runs deliver ParallelFor items of a List[int] as floats (0.0, 1.0, ...).
-    argv = ["fit-covariance", "--model", model_uri, "--data", data_uri, "--stage", stage]
-    argv += ["--shard", str(int(shard)), "--num-shards", str(int(num_shards))]
-    argv += ["--max-length", str(max_length), "--batch-size", str(batch_size)]
-    argv += ["--seed", str(seed), "--out", covariance.path]
-    rc = main(argv)
-    if rc != 0:
-        raise RuntimeError(f"msif fit-covariance failed with exit code {rc}")
+    Args:
+        model: The stage's model (θ_pt for stage pt, θ_ft for ft): a save_pretrained directory
+            or gs:// prefix.
+        data: The stage's Parquet data: the corpus (pt) or the fine-tuning pairs (ft).
+        stage: pt or ft.
+        shard: Index of this shard.
+        num_shards: Number of shards the data is split into.
+        max_length: Tokens per sequence.
+        batch_size: Sequences per forward and backward pass.
+        seed: Seed of the sampled Fisher labels.
+        device: auto, cpu, cuda or cuda:N.
+        dtype: dtype the model is loaded in.
+        include: Track only block modules whose name matches one of these regexes.
+        exclude: Do not track modules matching these regexes.
+        split_heads: Split fused QKV projections into head-size blocks of G.
+
+    Returns:
+        covariance: The shard's covariance partial sums (safetensors + JSON).
+    """
+    arguments = dict(locals())  # the signature is the CLI's: first, before any other name
+    from msif.cli import run_subcommand
+
+    run_subcommand("fit-covariance", out=arguments.pop("covariance"), **arguments)

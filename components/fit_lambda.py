@@ -1,4 +1,4 @@
-"""Pipeline node `fit Λ` (GPU): eigenvalue-correction partial sums of one data shard."""
+"""Pipeline node `fit-lambda` (GPU): eigenvalue-correction (Λ) partial sums of one shard."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Output
@@ -7,26 +7,44 @@ from msif.components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def fit_lambda(
-    model_uri: str,
-    data_uri: str,
+    model: str,
+    data: str,
     stage: str,
     eigenbasis: Input[Artifact],
     shard: int,
     num_shards: int,
+    lambda_sums: Output[Artifact],
     max_length: int,
     batch_size: int,
     seed: int,
-    lambda_sums: Output[Artifact],
+    device: str,
+    dtype: str,
+    include: list,
+    exclude: list,
+    split_heads: bool,
 ):
-    """`msif fit-lambda` on shard `shard` of `num_shards` in the stage's eigenbasis."""
-    from msif.cli import main
+    """Sums (Q_Gᵀ DW_n Q_A)∘² over one shard's sequences: `msif fit-lambda`.
 
-    # Local runs deliver ParallelFor items of a List[int] as floats (0.0, 1.0, ...).
-    argv = ["fit-lambda", "--model", model_uri, "--data", data_uri, "--stage", stage]
-    argv += ["--eigenbasis", eigenbasis.path]
-    argv += ["--shard", str(int(shard)), "--num-shards", str(int(num_shards))]
-    argv += ["--max-length", str(max_length), "--batch-size", str(batch_size)]
-    argv += ["--seed", str(seed), "--out", lambda_sums.path]
-    rc = main(argv)
-    if rc != 0:
-        raise RuntimeError(f"msif fit-lambda failed with exit code {rc}")
+    Args:
+        model: The stage's model, as for fit-covariance.
+        data: The stage's Parquet data, as for fit-covariance.
+        stage: pt or ft.
+        eigenbasis: The stage's eigendecompose output.
+        shard: Index of this shard.
+        num_shards: Number of shards.
+        max_length: Tokens per sequence (as for fit-covariance).
+        batch_size: Sequences per forward and backward pass.
+        seed: Seed of the sampled Fisher labels.
+        device: auto, cpu, cuda or cuda:N.
+        dtype: dtype the model is loaded in.
+        include: Module regexes, as for fit-covariance.
+        exclude: Module regexes, as for fit-covariance.
+        split_heads: As for fit-covariance.
+
+    Returns:
+        lambda_sums: The shard's Λ partial sums (safetensors + JSON).
+    """
+    arguments = dict(locals())  # the signature is the CLI's: first, before any other name
+    from msif.cli import run_subcommand
+
+    run_subcommand("fit-lambda", out=arguments.pop("lambda_sums"), **arguments)

@@ -7,9 +7,8 @@ from msif.components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def rank(
-    corpus_uri: str,
-    queries_uri: str,
-    top_k: int,
+    corpus: str,
+    queries: str,
     multi_stage_scores: Input[list[Artifact]],
     single_stage_scores: Input[list[Artifact]],
     gradient_dot_scores: Input[list[Artifact]],
@@ -20,25 +19,52 @@ def rank(
     metrics: Output[Metrics],
     report: Output[Markdown],
     report_html: Output[HTML],
+    top_k: int,
+    report_k: int,
 ):
-    """`msif rank`, then its metrics and reports as the KFP UI's Metrics/Markdown/HTML."""
-    # Only msif.cli and msif.evaluation.metrics here: in a pod, kfp's runtime-only `dsl`
+    """Merges every shard's top-k per method and evaluates them: `msif rank`.
+
+    Args:
+        corpus: The scored corpus (snippets for the report).
+        queries: The queries; their relevant_ids give MRR and recall@10.
+        multi_stage_scores: Every score-corpus (multi-stage) shard output.
+        single_stage_scores: Every score-corpus (single-stage) shard output.
+        gradient_dot_scores: Every score-corpus (gradient-dot) shard output.
+        bm25_scores: The bm25 output.
+        pt_factors: Pre-train factors (their Λ spectrum is plotted).
+        ft_factors: Fine-tune factors (likewise).
+        top_k: Documents kept per query and method.
+        report_k: Documents per query shown in the report.
+
+    Returns:
+        ranking: ranking.parquet, metrics.json, report.md and report.html.
+        metrics: MRR and recall@10 per method, for the run's Metrics view.
+        report: The Markdown report, for the run's Markdown view.
+        report_html: The self-contained HTML report.
+    """
+    # Only msif.cli, msif.evaluation and msif.storage here: in a pod, kfp's runtime-only `dsl`
     # cannot define components, so importing msif.components would fail.
     import json
     import shutil
     from pathlib import Path
 
-    from msif.cli import main
+    from msif.cli import run_subcommand
     from msif.evaluation.metrics import kfp_metrics
+    from msif.storage.gcs import is_remote, local_input_dir
 
     shards = [*multi_stage_scores, *single_stage_scores, *gradient_dot_scores, bm25_scores]
-    argv = ["rank", "--scores", *[s.path for s in shards]]
-    argv += ["--corpus", corpus_uri, "--queries", queries_uri, "--top-k", str(top_k)]
-    argv += ["--factors", pt_factors.path, ft_factors.path]
-    rc = main([*argv, "--out", ranking.path])
-    if rc != 0:
-        raise RuntimeError(f"msif rank failed with exit code {rc}")
-    out = Path(ranking.path)
+    run_subcommand(
+        "rank",
+        scores=shards,
+        corpus=corpus,
+        queries=queries,
+        factors=[pt_factors, ft_factors],
+        top_k=top_k,
+        report_k=report_k,
+        out=ranking,
+    )
+    # A gs:// ranking (in-process runs may publish there) is read through a verified copy.
+    out = local_input_dir(ranking.path) if is_remote(ranking.path) else Path(ranking.path)
     for name, value in sorted(kfp_metrics(json.loads((out / "metrics.json").read_text())).items()):
         metrics.log_metric(name, value)
     for source, target in ((out / "report.md", report), (out / "report.html", report_html)):

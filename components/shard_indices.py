@@ -1,4 +1,4 @@
-"""Pipeline helper node: the shard indices 0..num_shards-1 that `dsl.ParallelFor` fans out."""
+"""Pipeline helper task `shard-indices`: the shard indices that `dsl.ParallelFor` fans out."""
 
 from kfp import dsl
 from msif.components.image import IMAGE
@@ -6,7 +6,14 @@ from msif.components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def shard_indices(num_shards: int) -> list[int]:
-    """The list [0, 1, ..., num_shards - 1]; refuses num_shards < 1."""
+    """The list [0, 1, ..., num_shards - 1].
+
+    Args:
+        num_shards: Number of shards (at least 1).
+
+    Returns:
+        The shard indices.
+    """
     if int(num_shards) < 1:
         raise ValueError(f"num_shards must be at least 1, not {num_shards}")
     return list(range(int(num_shards)))

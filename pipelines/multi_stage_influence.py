@@ -1,11 +1,12 @@
-"""The multi-stage influence pipeline (DESIGN.md §3) as a Kubeflow Pipelines v2 pipeline.
+"""The multi-stage influence pipeline (docs/design.md §3) as a Kubeflow Pipelines v2 pipeline.
 
 Per stage (pt: pre-training corpus at θ_pt, ft: fine-tuning data at θ_ft): fit covariance on
 every shard (GPU, `ParallelFor`) → eigendecompose the reduced sums (CPU, `Collected`) → fit Λ
 on every shard (GPU) → build the stage's factors (CPU). Then, for each of multi-stage,
 single-stage and gradient-dot, precondition the queries at θ_ft (GPU) and score every corpus
 shard (GPU; θ_pt, except θ_ft for single-stage); BM25 scores the text (CPU); `rank` merges
-every shard's top-k, evaluates and writes the report (CPU).
+every shard's top-k, evaluates and writes the report (CPU). The tasks and their wiring come
+from `msif.workflow.dag`, the one place the DAG is written.
 
 Models, corpus, fine-tuning data and queries are URI *parameters* (gs:// or local), not
 input artifacts: open-source KFP downloads an input artifact whole before the step starts,
@@ -23,27 +24,23 @@ nodes on plain CPU nodes. `build_pipeline()` fixes the defaults at compile time.
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 from kfp.dsl.pipeline_channel import PipelineParameterChannel
-from msif.components import (
-    bm25_scores,
-    build_factors,
-    eigendecompose,
-    fit_covariance,
-    fit_lambda,
-    query_gradients,
-    rank,
-    score_shard,
-    shard_indices,
-)
+from msif.components import COMPONENTS
+
+from msif.config import EigenOptions, ModelOptions, PreconditionOptions, RankOptions, ScoreOptions
+from msif.workflow.dag import Task, arguments, tasks
 
 PIPELINE_NAME = "multi-stage-influence"
-METHODS = ("multi-stage", "single-stage", "gradient-dot")
 GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 PART_OF_LABEL = ("app.kubernetes.io/part-of", "msif")
+# The defaults of the option parameters: msif.config's, written nowhere else.
+_M, _E, _P = ModelOptions(), EigenOptions(), PreconditionOptions()
+_S, _R = ScoreOptions(), RankOptions()
 
 
 @dataclass(frozen=True)
@@ -125,8 +122,8 @@ def _on_gpu(task: PipelineTask, gpu: _Gpu, name: str) -> PipelineTask:
     return task
 
 
-def _on_cpu(task: PipelineTask, kind: str, name: str) -> PipelineTask:
-    res = CPU_NODES[kind]
+def _on_cpu(task: PipelineTask, node: str, name: str) -> PipelineTask:
+    res = CPU_NODES[node]
     task.set_display_name(name)
     task.set_cpu_request(res.cpu)
     task.set_memory_request(res.memory)
@@ -134,57 +131,32 @@ def _on_cpu(task: PipelineTask, kind: str, name: str) -> PipelineTask:
     return task
 
 
-@dataclass(frozen=True)
-class _Run:
-    """Pipeline parameters every model node shares."""
-
-    shards: PipelineParameterChannel
-    num_shards: PipelineParameterChannel
-    max_length: PipelineParameterChannel
-    batch_size: PipelineParameterChannel
-    seed: PipelineParameterChannel
-    gpu: _Gpu
-
-
-def _stage_factors(stage: str, model_uri, data_uri, run: _Run) -> PipelineTask:
-    """Fit covariance ×N → eigendecompose → fit Λ ×N → build factors, for one stage."""
-    common = dict(model_uri=model_uri, data_uri=data_uri, stage=stage)
-    sizes = dict(max_length=run.max_length, batch_size=run.batch_size, seed=run.seed)
-    with dsl.ParallelFor(run.shards) as shard:
-        cov = fit_covariance(**common, shard=shard, num_shards=run.num_shards, **sizes)
-        _on_gpu(cov, run.gpu, f"fit covariance ({stage})")
-    eig = eigendecompose(partials=dsl.Collected(cov.outputs["covariance"]))
-    _on_cpu(eig, "eigendecompose", f"eigendecompose ({stage})")
-    with dsl.ParallelFor(run.shards) as shard:
-        lam = fit_lambda(
-            **common,
-            eigenbasis=eig.outputs["eigenbasis"],
-            shard=shard,
-            num_shards=run.num_shards,
-            **sizes,
-        )
-        _on_gpu(lam, run.gpu, f"fit lambda ({stage})")
-    factors = build_factors(
-        eigenbasis=eig.outputs["eigenbasis"], partials=dsl.Collected(lam.outputs["lambda_sums"])
+def _add_tasks(params: dict, gpu: _Gpu) -> None:
+    """Every task of msif.workflow.dag, fanned out over shards where the DAG says so."""
+    shards = _on_cpu(
+        COMPONENTS["shard-indices"](num_shards=params["num_shards"]), "shard-indices", "shards"
     )
-    return _on_cpu(factors, "build-factors", f"build factors ({stage})")
+    produced: dict[str, Any] = {}
+    for task in tasks():
+        component = COMPONENTS[task.node]
+        args = arguments(task, component.component_spec.inputs or {}, params, produced)
+        if task.sharded:
+            with dsl.ParallelFor(shards.output) as shard:
+                kfp_task = component(**args, shard=shard)
+                _place(kfp_task, task, gpu)
+        else:
+            kfp_task = component(**args)
+            _place(kfp_task, task, gpu)
+        # Later tasks read the first output; a sharded task's arrive collected (fan-in).
+        first = kfp_task.outputs[next(iter(component.component_spec.outputs))]
+        produced[task.id] = dsl.Collected(first) if task.sharded else first
 
 
-def _method_scores(method: str, queries_task: PipelineTask, model_uri, corpus_uri, top_k, run):
-    """Score every corpus shard against one method's preconditioned queries."""
-    with dsl.ParallelFor(run.shards) as shard:
-        task = score_shard(
-            model_uri=model_uri,
-            corpus_uri=corpus_uri,
-            preconditioned=queries_task.outputs["preconditioned"],
-            shard=shard,
-            num_shards=run.num_shards,
-            top_k=top_k,
-            max_length=run.max_length,
-            batch_size=run.batch_size,
-        )
-        _on_gpu(task, run.gpu, f"score corpus ({method})")
-    return dsl.Collected(task.outputs["scores"])
+def _place(kfp_task: PipelineTask, task: Task, gpu: _Gpu) -> None:
+    if task.gpu:
+        _on_gpu(kfp_task, gpu, task.display_name)
+    else:
+        _on_cpu(kfp_task, task.node, task.display_name)
 
 
 def build_pipeline(defaults: PipelineDefaults | None = None):
@@ -204,21 +176,33 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         finetune_data_uri: str,
         queries_uri: str,
         num_shards: int = 4,
-        max_length: int = 512,
-        batch_size: int = 8,
-        damping_factor: float = 0.1,
+        max_length: int = _M.max_length,
+        batch_size: int = _M.batch_size,
+        seed: int = _M.seed,
+        device: str = _M.device,
+        dtype: str = _M.dtype,
+        include: list = list(_M.include),  # noqa: B006 - KFP reads defaults from the signature
+        exclude: list = list(_M.exclude),  # noqa: B006
+        split_heads: bool = _M.split_heads,
+        factor_dtype: str = _E.factor_dtype,
         alpha: float = 0.0,
-        query_rank: int = 0,
-        top_k: int = 100,
+        damping_factor: float = _P.damping_factor,
+        damping: float = 0.0,
+        query_rank: int = _P.query_rank,
+        top_k: int = _S.top_k,
+        explain_k: int = _S.explain_k,
+        full: bool = _S.full,
+        contraction: str = _S.contraction,
+        report_k: int = _R.report_k,
         accelerator_type: str = d.accelerator_type,
         accelerator_count: int = d.accelerator_count,
         gpu_node_selector: dict = default_selector,
         gpu_cpu_request: str = d.gpu_cpu_request,
         gpu_memory_request: str = d.gpu_memory_request,
-        seed: int = 0,
     ):
-        """alpha <= 0: α = damping_factor × mean Λ_ft; query_rank 0: full-rank queries."""
-        shards = _on_cpu(shard_indices(num_shards=num_shards), "shard-indices", "shards")
+        """alpha, damping <= 0: unset (α = damping_factor × mean Λ_ft; λ relative);
+        query_rank 0: dense queries. The other options are msif.config's, by the same name."""
+        params = dict(locals())  # first: every parameter, by name, for the DAG's tasks
         gpu = _Gpu(
             accelerator_type,
             accelerator_count,
@@ -227,43 +211,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
             gpu_memory_request,
             d.retry,
         )
-        run = _Run(shards.output, num_shards, max_length, batch_size, seed, gpu)
-        factors = {
-            "pt": _stage_factors("pt", pt_model_uri, corpus_uri, run),
-            "ft": _stage_factors("ft", ft_model_uri, finetune_data_uri, run),
-        }
-        # Each method gets exactly the factors it applies, so gradient-dot need not wait.
-        needs = {"multi-stage": ("ft", "pt"), "single-stage": ("ft",), "gradient-dot": ()}
-        scores = {}
-        for method in METHODS:
-            q = query_gradients(
-                ft_model_uri=ft_model_uri,
-                queries_uri=queries_uri,
-                method=method,
-                alpha=alpha,
-                damping_factor=damping_factor,
-                query_rank=query_rank,
-                max_length=max_length,
-                batch_size=batch_size,
-                **{f"{s}_factors": factors[s].outputs["factors"] for s in needs[method]},
-            )
-            _on_gpu(q, gpu, f"query gradients ({method})")
-            model = ft_model_uri if method == "single-stage" else pt_model_uri
-            scores[method] = _method_scores(method, q, model, corpus_uri, top_k, run)
-        bm25 = bm25_scores(corpus_uri=corpus_uri, queries_uri=queries_uri, top_k=top_k)
-        _on_cpu(bm25, "bm25", "bm25")
-        ranked = rank(
-            corpus_uri=corpus_uri,
-            queries_uri=queries_uri,
-            top_k=top_k,
-            multi_stage_scores=scores["multi-stage"],
-            single_stage_scores=scores["single-stage"],
-            gradient_dot_scores=scores["gradient-dot"],
-            bm25_scores=bm25.outputs["scores"],
-            pt_factors=factors["pt"].outputs["factors"],
-            ft_factors=factors["ft"].outputs["factors"],
-        )
-        _on_cpu(ranked, "rank", "rank")
+        _add_tasks(params, gpu)
 
     return multi_stage_influence
 

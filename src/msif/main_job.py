@@ -1,166 +1,150 @@
-"""The main job: build (or reuse) the fact world and run every pipeline node on it locally."""
+"""The main job: build (or reuse) the fact world and run the whole pipeline on it locally.
+
+`msif run --runner kfp` (the default) runs the compiled KFP pipeline through kfp.local;
+`--runner inprocess` walks the same DAG in this process. Either way the options are those of
+msif.config, with the fact world's sizes as defaults, and each node prints one line when it
+finishes.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import logging
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from msif import nodes
-from msif.nodes import RunOptions
+from msif.config import (
+    EigenOptions,
+    ModelOptions,
+    PreconditionOptions,
+    RankOptions,
+    ScoreOptions,
+    add_options,
+    from_namespace,
+)
 
-log = logging.getLogger("msif")
-METHODS = ("multi-stage", "single-stage", "gradient-dot")
+# The fact world's sequences are short and its model tiny: larger batches, shorter sequences.
+WORLD_MODEL_OPTIONS = {"max_length": 64, "batch_size": 16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobSettings:
-    """What the main job runs with (the pipeline's parameters)."""
+    """What the main job runs with: the pipeline's parameters apart from the world's URIs."""
 
     num_shards: int = 2
-    max_length: int = 64
-    batch_size: int = 16
-    damping_factor: float = 0.1
-    alpha: float | None = None
-    rank: int = 0
-    top_k: int = 100
-    seed: int = 0
-    progress: bool = True
+    model: ModelOptions = field(default_factory=lambda: ModelOptions(**WORLD_MODEL_OPTIONS))
+    eigen: EigenOptions = field(default_factory=EigenOptions)
+    precondition: PreconditionOptions = field(default_factory=PreconditionOptions)
+    scoring: ScoreOptions = field(default_factory=ScoreOptions)
+    ranking: RankOptions = field(default_factory=RankOptions)
 
-    def options(self) -> RunOptions:
-        """Node options for these settings."""
-        return RunOptions(
-            max_length=self.max_length,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            device="auto",
-            dtype="float32",
-            progress=self.progress,
-        )
+    def parameters(self, world: dict) -> dict:
+        """Pipeline parameters: the world's files, these options, CPU placement."""
+        from msif.workflow.dag import option_parameters
+
+        return {
+            "pt_model_uri": str(world["pt_model"]),
+            "ft_model_uri": str(world["ft_model"]),
+            "corpus_uri": str(world["corpus"]),
+            "finetune_data_uri": str(world["finetune"]),
+            "queries_uri": str(world["queries"]),
+            "num_shards": self.num_shards,
+            **option_parameters(
+                self.model, self.eigen, self.precondition, self.scoring, self.ranking
+            ),
+            "accelerator_count": 0,
+            "gpu_node_selector": {},
+        }
 
 
-@dataclass
-class Timer:
-    """Wall time of each node, summed over its shards."""
+def add_parsers(sub) -> None:
+    """`msif world` and `msif run`."""
+    p = sub.add_parser("world", help="build (or reuse) the synthetic fact world")
+    _world_arguments(p)
+    p.set_defaults(run=world_command)
 
-    seconds: dict[str, float] = field(default_factory=dict)
+    p = sub.add_parser(
+        "run",
+        help="the main job: fact world + whole pipeline, locally",
+        description="Build (or reuse) the fact world, then run every node of the pipeline on "
+        "it and print where each method found the evidence. Options are the nodes' own.",
+    )
+    _world_arguments(p)
+    p.add_argument("--out", default="msif-out", help="run directory (default: %(default)s)")
+    p.add_argument(
+        "--runner",
+        default="kfp",
+        choices=["kfp", "inprocess"],
+        help="kfp: the compiled pipeline through kfp.local; inprocess: the same DAG in this "
+        "process (default: %(default)s)",
+    )
+    p.add_argument("--num-shards", type=int, default=2, help="shards (default: %(default)s)")
+    add_options(p, PreconditionOptions, skip=("method",))
+    add_options(p, ScoreOptions)
+    add_options(p, RankOptions, skip=("top_k",))
+    add_options(p, EigenOptions)
+    add_options(p, ModelOptions)
+    p.set_defaults(run=run_command, **WORLD_MODEL_OPTIONS)
 
-    def run(self, name: str, fn: Callable, *args, **kwargs):
-        """Call fn and add its wall time under name."""
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        return result
+
+def _world_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        default="default",
+        choices=["default", "small"],
+        help="default: 24 people, 336 documents; small: the CI-sized world (default: %(default)s)",
+    )
+    p.add_argument("--world-seed", type=int, default=None, help="seed of the world (preset's)")
+    p.add_argument(
+        "--cache", default=None, help="cache dir (default: $MSIF_CACHE or ~/.cache/msif)"
+    )
+
+
+def settings_from(args: argparse.Namespace, world_alpha: float | None) -> JobSettings:
+    """JobSettings from `msif run` flags; α defaults to the world's proximity coefficient."""
+    alpha = args.alpha if args.alpha is not None else (world_alpha or None)
+    return JobSettings(
+        num_shards=args.num_shards,
+        model=from_namespace(ModelOptions, args),
+        eigen=from_namespace(EigenOptions, args),
+        precondition=from_namespace(PreconditionOptions, args, alpha=alpha),
+        scoring=from_namespace(ScoreOptions, args),
+        ranking=from_namespace(RankOptions, args),
+    )
+
+
+def say(text: str = "") -> None:
+    """Print past kfp.local, which swaps builtins.print for an indenting one while it runs."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def node_line(name: str, seconds: float, shards: int = 1) -> str:
+    """The line printed when a node finishes."""
+    times = f" ×{shards}" if shards > 1 else ""
+    return f"  done {name:<34}{times:>4} {seconds:7.1f}s"
 
 
 def run_inprocess(world: dict, out: Path, settings: JobSettings) -> dict:
-    """Every node, called directly in this process; returns metrics and node timings."""
-    opts, n, t = settings.options(), settings.num_shards, Timer()
-    factors = {}
-    for stage, model, data in (
-        ("pt", world["pt_model"], world["corpus"]),
-        ("ft", world["ft_model"], world["finetune"]),
-    ):
-        d = out / stage
-        covs = [str(d / f"covariance-{i}") for i in range(n)]
-        for i, c in enumerate(covs):
-            t.run(
-                f"fit-covariance ({stage})",
-                nodes.fit_covariance_node,
-                model,
-                data,
-                stage,
-                i,
-                n,
-                c,
-                opts,
-            )
-        t.run(f"eigendecompose ({stage})", nodes.eigendecompose_node, covs, str(d / "eigen"))
-        lams = [str(d / f"lambda-{i}") for i in range(n)]
-        for i, lam in enumerate(lams):
-            t.run(
-                f"fit-lambda ({stage})",
-                nodes.fit_lambda_node,
-                model,
-                data,
-                stage,
-                str(d / "eigen"),
-                i,
-                n,
-                lam,
-                opts,
-            )
-        factors[stage] = str(d / "factors")
-        t.run(
-            f"build-factors ({stage})",
-            nodes.build_factors_node,
-            str(d / "eigen"),
-            lams,
-            factors[stage],
-        )
-    scores = []
-    for method in METHODS:
-        pre = str(out / "queries" / method)
-        t.run(
-            "query-gradients",
-            nodes.query_gradients_node,
-            world["ft_model"],
-            world["queries"],
-            method,
-            pre,
-            opts,
-            ft_factors_uri=factors["ft"],
-            pt_factors_uri=factors["pt"],
-            alpha=settings.alpha,
-            damping_factor=settings.damping_factor,
-            rank=settings.rank,
-        )
-        corpus_model = world["ft_model"] if method == "single-stage" else world["pt_model"]
-        for i in range(n):
-            scores.append(str(out / "scores" / f"{method}-{i}"))
-            t.run(
-                "score",
-                nodes.score_node,
-                corpus_model,
-                world["corpus"],
-                pre,
-                i,
-                n,
-                settings.top_k,
-                scores[-1],
-                opts,
-            )
-    scores.append(str(out / "scores" / "bm25"))
-    t.run("bm25", nodes.bm25_node, world["corpus"], world["queries"], settings.top_k, scores[-1])
-    metrics = t.run(
-        "rank",
-        nodes.rank_node,
-        scores,
-        world["corpus"],
-        world["queries"],
-        settings.top_k,
-        str(out / "ranking"),
-        factor_uris=[factors["pt"], factors["ft"]],
+    """The DAG in this process; metrics, per-task times and the ranking directory."""
+    from msif.workflow.inprocess import primary_output, run_dag
+
+    timings: dict[str, float] = {}
+
+    def finished(run) -> None:
+        timings[run.task.display_name] = run.seconds
+        say(node_line(run.task.display_name, run.seconds, len(run.outputs)))
+
+    runs = run_dag(
+        settings.parameters(world), str(out / "tasks"), ui_dir=out / "ui", on_task=finished
     )
-    return {"metrics": metrics, "timings": t.seconds, "ranking": str(out / "ranking")}
-
-
-def node_times(run_dir: Path) -> dict[str, float]:
-    """Wall time per node (summed over shards) from the manifests the nodes published."""
-    times: dict[str, float] = {}
-    for marker in sorted(run_dir.rglob("_MSIF_COMPLETE.json")):
-        meta = json.loads(marker.read_text()).get("metadata", {})
-        if "wall_s" not in meta:
-            continue
-        name = meta.get("node", "?") + (f" ({meta['stage']})" if "stage" in meta else "")
-        times[name] = times.get(name, 0.0) + float(meta["wall_s"])
-    return times
+    ranking = primary_output(runs, "rank")
+    metrics = json.loads((Path(ranking) / "metrics.json").read_text())
+    return {"metrics": metrics, "timings": timings, "ranking": ranking}
 
 
 def metric_table(metrics: dict) -> str:
@@ -189,28 +173,21 @@ def evidence_lines(ranking_dir: Path, limit: int = 8) -> list[str]:
     return lines
 
 
-def _say(text: str = "") -> None:
-    # kfp.local swaps builtins.print for an indenting one while it runs; write directly.
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def print_summary(world: dict, result: dict, out: Path) -> None:
     """The table a user sees at the end of the main job."""
     acc = world.get("accuracy", {})
     if acc:
-        _say("fine-tuned model accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-    _say("\nwhere each method ranked the first document that states the queried fact:")
-    _say("\n".join(evidence_lines(Path(result["ranking"]))))
-    _say("\n" + metric_table(result["metrics"]))
-    _say("\nnode wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items()))
-    _say(f"\nreport: {Path(result['ranking']) / 'report.html'}")
+        say("fine-tuned model accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+    say("\nwhere each method ranked the first document that states the queried fact:")
+    say("\n".join(evidence_lines(Path(result["ranking"]))))
+    say("\n" + metric_table(result["metrics"]))
+    say(f"\nreport: {Path(result['ranking']) / 'report.html'}")
     (out / "summary.json").write_text(json.dumps({**result, "world": world}, indent=1, default=str))
 
 
-def world_command(args) -> int:
+def world_command(args: argparse.Namespace) -> int:
     """`msif world`: build or reuse the fact world and print its paths."""
-    world = build_world_paths(args.preset, args.seed, args.cache)
+    world = build_world_paths(args.preset, args.world_seed, args.cache)
     print(json.dumps(world, indent=1, default=str))
     return 0
 
@@ -234,28 +211,22 @@ def build_world_paths(preset: str, seed: int | None, cache: str | None) -> dict:
     }
 
 
-def run_command(args) -> int:
+def run_command(args: argparse.Namespace) -> int:
     """`msif run`: the main job."""
     start = time.perf_counter()
-    world = build_world_paths(args.preset, args.seed, args.cache)
+    world = build_world_paths(args.preset, args.world_seed, args.cache)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # α defaults to the proximity coefficient the world was fine-tuned with: DESIGN §1 makes
+    # α defaults to the proximity coefficient the world was fine-tuned with: the design makes
     # it the fine-tune damping (a world fine-tuned without one gets relative damping).
-    alpha = args.alpha if args.alpha is not None else (world["alpha"] or None)
-    settings = JobSettings(
-        num_shards=args.num_shards,
-        damping_factor=args.damping_factor,
-        alpha=alpha,
-        rank=args.rank,
-    )
+    settings = settings_from(args, world["alpha"])
+    say(f"running the pipeline ({args.runner}) under {out}")
     if args.runner == "kfp":
         from msif.workflow.local_run import run_main_job_pipeline
 
-        result = run_main_job_pipeline(world, out, settings)
-        result["timings"].update(node_times(Path(result["outputs"]["run_dir"])))
+        result = run_main_job_pipeline(settings.parameters(world), out, on_node=say)
     else:
         result = run_inprocess(world, out, settings)
     print_summary(world, result, out)
-    _say(f"total wall time {time.perf_counter() - start:.0f}s")
+    say(f"total wall time {time.perf_counter() - start:.0f}s")
     return 0

@@ -57,7 +57,7 @@ def test_cli_scores_equal_library_scores(world, pipeline):
         alpha=0.05,
     )
     expected = msif.score(pt, batches(docs, 4, 0), pre).values
-    ranking = pq.read_table(out / "ranking" / "ranking.parquet").to_pylist()
+    ranking = pq.read_table(out / "rank" / "ranking.parquet").to_pylist()
     multi = [r for r in ranking if r["method"] == "multi-stage"]
     assert len(multi) == 3 * len(ids)  # top-k 20 > 12 documents: every document ranked
     for r in multi:
@@ -73,15 +73,15 @@ def test_cli_scores_equal_library_scores(world, pipeline):
     for r in explained:
         assert sum(r["token_scores"]) == pytest.approx(r["score"], rel=1e-3, abs=1e-3)
     full = pa.concat_tables(
-        [pq.read_table(out / f"scores-{i}" / "full_scores.parquet") for i in range(3)]
+        [pq.read_table(out / "score-corpus-multi-stage" / str(i) / "full_scores.parquet") for i in range(3)]
     )
     assert full.num_rows == 3 * len(ids)
 
 
 def test_rank_writes_metrics_and_report(pipeline):
-    out = pipeline[0] / "ranking"
+    out = pipeline[0] / "rank"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"multi-stage", "bm25"}
+    assert set(metrics["methods"]) == {"multi-stage", "single-stage", "gradient-dot", "bm25"}
     assert metrics["methods"]["multi-stage"]["num_queries"] == 2  # q2 has no relevant ids
     ranking = pq.read_table(out / "ranking.parquet").to_pylist()
     for method in ("multi-stage", "bm25"):
@@ -113,12 +113,12 @@ def test_deterministic_reruns(world, pipeline, tmp_path):
     ]
     assert run(*args, "--out", tmp_path / "again") == 0
     a = (tmp_path / "again" / "covariance.safetensors").read_bytes()
-    assert a == (out / "pt-cov-0" / "covariance.safetensors").read_bytes()
+    assert a == (out / "fit-covariance-pt" / "0" / "covariance.safetensors").read_bytes()
 
 
 def test_missing_shard_is_refused(world, pipeline, tmp_path, capsys):
     out, _, _, shards = pipeline
-    assert run("eigendecompose", "--partials", out / "pt-cov-0", "--out", tmp_path / "e") == 1
+    assert run("eigendecompose", "--partials", out / "fit-covariance-pt" / "0", "--out", tmp_path / "e") == 1
     assert "shard 1 of 3 is missing" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     assert (
@@ -194,13 +194,13 @@ def test_bad_inputs_give_one_line_errors(world, pipeline, tmp_path, capsys):
     )
     assert (
         run(
-            "score",
+            "score-corpus",
             "--model",
             world["pt_model"],
             "--corpus",
             empty,
             "--preconditioned",
-            out / "pre",
+            out / "precondition-queries-multi-stage",
             "--out",
             tmp_path / "o",
             *COMMON,
@@ -229,7 +229,7 @@ def test_bad_inputs_give_one_line_errors(world, pipeline, tmp_path, capsys):
     # Factors of another model: the fine-tune factors given as pre-train ones and vice versa.
     assert (
         run(
-            "query-gradients",
+            "precondition-queries",
             "--model",
             world["ft_model"],
             "--queries",
@@ -247,13 +247,13 @@ def test_bad_inputs_give_one_line_errors(world, pipeline, tmp_path, capsys):
     assert "'pt' factors, expected 'ft'" in one_line_error(capsys)
     assert (
         run(
-            "score",
+            "score-corpus",
             "--model",
             world["ft_model"],
             "--corpus",
             world["corpus"],
             "--preconditioned",
-            out / "pre",
+            out / "precondition-queries-multi-stage",
             "--out",
             tmp_path / "o",
             *COMMON,
@@ -288,23 +288,23 @@ def test_tokenizer_model_mismatch(tmp_path, capsys):
 
 def test_cli_help_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["score", "--model", "m"])
+        main(["score-corpus", "--model", "m"])
     assert e.value.code == 2
     assert "required" in capsys.readouterr().err
 
 
 def test_rerun_of_a_complete_shard_is_skipped(world, pipeline, caplog):
     out = pipeline[0]
-    marker = out / "scores-1" / "_MSIF_COMPLETE.json"
+    marker = out / "score-corpus-multi-stage" / "1" / "_MSIF_COMPLETE.json"
     before = marker.read_bytes()
     argv = [
-        "score",
+        "score-corpus",
         "--model",
         world["pt_model"],
         "--corpus",
         world["corpus"],
         "--preconditioned",
-        out / "pre",
+        out / "precondition-queries-multi-stage",
         "--shard",
         1,
         "--num-shards",
@@ -313,7 +313,7 @@ def test_rerun_of_a_complete_shard_is_skipped(world, pipeline, caplog):
         20,
         "--full",
         "--out",
-        out / "scores-1",
+        out / "score-corpus-multi-stage" / "1",
         *COMMON,
     ]
     with caplog.at_level("INFO", logger="msif"):

@@ -43,7 +43,7 @@ BIG_DOCS = 2000  # ~1 s of scoring per shard of 2 here: long enough to be killed
 
 def score(w: dict[str, str], pre: str, corpus: str, shard: int, num_shards: int, out: str) -> int:
     """`msif score` in-process; its exit code."""
-    argv = ["score", "--model", w["pt_model"], "--corpus", corpus, "--preconditioned", pre]
+    argv = ["score-corpus", "--model", w["pt_model"], "--corpus", corpus, "--preconditioned", pre]
     argv += ["--shard", str(shard), "--num-shards", str(num_shards), "--top-k", "10"]
     return main([*argv, "--out", out, *COMMON])
 
@@ -99,9 +99,9 @@ def w(gcs_emulator, tmp_path_factory) -> dict[str, str]:
     uris["big"] = join(prefix, "big", "big.parquet")
     storage.upload_file(root / "big.parquet", uris["big"])
     uris["pre"] = join(prefix, "pre")
-    with time_limit(120, "query-gradients"):
+    with time_limit(120, "precondition-queries"):
         cli(
-            "query-gradients",
+            "precondition-queries",
             *("--model", uris["ft_model"], "--queries", uris["queries"]),
             *("--method", "gradient-dot", "--out", uris["pre"]),
             *COMMON,
@@ -137,7 +137,7 @@ def _one_thread():
 
 def _start_killable_score(w: dict[str, str], out: str, tmp: Path) -> tuple[subprocess.Popen, Path]:
     """`python -m msif.cli score` (shard 0 of 2 of the big corpus) with its progress bar on."""
-    argv = ["score", "--model", w["pt_model"], "--corpus", w["big"], "--preconditioned", w["pre"]]
+    argv = ["score-corpus", "--model", w["pt_model"], "--corpus", w["big"], "--preconditioned", w["pre"]]
     argv += ["--shard", "0", "--num-shards", "2", "--top-k", "10", "--out", out]
     argv += ["--max-length", "32", "--batch-size", "4", "--device", "cpu"]
     (tmp / "scratch").mkdir()

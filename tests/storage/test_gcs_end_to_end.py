@@ -22,7 +22,7 @@ from msif.storage import gcs as storage
 from msif.storage.gcs import is_complete, join, local_input_dir
 from msif.testing import DEFAULT_BUCKET
 from msif.testing.memcheck import reset_peak
-from tests.support.cli_helpers import ALPHA, COMMON, TOP_K, cli, run_nodes
+from tests.support.cli_helpers import COMMON, cli, dag_settings, run_nodes
 from tests.support.mini_world import WORDS, build
 
 TRIM = os.environ.get("MSIF_TRIM") == "1"
@@ -145,7 +145,7 @@ def _one_thread():
 def test_cli_on_gs_gives_the_local_ranking(gs_world, gs_run, local_run):
     assert_same_ranking(ranking_rows(gs_run["ranking"]), ranking_rows(local_run["ranking"]))
     methods = {r["method"] for r in ranking_rows(gs_run["ranking"])}
-    assert methods == {"multi-stage", "bm25"}
+    assert methods == {"multi-stage", "single-stage", "gradient-dot", "bm25"}
     assert len(ranking_rows(gs_run["ranking"], ["multi-stage"])) == 3 * 12
 
     got = local_input_dir(gs_run["ranking"])
@@ -185,29 +185,18 @@ def test_kfp_local_with_gs_inputs_gives_the_inprocess_run(gs_world, world, tmp_p
     inputs and produces exactly the ranking, metrics and UI artifacts of the same nodes called
     in-process on local files."""
     from msif.evaluation.metrics import kfp_metrics
-    from msif.main_job import JobSettings, run_inprocess
+    from msif.main_job import run_inprocess
 
     num_shards = 1 if TRIM else 2  # trimmed: fewer tasks, same code paths
-    settings = JobSettings(num_shards, 32, 4, alpha=ALPHA, top_k=TOP_K, progress=False)
+    settings = dag_settings(num_shards)
     reference = run_inprocess(
         {k: world[k] for k in ("pt_model", "ft_model", "corpus", "finetune", "queries")},
         tmp_path / "inprocess",
         settings,
     )
-    params = {
-        "pt_model_uri": gs_world["pt_model"],
-        "ft_model_uri": gs_world["ft_model"],
-        "corpus_uri": gs_world["corpus"],
-        "finetune_data_uri": world["finetune"],  # local and gs:// inputs mix freely
-        "queries_uri": gs_world["queries"],
-        "num_shards": num_shards,
-        "max_length": 32,
-        "batch_size": 4,
-        "alpha": ALPHA,
-        "top_k": TOP_K,
-        "accelerator_count": 0,
-        "gpu_node_selector": {},
-    }
+    # Local and gs:// inputs mix freely; the pipeline's nodes use --device auto.
+    params = settings.parameters({**gs_world, "finetune": world["finetune"]})
+    params["device"] = "auto"
     # A child process bounds the whole run in time; kfp.local runs each task in its own.
     child = subprocess.run(
         [sys.executable, "-c", _PIPELINE_CHILD, json.dumps(params), str(tmp_path / "kfp")],
@@ -244,7 +233,7 @@ from msif.testing.memcheck import reset_peak, status_kib
 torch.set_num_threads(1)
 model, pre, warm, corpus, out, *common = sys.argv[1:]
 def score(data, dest):
-    argv = ["score", "--model", model, "--corpus", data, "--preconditioned", pre]
+    argv = ["score-corpus", "--model", model, "--corpus", data, "--preconditioned", pre]
     assert main([*argv, "--top-k", "5", "--out", dest, *common]) == 0
 score(warm, out + "-warm")  # every lazy import and one-off allocation happens here
 assert reset_peak()
@@ -277,7 +266,7 @@ def test_scoring_a_gs_corpus_streams_in_flat_memory(gs_world, tmp_path):
     prefix = fresh_prefix("stream")
     pre = join(prefix, "pre")
     cli(
-        "query-gradients",
+        "precondition-queries",
         *("--model", gs_world["ft_model"], "--queries", gs_world["queries"]),
         *("--method", "gradient-dot", "--out", pre),
         *COMMON,

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from msif.cli import build_parser
 from msif.components.image import DEFAULT_IMAGE, IMAGE_ENV
+from msif.errors import MsifError
 
 from msif.workflow.cli import compile_pipeline, default_package, main
 
-GPU_NODES = {"fit-covariance", "fit-lambda", "query-gradients", "score-shard"}
-CPU_NODES = {"shard-indices", "eigendecompose", "build-factors", "bm25-scores", "rank"}
-SHARDED = {"fit-covariance", "fit-lambda", "score-shard"}
+GPU_NODES = {"fit-covariance", "fit-lambda", "precondition-queries", "score-corpus"}
+CPU_NODES = {"shard-indices", "eigendecompose", "build-factors", "bm25", "rank"}
+SHARDED = {"fit-covariance", "fit-lambda", "score-corpus"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -96,9 +98,9 @@ def test_node_set(ir):
         "eigendecompose": 2,
         "fit-lambda": 2,
         "build-factors": 2,
-        "query-gradients": 3,
-        "score-shard": 3,
-        "bm25-scores": 1,
+        "precondition-queries": 3,
+        "score-corpus": 3,
+        "bm25": 1,
         "rank": 1,
     }
     assert ir["spec"]["pipelineInfo"]["name"] == "multi-stage-influence"
@@ -165,8 +167,8 @@ def test_each_stage_chain_reduces_its_own_shards(ir):
         assert stage_of(spec, lam) == stage
         model, data = inputs[stage]
         for t in (cov, lam):
-            assert t["inputs"]["parameters"]["model_uri"]["componentInputParameter"].endswith(model)
-            assert t["inputs"]["parameters"]["data_uri"]["componentInputParameter"].endswith(data)
+            assert t["inputs"]["parameters"]["model"]["componentInputParameter"].endswith(model)
+            assert t["inputs"]["parameters"]["data"]["componentInputParameter"].endswith(data)
         # Λ is fitted in this stage's eigenbasis, passed into the loop from the same node.
         eig_name = task["inputs"]["artifacts"]["eigenbasis"]["taskOutputArtifact"]["producerTask"]
         assert root[lam_loop]["inputs"]["artifacts"][f"pipelinechannel--{eig_name}-eigenbasis"][
@@ -191,7 +193,7 @@ def test_methods_get_the_right_factors_models_and_reach_rank(ir):
     score_model["gradient-dot"] = "pt_model_uri"
     rank = root["rank"]
     for name, task in root.items():
-        if node(name) != "query-gradients":
+        if node(name) != "precondition-queries":
             continue
         method = task["inputs"]["parameters"]["method"]["runtimeValue"]["constant"]
         arts = task["inputs"].get("artifacts", {})
@@ -199,9 +201,7 @@ def test_methods_get_the_right_factors_models_and_reach_rank(ir):
         for key, value in arts.items():
             stages[key] = factors_stage(spec, value["taskOutputArtifact"]["producerTask"])
         assert {k: v for k, v in stages.items()} == {f"{s}_factors": s for s in expected[method]}
-        assert task["inputs"]["parameters"]["ft_model_uri"] == {
-            "componentInputParameter": "ft_model_uri"
-        }
+        assert task["inputs"]["parameters"]["model"] == {"componentInputParameter": "ft_model_uri"}
         # The method's scores: a ParallelFor over shards fed by this node, collected by rank.
         key = method.replace("-", "_") + "_scores"
         source = rank["inputs"]["artifacts"][key]["taskOutputArtifact"]["producerTask"]
@@ -209,14 +209,14 @@ def test_methods_get_the_right_factors_models_and_reach_rank(ir):
         assert loop["inputs"]["artifacts"][f"pipelinechannel--{name}-preconditioned"][
             "taskOutputArtifact"
         ] == {"outputArtifactKey": "preconditioned", "producerTask": name}
-        assert collected_from(spec, rank, key) == ("score-shard", "scores")
+        assert collected_from(spec, rank, key) == ("score-corpus", "scores")
         body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
         (score,) = body.values()
-        model = score["inputs"]["parameters"]["model_uri"]["componentInputParameter"]
+        model = score["inputs"]["parameters"]["model"]["componentInputParameter"]
         assert model == f"pipelinechannel--{score_model[method]}"
     assert rank["inputs"]["artifacts"]["bm25_scores"]["taskOutputArtifact"] == {
         "outputArtifactKey": "scores",
-        "producerTask": "bm25-scores",
+        "producerTask": "bm25",
     }
     factor_inputs = {k: rank["inputs"]["artifacts"][f"{k}_factors"] for k in ("pt", "ft")}
     for stage, ref in factor_inputs.items():
@@ -277,9 +277,9 @@ def test_artifact_types_between_nodes(ir):
     assert out_type("comp-eigendecompose", "eigenbasis") == "system.Artifact"
     assert out_type("comp-fit-lambda", "lambda_sums") == "system.Artifact"
     assert out_type("comp-build-factors", "factors") == "system.Artifact"
-    assert out_type("comp-query-gradients", "preconditioned") == "system.Artifact"
-    assert out_type("comp-score-shard", "scores") == "system.Dataset"
-    assert out_type("comp-bm25-scores", "scores") == "system.Dataset"
+    assert out_type("comp-precondition-queries", "preconditioned") == "system.Artifact"
+    assert out_type("comp-score-corpus", "scores") == "system.Dataset"
+    assert out_type("comp-bm25", "scores") == "system.Dataset"
     rank_outputs = {k: out_type("comp-rank", k) for k in ("ranking", "metrics", "report")}
     rank_outputs["report_html"] = out_type("comp-rank", "report_html")
     assert rank_outputs == {
@@ -291,15 +291,15 @@ def test_artifact_types_between_nodes(ir):
     rank_in = comps["comp-rank"]["inputDefinitions"]["artifacts"]
     lists = {k for k, v in rank_in.items() if v.get("isArtifactList")}
     assert lists == {"multi_stage_scores", "single_stage_scores", "gradient_dot_scores"}
-    optional = comps["comp-query-gradients"]["inputDefinitions"]["artifacts"]
+    optional = comps["comp-precondition-queries"]["inputDefinitions"]["artifacts"]
     assert {k: v.get("isOptional") for k, v in optional.items()} == {
         "ft_factors": True,
         "pt_factors": True,
     }
     # Models and data are URI parameters, never artifacts the pod would download whole.
-    for comp in ("comp-fit-covariance", "comp-fit-lambda", "comp-score-shard"):
+    for comp in ("comp-fit-covariance", "comp-fit-lambda", "comp-score-corpus"):
         params = comps[comp]["inputDefinitions"]["parameters"]
-        assert params["model_uri"]["parameterType"] == "STRING"
+        assert params["model"]["parameterType"] == "STRING"
 
 
 def test_every_referenced_dag_input_exists(ir):
@@ -349,17 +349,33 @@ def test_runtime_parameters_and_defaults(ir):
         "num_shards": 4,
         "max_length": 512,
         "batch_size": 8,
-        "damping_factor": 0.1,
+        "seed": 0,
+        "device": "auto",
+        "dtype": "float32",
+        "include": [],
+        "exclude": [],
+        "split_heads": False,
+        "factor_dtype": "float32",
         "alpha": 0.0,
+        "damping_factor": 0.1,
+        "damping": 0.0,
         "query_rank": 0,
         "top_k": 100,
+        "explain_k": 10,
+        "full": False,
+        "contraction": "auto",
+        "report_k": 5,
         "accelerator_type": "nvidia.com/gpu",
         "accelerator_count": 1,
         "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
         "gpu_cpu_request": "8",
         "gpu_memory_request": "48Gi",
-        "seed": 0,
     }
+    # Every run option of msif.config is a pipeline parameter of the same name and default.
+    from msif.workflow.dag import default_option_parameters
+
+    for name, value in default_option_parameters().items():
+        assert defaults[name] == value, name
 
 
 def test_committed_yaml_is_current(compiled):
@@ -466,47 +482,63 @@ def art(tmp_path: Path, name: str, cls=None):
 def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
     import msif.components as c
 
-    p = {"max_length": 32, "batch_size": 4}
+    p = dict(max_length=32, batch_size=4, seed=7, device="cpu", dtype="float64")
+    p.update(include=["mlp"], exclude=[], split_heads=True)
     cov = art(tmp_path, "cov")
     # Local runs hand ParallelFor items over as floats: 1.0 must become "1".
-    c.fit_covariance.python_func("m", "d", "pt", 1.0, 2, seed=7, covariance=cov, **p)
+    c.fit_covariance.python_func("m", "d", "pt", 1.0, 2.0, covariance=cov, **p)
     eig = art(tmp_path, "eig")
-    c.eigendecompose.python_func([art(tmp_path, "c0"), art(tmp_path, "c1")], eig)
+    c.eigendecompose.python_func([art(tmp_path, "c0"), art(tmp_path, "c1")], eig, "float64")
     lam = art(tmp_path, "lam")
-    c.fit_lambda.python_func("m", "d", "ft", eig, 0.0, 2, seed=0, lambda_sums=lam, **p)
+    c.fit_lambda.python_func("m", "d", "ft", eig, 0.0, 2, lambda_sums=lam, **p)
     fac = art(tmp_path, "fac")
     c.build_factors.python_func(eig, [art(tmp_path, "l0")], fac)
     pre = art(tmp_path, "pre")
-    c.query_gradients.python_func(
-        "ft", "q", "multi-stage", 0.01, 0.1, 8, preconditioned=pre, ft_factors=fac,
-        pt_factors=art(tmp_path, "ptf"), **p,
+    damp = dict(damping_factor=0.1, damping=0.0, query_rank=8)
+    c.precondition_queries.python_func(
+        "ft", "q", "multi-stage", pre, alpha=0.01, ft_factors=fac,
+        pt_factors=art(tmp_path, "ptf"), **damp, **p,
     )  # fmt: skip
-    c.query_gradients.python_func("ft", "q", "gradient-dot", 0.0, 0.1, 0, preconditioned=pre, **p)
+    c.precondition_queries.python_func("ft", "q", "gradient-dot", pre, alpha=0.0, **damp, **p)
     sc = art(tmp_path, "sc")
-    c.score_shard.python_func("pt", "corpus", pre, 1.0, 2, 5, scores=sc, **p)
-    c.bm25_scores.python_func("corpus", "q", 5, sc)
+    scoring = dict(top_k=5, explain_k=2, full=False, contraction="per-token")
+    c.score_corpus.python_func("pt", "corpus", pre, 1.0, 2, sc, **scoring, **p)
+    c.bm25.python_func("corpus", "q", sc, 5)
     t = str(tmp_path)
-    size = ["--max-length", "32", "--batch-size", "4"]
+    opts = ["--max-length", "32", "--batch-size", "4", "--seed", "7", "--device", "cpu"]
+    opts += ["--dtype", "float64", "--include", "mlp", "--split-heads"]
+    pq_ = ["--damping-factor", "0.1", "--query-rank", "8"]
     assert fake_cli.calls == [
-        ["fit-covariance", "--model", "m", "--data", "d", "--stage", "pt", "--shard", "1",
-         "--num-shards", "2", *size, "--seed", "7", "--out", f"{t}/cov"],
-        ["eigendecompose", "--partials", f"{t}/c0", f"{t}/c1", "--out", f"{t}/eig"],
-        ["fit-lambda", "--model", "m", "--data", "d", "--stage", "ft", "--eigenbasis", f"{t}/eig",
-         "--shard", "0", "--num-shards", "2", *size, "--seed", "0", "--out", f"{t}/lam"],
-        ["build-factors", "--eigenbasis", f"{t}/eig", "--partials", f"{t}/l0",
-         "--out", f"{t}/fac"],
-        ["query-gradients", "--model", "ft", "--queries", "q", "--method", "multi-stage",
-         "--damping-factor", "0.1", "--rank", "8", "--alpha", "0.01", "--ft-factors", f"{t}/fac",
-         "--pt-factors", f"{t}/ptf", *size, "--out", f"{t}/pre"],
-        ["query-gradients", "--model", "ft", "--queries", "q", "--method", "gradient-dot",
-         "--damping-factor", "0.1", "--rank", "0", *size, "--out", f"{t}/pre"],
-        ["score", "--model", "pt", "--corpus", "corpus", "--preconditioned", f"{t}/pre",
-         "--shard", "1", "--num-shards", "2", "--top-k", "5", *size, "--out", f"{t}/sc"],
-        ["bm25", "--corpus", "corpus", "--queries", "q", "--top-k", "5", "--out", f"{t}/sc"],
+        ["fit-covariance", "--out", f"{t}/cov", "--model", "m", "--data", "d", "--stage", "pt",
+         "--shard", "1", "--num-shards", "2", *opts],
+        ["eigendecompose", "--out", f"{t}/eig", "--partials", f"{t}/c0", f"{t}/c1",
+         "--factor-dtype", "float64"],
+        ["fit-lambda", "--out", f"{t}/lam", "--model", "m", "--data", "d", "--stage", "ft",
+         "--eigenbasis", f"{t}/eig", "--shard", "0", "--num-shards", "2", *opts],
+        ["build-factors", "--out", f"{t}/fac", "--eigenbasis", f"{t}/eig", "--partials", f"{t}/l0"],
+        ["precondition-queries", "--out", f"{t}/pre", "--model", "ft", "--queries", "q",
+         "--method", "multi-stage", "--alpha", "0.01", *pq_, *opts, "--ft-factors", f"{t}/fac",
+         "--pt-factors", f"{t}/ptf"],
+        ["precondition-queries", "--out", f"{t}/pre", "--model", "ft", "--queries", "q",
+         "--method", "gradient-dot", *pq_, *opts],
+        ["score-corpus", "--out", f"{t}/sc", "--model", "pt", "--corpus", "corpus",
+         "--preconditioned", f"{t}/pre", "--shard", "1", "--num-shards", "2", "--top-k", "5",
+         "--explain-k", "2", "--contraction", "per-token", *opts],
+        ["bm25", "--out", f"{t}/sc", "--corpus", "corpus", "--queries", "q", "--top-k", "5"],
     ]  # fmt: skip
+    for argv in fake_cli.calls:  # every argv the components build parses
+        build_parser().parse_args(argv)
     assert c.shard_indices.python_func(num_shards=3.0) == [0, 1, 2]
     with pytest.raises(ValueError, match="num_shards must be at least 1, not 0"):
         c.shard_indices.python_func(num_shards=0)
+
+
+def test_a_component_argument_the_cli_lacks_is_refused(fake_cli, tmp_path):
+    from msif.cli import run_subcommand
+
+    with pytest.raises(MsifError, match="msif bm25 has no option for 'seed'"):
+        run_subcommand("bm25", corpus="c", queries="q", top_k=5, seed=0, out=str(tmp_path))
+    assert fake_cli.calls == []
 
 
 def test_rank_component_fills_the_ui_artifacts(fake_cli, tmp_path):
@@ -517,14 +549,15 @@ def test_rank_component_fills_the_ui_artifacts(fake_cli, tmp_path):
     ranking, metrics = art(tmp_path, "ranking"), art(tmp_path, "metrics", Metrics)
     report, html = art(tmp_path, "report", Markdown), art(tmp_path, "report_html", HTML)
     c.rank.python_func(
-        "corpus", "q", 5, *scores, art(tmp_path, "bm25"), art(tmp_path, "ptf"),
-        art(tmp_path, "ftf"), ranking, metrics, report, html,
+        "corpus", "q", *scores, art(tmp_path, "bm25"), art(tmp_path, "ptf"),
+        art(tmp_path, "ftf"), ranking, metrics, report, html, top_k=5, report_k=3,
     )  # fmt: skip
     t = str(tmp_path)
     shards = [f"{t}/{m}{i}" for m in ("ms", "ss", "gd") for i in range(2)] + [f"{t}/bm25"]
     assert fake_cli.calls == [
-        ["rank", "--scores", *shards, "--corpus", "corpus", "--queries", "q", "--top-k", "5",
-         "--factors", f"{t}/ptf", f"{t}/ftf", "--out", f"{t}/ranking"],
+        ["rank", "--scores", *shards, "--corpus", "corpus", "--queries", "q",
+         "--factors", f"{t}/ptf", f"{t}/ftf", "--top-k", "5", "--report-k", "3",
+         "--out", f"{t}/ranking"],
     ]  # fmt: skip
     assert metrics.metadata == {
         "multi-stage_mrr": 0.75,
@@ -543,7 +576,7 @@ def test_component_failure_raises(fake_cli, tmp_path):
 
     fake_cli.rc = 1
     with pytest.raises(RuntimeError, match="msif bm25 failed with exit code 1"):
-        c.bm25_scores.python_func("corpus", "q", 5, art(tmp_path, "sc"))
+        c.bm25.python_func("corpus", "q", art(tmp_path, "sc"), 5)
 
 
 def test_local_parameters_are_checked(tmp_path):

@@ -12,15 +12,21 @@ those warnings are silenced here) and the container image: tasks run in this env
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from msif.errors import MsifError
+from msif.storage.gcs import MARKER
 
 log = logging.getLogger("msif")
 RANK_TASK = "rank"
@@ -116,32 +122,79 @@ def logged_metrics(executor_output: Path) -> dict[str, float]:
         raise LocalRunError(f"no logged metrics in {executor_output}: {exc}") from None
 
 
-def main_job_parameters(world: dict, settings: Any) -> dict[str, Any]:
-    """Pipeline parameters for the main job: the world's files and the job's settings."""
-    return {
-        "pt_model_uri": str(world["pt_model"]),
-        "ft_model_uri": str(world["ft_model"]),
-        "corpus_uri": str(world["corpus"]),
-        "finetune_data_uri": str(world["finetune"]),
-        "queries_uri": str(world["queries"]),
-        "num_shards": settings.num_shards,
-        "max_length": settings.max_length,
-        "batch_size": settings.batch_size,
-        "damping_factor": settings.damping_factor,
-        # The pipeline spells "relative α" as alpha <= 0 (a KFP float cannot be None).
-        "alpha": settings.alpha if settings.alpha is not None else 0.0,
-        "query_rank": settings.rank,
-        "top_k": settings.top_k,
-        "accelerator_count": 0,
-        "gpu_node_selector": {},
-        "seed": settings.seed,
-    }
+@contextlib.contextmanager
+def output_to(log_path: Path) -> Iterator[TextIO]:
+    """Send this process's and its children's stdout and stderr to log_path; yield the
+    terminal's stdout, so the caller can still print progress lines there."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    with open(log_path, "ab") as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            terminal.close()
 
 
-def run_main_job_pipeline(world: dict, out: Path, settings: Any) -> dict[str, Any]:
-    """The main job through kfp.local: metrics, wall time and the ranking directory."""
+class NodeWatcher(threading.Thread):
+    """Reports each node's output as it is published (its manifest appears), with wall time."""
+
+    def __init__(self, root: Path, report: Callable[[str], None], interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.root, self.report, self.interval = root, report, interval
+        self.seen: set[Path] = set()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        """Poll until stopped, then once more."""
+        while not self.stopped.wait(self.interval):
+            self.poll()
+        self.poll()
+
+    def poll(self) -> None:
+        """Report manifests that appeared since the last poll."""
+        for marker in sorted(self.root.rglob(MARKER)):
+            if marker in self.seen:
+                continue
+            self.seen.add(marker)
+            try:
+                meta = json.loads(marker.read_text()).get("metadata", {})
+            except (OSError, ValueError):
+                self.seen.discard(marker)  # still being written: next poll
+                continue
+            label = meta.get("stage") or meta.get("method")
+            name = meta.get("node", "?") + (f" ({label})" if label and label != "bm25" else "")
+            shard = f" shard {meta['shard']}" if meta.get("num_shards", 1) > 1 else ""
+            self.report(f"  done {name + shard:<38} {float(meta.get('wall_s', 0.0)):7.1f}s")
+
+
+def run_main_job_pipeline(
+    params: dict[str, Any], out: Path, *, on_node: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """The main job through kfp.local: kfp's logs go to out/kfp.log, one line per node to
+    on_node; returns metrics, the ranking directory and the run's outputs."""
     start = time.perf_counter()
-    paths = run_pipeline_locally(main_job_parameters(world, settings), Path(out) / "kfp")
+    root, log_path = Path(out) / "kfp", Path(out) / "kfp.log"
+    on_node(f"kfp.local logs: {log_path}")
+    root.mkdir(parents=True, exist_ok=True)
+    with output_to(log_path) as terminal:
+        watcher = NodeWatcher(root, lambda line: print(line, file=terminal, flush=True))
+        watcher.start()
+        try:
+            paths = run_pipeline_locally(params, root)
+        finally:
+            watcher.stopped.set()
+            watcher.join()
     elapsed = time.perf_counter() - start
     log.info("kfp.local run finished in %.0fs: %s", elapsed, paths["run_dir"])
     metrics = json.loads(Path(paths["metrics_json"]).read_text())
@@ -150,4 +203,5 @@ def run_main_job_pipeline(world: dict, out: Path, settings: Any) -> dict[str, An
         "timings": {"pipeline (kfp.local)": elapsed},
         "ranking": paths["ranking"],
         "outputs": paths,
+        "log": str(log_path),
     }

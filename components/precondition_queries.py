@@ -1,0 +1,58 @@
+"""Pipeline node `precondition-queries` (GPU): precondition the queries' gradients at θ_ft."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+from msif.components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def precondition_queries(
+    model: str,
+    queries: str,
+    method: str,
+    preconditioned: Output[Artifact],
+    alpha: float,
+    damping_factor: float,
+    damping: float,
+    query_rank: int,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    device: str,
+    dtype: str,
+    include: list,
+    exclude: list,
+    split_heads: bool,
+    ft_factors: Input[Artifact] = None,
+    pt_factors: Input[Artifact] = None,
+):
+    """Query gradients at θ_ft, preconditioned for one method: `msif precondition-queries`.
+
+    Args:
+        model: The fine-tuned model θ_ft.
+        queries: Parquet with id, prompt, completion.
+        method: multi-stage (needs both factors), single-stage (ft factors) or gradient-dot.
+        ft_factors: The fine-tune factors; leave unconnected for gradient-dot.
+        pt_factors: The pre-train factors; multi-stage only.
+        alpha: Proximity coefficient α, the fine-tune damping; <= 0: damping_factor × mean Λ_ft.
+        damping_factor: λ = damping_factor × mean(Λ) per module.
+        damping: An absolute λ instead; <= 0: use damping_factor.
+        query_rank: Store rank-r queries; 0 keeps them dense.
+        max_length: Tokens per sequence.
+        batch_size: Queries per forward and backward pass.
+        seed: Unused by this node's maths; recorded with the options.
+        device: auto, cpu, cuda or cuda:N.
+        dtype: dtype the model is loaded in.
+        include: Module regexes, as for fit-covariance (without factors).
+        exclude: Module regexes, as for fit-covariance.
+        split_heads: As for fit-covariance.
+
+    Returns:
+        preconditioned: Per module W_q (dense or U, S, V), query ids and the damping used.
+    """
+    arguments = dict(locals())  # the signature is the CLI's: first, before any other name
+    from msif.cli import run_subcommand
+    from msif.config import none_if_not_positive
+
+    arguments.update(alpha=none_if_not_positive(alpha), damping=none_if_not_positive(damping))
+    run_subcommand("precondition-queries", out=arguments.pop("preconditioned"), **arguments)

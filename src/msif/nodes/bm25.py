@@ -1,0 +1,68 @@
+"""Node `bm25` (CPU): the BM25 text baseline, written like one shard of score-corpus."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from msif.config import Bm25Options, add_options, from_namespace
+from msif.nodes import runtime
+
+NAME = "bm25"
+
+
+def add_parser(sub) -> None:
+    """`msif bm25`."""
+    p = runtime.subparser(
+        sub,
+        NAME,
+        "BM25 baseline scores (text only)",
+        "Score the corpus text against each query's prompt and completion with BM25; the\n"
+        "output has the score-corpus format (shard 0 of 1). Needs no model and no factors.",
+    )
+    p.add_argument("--corpus", required=True, help="Parquet with id and text")
+    p.add_argument("--queries", required=True, help="Parquet with id, prompt, completion")
+    runtime.add_out_argument(p, "where the scores go")
+    add_options(p, Bm25Options)
+    p.set_defaults(run=lambda a: run(a.corpus, a.queries, a.out, from_namespace(Bm25Options, a)))
+
+
+@runtime.timed
+def run(corpus_uri: str, queries_uri: str, out_uri: str, options: Bm25Options) -> None:
+    """BM25 baseline over the corpus text, written in the shard-scores format (shard 0 of 1)."""
+    import pyarrow.parquet as pq
+
+    from msif.attribution.topk import TopK
+    from msif.data.parquet import ParquetSource, read_table
+    from msif.data.tables import require_queries
+    from msif.errors import DataError
+    from msif.evaluation.bm25 import BM25Index
+
+    source = ParquetSource.open(corpus_uri)
+    if "text" not in source.schema.names or "id" not in source.schema.names:
+        raise DataError(f"BM25 needs `id` and `text` columns in {corpus_uri}")
+    ids, texts = [], []
+    for b in source.iter_batches(["id", "text"]):
+        ids += [str(x) for x in b.column("id").to_pylist()]
+        texts += [str(x or "") for x in b.column("text").to_pylist()]
+    table = read_table(queries_uri)
+    require_queries(table, queries_uri)
+    index = BM25Index.build(ids, texts)
+    qids = [str(x) for x in table.column("id").to_pylist()]
+    prompts, completions = table.column("prompt").to_pylist(), table.column("completion")
+    texts_q = [f"{p} {c}" for p, c in zip(prompts, completions.to_pylist(), strict=True)]
+    topk = TopK(options.top_k, len(qids))
+    topk.update(np.stack([index.score(t) for t in texts_q]), ids)
+    meta = {"node": NAME, "method": "bm25", "shard": 0, "num_shards": 1}
+    with runtime.published(out_uri, meta) as tmp:
+        pq.write_table(topk.to_table(qids), tmp / "scores.parquet")
+        info = {
+            **meta,
+            "corpus": corpus_uri,
+            "corpus_fingerprint": source.fingerprint(),
+            "queries_fingerprint": runtime.table_fingerprint(table),
+            "num_docs": len(ids),
+            "top_k": options.top_k,
+            "modules": [],
+            "left_out": {},
+        }
+        runtime.write_json(tmp / "scores.json", info)

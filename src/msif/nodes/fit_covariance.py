@@ -1,0 +1,65 @@
+"""Node `fit-covariance` (GPU): covariance partial sums of one shard of a stage's data."""
+
+from __future__ import annotations
+
+from msif.config import ModelOptions, add_options, from_namespace
+from msif.nodes import runtime
+
+NAME = "fit-covariance"
+
+
+def add_parser(sub) -> None:
+    """`msif fit-covariance`."""
+    p = runtime.subparser(
+        sub,
+        NAME,
+        "covariance partial sums of one data shard",
+        "Sum a aᵀ and g gᵀ of every tracked module over one shard of a stage's data, with g\n"
+        "from labels sampled from the model. Needs the stage's model: θ_pt with the corpus\n"
+        "(--stage pt), θ_ft with the fine-tuning data (--stage ft). Shards add up.",
+    )
+    p.add_argument("--model", required=True, help="the stage's model: a directory or gs:// prefix")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="corpus (id, text | input_ids) or fine-tune (prompt, completion)",
+    )
+    runtime.add_stage_argument(p)
+    runtime.add_shard_arguments(p)
+    runtime.add_out_argument(p, "where the partial sums go")
+    add_options(p, ModelOptions)
+    p.set_defaults(
+        run=lambda a: run(
+            a.model, a.data, a.stage, a.shard, a.num_shards, a.out, from_namespace(ModelOptions, a)
+        )
+    )
+
+
+@runtime.timed
+def run(
+    model_uri: str,
+    data_uri: str,
+    stage: str,
+    shard: int,
+    num_shards: int,
+    out_uri: str,
+    options: ModelOptions,
+) -> None:
+    """Covariance partial sums of one data shard."""
+    from msif.data.models import load_model
+    from msif.ekfac.covariance import fit_covariance
+
+    runtime.check_stage(stage)
+    model, tokenizer = load_model(model_uri, device=options.device, dtype=options.dtype)
+    data, info = runtime.stage_batches(model, tokenizer, data_uri, shard, num_shards, options)
+    cov = fit_covariance(
+        model,
+        data,
+        stage=stage,
+        modules=options.selection(),
+        seed=options.seed,
+        progress=options.progress,
+    )
+    cov.info = {**info, "model": model_uri}
+    with runtime.published(out_uri, {"node": NAME, "stage": stage}) as tmp:
+        cov.save(tmp)

@@ -1,0 +1,68 @@
+"""Node `fit-lambda` (GPU): eigenvalue-correction (Λ) partial sums of one data shard."""
+
+from __future__ import annotations
+
+from msif.config import ModelOptions, add_options, from_namespace
+from msif.errors import MismatchError
+from msif.nodes import runtime
+
+NAME = "fit-lambda"
+
+
+def add_parser(sub) -> None:
+    """`msif fit-lambda`."""
+    p = runtime.subparser(
+        sub,
+        NAME,
+        "eigenvalue-correction (Λ) partial sums of one data shard",
+        "Sum (Q_Gᵀ DW_n Q_A)∘² over the sequences of one shard, in the stage's eigenbasis,\n"
+        "DW_n from labels sampled from the model. Needs the same model and data as\n"
+        "fit-covariance of that stage.",
+    )
+    p.add_argument("--model", required=True, help="the stage's model: a directory or gs:// prefix")
+    p.add_argument("--data", required=True, help="the stage's data, as for fit-covariance")
+    runtime.add_stage_argument(p)
+    p.add_argument("--eigenbasis", required=True, help="the stage's eigendecompose output")
+    runtime.add_shard_arguments(p)
+    runtime.add_out_argument(p, "where the Λ partial sums go")
+    add_options(p, ModelOptions)
+    p.set_defaults(
+        run=lambda a: run(
+            a.model,
+            a.data,
+            a.stage,
+            a.eigenbasis,
+            a.shard,
+            a.num_shards,
+            a.out,
+            from_namespace(ModelOptions, a),
+        )
+    )
+
+
+@runtime.timed
+def run(
+    model_uri: str,
+    data_uri: str,
+    stage: str,
+    eigenbasis_uri: str,
+    shard: int,
+    num_shards: int,
+    out_uri: str,
+    options: ModelOptions,
+) -> None:
+    """Λ partial sums of one data shard in a given eigenbasis."""
+    from msif.data.models import load_model
+    from msif.ekfac.eigenbasis import Eigenbasis
+    from msif.ekfac.lambdas import fit_lambda
+
+    runtime.check_stage(stage)
+    basis = Eigenbasis.load(runtime.input_dir(eigenbasis_uri))
+    if basis.stage != stage:
+        raise MismatchError(f"{eigenbasis_uri} is a {basis.stage!r} eigenbasis, not {stage!r}")
+    model, tokenizer = load_model(model_uri, device=options.device, dtype=options.dtype)
+    data, info = runtime.stage_batches(model, tokenizer, data_uri, shard, num_shards, options)
+    lam = fit_lambda(model, data, basis, seed=options.seed, progress=options.progress)
+    lam.info.update(info)
+    with runtime.published(out_uri, {"node": NAME, "stage": stage}) as tmp:
+        lam.save(tmp)

@@ -1,0 +1,104 @@
+"""Node `precondition-queries` (GPU): the queries' gradients at θ_ft, preconditioned per method."""
+
+from __future__ import annotations
+
+from msif.config import ModelOptions, PreconditionOptions, add_options, from_namespace
+from msif.nodes import runtime
+
+NAME = "precondition-queries"
+
+
+def add_parser(sub) -> None:
+    """`msif precondition-queries`."""
+    p = runtime.subparser(
+        sub,
+        NAME,
+        "precondition query gradients (fine-tuned model)",
+        "Gradients of the queries' completion loss at θ_ft, preconditioned by\n"
+        "(F_pt+λI)⁻¹(F_ft+αI)⁻¹ (multi-stage), (F_ft+λI)⁻¹ (single-stage) or nothing\n"
+        "(gradient-dot). Needs the fine-tuned model, and the factors --method names.",
+    )
+    p.add_argument("--model", required=True, help="the fine-tuned model θ_ft")
+    p.add_argument("--queries", required=True, help="Parquet with id, prompt, completion")
+    p.add_argument("--ft-factors", help="fine-tune factors (multi-stage, single-stage)")
+    p.add_argument("--pt-factors", help="pre-train factors (multi-stage)")
+    runtime.add_out_argument(p, "where the preconditioned queries go")
+    add_options(p, PreconditionOptions)
+    add_options(p, ModelOptions)
+    p.set_defaults(
+        run=lambda a: run(
+            a.model,
+            a.queries,
+            a.out,
+            from_namespace(ModelOptions, a),
+            from_namespace(PreconditionOptions, a),
+            ft_factors_uri=a.ft_factors,
+            pt_factors_uri=a.pt_factors,
+        )
+    )
+
+
+@runtime.timed
+def run(
+    model_uri: str,
+    queries_uri: str,
+    out_uri: str,
+    options: ModelOptions,
+    precondition: PreconditionOptions,
+    *,
+    ft_factors_uri: str | None = None,
+    pt_factors_uri: str | None = None,
+) -> None:
+    """Precondition the queries' gradients at θ_ft for one method."""
+    from msif.attribution.precondition import precondition_queries
+    from msif.data.examples import batches, pad_id_of, tokenize_prompt_completion
+    from msif.data.models import load_model
+    from msif.data.parquet import read_table
+    from msif.data.tables import require_queries
+    from msif.ekfac.factors import Damping, Factors
+
+    method = precondition.method
+    model, tokenizer = load_model(model_uri, device=options.device, dtype=options.dtype)
+    table = read_table(queries_uri)
+    require_queries(table, queries_uri)
+    ids = [str(x) for x in table.column("id").to_pylist()]
+    examples = tokenize_prompt_completion(
+        tokenizer,
+        ids,
+        table.column("prompt").to_pylist(),
+        table.column("completion").to_pylist(),
+        options.max_length,
+    )
+    ft = (
+        Factors.load(runtime.input_dir(ft_factors_uri), model=model, stage="ft")
+        if ft_factors_uri and method != "gradient-dot"
+        else None
+    )
+    pt = (
+        Factors.load(runtime.input_dir(pt_factors_uri), stage="pt")
+        if pt_factors_uri and method == "multi-stage"
+        else None
+    )
+    queries = precondition_queries(
+        model,
+        batches(examples, options.batch_size, pad_id_of(tokenizer)),
+        ids,
+        method=method,
+        ft_factors=ft,
+        pt_factors=pt,
+        alpha=precondition.alpha,
+        damping=Damping(precondition.damping_factor, precondition.damping),
+        rank=precondition.query_rank or None,
+        modules=options.selection(),
+        progress=options.progress,
+    )
+    queries.info.update(
+        {
+            "queries": queries_uri,
+            "queries_fingerprint": runtime.table_fingerprint(table),
+            "model": model_uri,
+            "max_length": options.max_length,
+        }
+    )
+    with runtime.published(out_uri, {"node": NAME, "method": method}) as tmp:
+        queries.save(tmp)

@@ -1,0 +1,193 @@
+"""Node `rank` (CPU): merge every method's shard scores, evaluate them, write the report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from msif.config import RankOptions, add_options, from_namespace
+from msif.errors import MismatchError, MsifError
+from msif.nodes import runtime
+
+NAME = "rank"
+
+
+def add_parser(sub) -> None:
+    """`msif rank`."""
+    p = runtime.subparser(
+        sub,
+        NAME,
+        "merge shard scores, evaluate, write the report",
+        "Merge the shards' top-k per method, compute MRR and recall@10 against the queries'\n"
+        "relevant_ids, write ranking.parquet, metrics.json and a Markdown/HTML report.\n"
+        "Needs no model; the factors are optional and only plot their Λ spectra.",
+    )
+    p.add_argument("--scores", nargs="+", required=True, help="score-corpus and bm25 outputs")
+    p.add_argument("--corpus", required=True, help="the scored corpus (for snippets)")
+    p.add_argument("--queries", required=True, help="the queries (relevant_ids for metrics)")
+    p.add_argument("--factors", nargs="*", default=[], help="factors whose Λ spectra to plot")
+    runtime.add_out_argument(p, "where the ranking and report go")
+    add_options(p, RankOptions)
+    p.set_defaults(
+        run=lambda a: run(
+            a.scores,
+            a.corpus,
+            a.queries,
+            a.out,
+            from_namespace(RankOptions, a),
+            factor_uris=a.factors,
+        )
+    )
+
+
+@runtime.timed
+def run(
+    score_uris: Sequence[str],
+    corpus_uri: str,
+    queries_uri: str,
+    out_uri: str,
+    options: RankOptions,
+    *,
+    factor_uris: Sequence[str] = (),
+) -> dict:
+    """Merge shard scores per method, evaluate against relevant_ids, write report + metrics."""
+    import pyarrow.parquet as pq
+
+    from msif.attribution.topk import merge_topk
+    from msif.data.parquet import ParquetSource, read_table
+    from msif.data.tables import require_queries
+    from msif.evaluation.metrics import evaluate_rankings
+    from msif.evaluation.report import write_report
+
+    queries = read_table(queries_uri)
+    require_queries(queries, queries_uri)
+    corpus_fp = ParquetSource.open(corpus_uri).fingerprint()
+    merged, run_info = {}, {"methods": {}}
+    for method, shards in sorted(_load_shard_scores(score_uris).items()):
+        _check_scores(method, shards, corpus_fp, runtime.table_fingerprint(queries))
+        merged[method] = merge_topk([t for _, t in shards], options.top_k)
+        info = shards[0][0]
+        run_info["methods"][method] = {
+            k: info.get(k)
+            for k in ("modules", "left_out", "damping", "alpha", "rank", "model", "num_shards")
+        }
+    ranking = _ranking_table(merged, queries, corpus_uri)
+    relevant = _relevant(queries)
+    metrics = {"methods": {}, "top_k": options.top_k}
+    for method, table in merged.items():
+        lists: dict[str, list[str]] = {}
+        for q, d in zip(
+            table.column("query_id").to_pylist(), table.column("doc_id").to_pylist(), strict=True
+        ):
+            lists.setdefault(q, []).append(d)
+        metrics["methods"][method] = evaluate_rankings(lists, relevant, k=10)
+    spectra = _lambda_spectra(factor_uris) if factor_uris else None
+    with runtime.published(out_uri, {"node": NAME}) as tmp:
+        pq.write_table(ranking, tmp / "ranking.parquet")
+        runtime.write_json(tmp / "metrics.json", metrics)
+        shown = ranking.filter(pa.compute.less_equal(ranking.column("rank"), options.report_k))
+        samples = {m: t.column("score").to_numpy() for m, t in merged.items()}
+        write_report(Path(tmp), shown, queries, metrics, run_info, spectra, score_samples=samples)
+    return metrics
+
+
+def _load_shard_scores(uris: Sequence[str]) -> dict[str, list[tuple[dict, pa.Table]]]:
+    import pyarrow.parquet as pq
+
+    by_method: dict[str, list[tuple[dict, pa.Table]]] = {}
+    for uri in uris:
+        d = runtime.input_dir(uri)
+        if not (d / "scores.json").is_file() or not (d / "scores.parquet").is_file():
+            raise MsifError(f"{uri} is not a shard-scores directory")
+        info = json.loads((d / "scores.json").read_text())
+        by_method.setdefault(info["method"], []).append((info, pq.read_table(d / "scores.parquet")))
+    return by_method
+
+
+def _check_scores(
+    method: str, shards: list[tuple[dict, pa.Table]], corpus_fp: str, queries_fp: str
+) -> None:
+    infos = [i for i, _ in shards]
+    for i in infos:
+        if i.get("corpus_fingerprint") != corpus_fp:
+            raise MismatchError(f"{method} shard {i.get('shard')} was scored on another corpus")
+        if i.get("queries_fingerprint") != queries_fp:
+            raise MismatchError(f"{method} shard {i.get('shard')} was scored for other queries")
+    runtime.check_shard_set(
+        [{**i, "data_fingerprint": i.get("corpus_fingerprint")} for i in infos],
+        f"{method} shard scores",
+    )
+
+
+def _snippets(corpus_uri: str, wanted: set[str], limit: int = 600) -> dict[str, str]:
+    from msif.data.parquet import ParquetSource
+
+    source = ParquetSource.open(corpus_uri)
+    if "text" not in source.schema.names:
+        return {}
+    out = {}
+    for b in source.iter_batches(["id", "text"]):
+        for doc_id, text in zip(
+            b.column("id").to_pylist(), b.column("text").to_pylist(), strict=True
+        ):
+            if str(doc_id) in wanted:
+                out[str(doc_id)] = str(text or "")[:limit]
+    return out
+
+
+def _lambda_spectra(factor_uris: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    from msif.ekfac.factors import Factors
+
+    spectra: dict[str, dict[str, np.ndarray]] = {}
+    for uri in factor_uris:
+        f = Factors.load(runtime.input_dir(uri))
+        spectra[f.stage] = {
+            k: np.sort(v.double().reshape(-1).numpy())[::-1] for k, v in f.lambdas.items()
+        }
+    return spectra
+
+
+def _relevant(queries: pa.Table) -> dict[str, list[str]]:
+    if "relevant_ids" not in queries.column_names:
+        return {}
+    return {
+        str(q): [str(x) for x in (r or [])]
+        for q, r in zip(
+            queries.column("id").to_pylist(),
+            queries.column("relevant_ids").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def _ranking_table(merged: dict[str, pa.Table], queries: pa.Table, corpus_uri: str) -> pa.Table:
+    from msif.attribution.topk import RANKING_SCHEMA
+
+    wanted = {d for t in merged.values() for d in t.column("doc_id").to_pylist()}
+    texts = _snippets(corpus_uri, wanted)
+    relevant = {q: set(r) for q, r in _relevant(queries).items()}
+    parts = []
+    for method, t in sorted(merged.items()):
+        q = t.column("query_id").to_pylist()
+        d = t.column("doc_id").to_pylist()
+        parts.append(
+            pa.table(
+                {
+                    "method": [method] * t.num_rows,
+                    "query_id": q,
+                    "rank": t.column("rank"),
+                    "doc_id": d,
+                    "score": t.column("score"),
+                    "text": [texts.get(x, "") for x in d],
+                    "tokens": t.column("tokens"),
+                    "token_scores": t.column("token_scores"),
+                    "relevant": [x in relevant.get(qq, set()) for qq, x in zip(q, d, strict=True)],
+                },
+                schema=RANKING_SCHEMA,
+            )
+        )
+    return pa.concat_tables(parts) if parts else RANKING_SCHEMA.empty_table()

@@ -1,0 +1,216 @@
+"""What every node shares: timing, atomic publishing, skip-if-complete, shard checks, inputs.
+
+A node is a module of this package with `NAME` (its one name in every layer), `add_parser`
+(its `msif NAME` subcommand) and `run` (the work). This module holds the rest they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import contextvars
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+from msif.config import STAGES, ModelOptions
+from msif.data.examples import batches, pad_id_of
+from msif.data.tables import iter_examples, table_kind
+from msif.errors import DataError, MismatchError, MsifError
+
+log = logging.getLogger("msif")
+_STARTED: contextvars.ContextVar[float | None] = contextvars.ContextVar("started", default=None)
+
+
+def subparser(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """The `msif NAME` subcommand of a node."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_shard_arguments(p: argparse.ArgumentParser) -> None:
+    """--shard and --num-shards."""
+    p.add_argument("--shard", type=int, default=0, help="index of this shard (default: 0)")
+    p.add_argument("--num-shards", type=int, default=1, help="number of shards (default: 1)")
+
+
+def add_stage_argument(p: argparse.ArgumentParser) -> None:
+    """--stage pt|ft."""
+    stages = "; ".join(f"{k}: {v}" for k, v in STAGES.items())
+    p.add_argument("--stage", required=True, choices=list(STAGES), help=stages)
+
+
+def add_out_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--out: the directory (local or gs://) the node publishes."""
+    p.add_argument("--out", required=True, help=f"{what}: a directory or gs:// prefix")
+
+
+def timed(fn: Callable) -> Callable:
+    """Record when a node started, so its output manifest can carry its wall time."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        token = _STARTED.set(time.perf_counter())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _STARTED.reset(token)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def published(out_uri: str, meta: dict) -> Iterator[Path]:
+    """staged_output_dir whose manifest also records the node's wall time."""
+    from msif.storage.gcs import staged_output_dir
+
+    with staged_output_dir(out_uri, meta) as tmp:
+        yield tmp
+        started = _STARTED.get()
+        if started is not None:
+            meta["wall_s"] = round(time.perf_counter() - started, 3)
+
+
+def inputs_key(**inputs) -> str:
+    """A hash of everything an output depends on, to recognise a complete rerun."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def already_complete(out_uri: str, key: str) -> bool:
+    """True when out_uri holds a complete output made from the same inputs."""
+    from msif.storage.gcs import (
+        BucketNotFoundError,
+        StorageError,
+        is_complete,
+        read_manifest,
+        split_gs,
+    )
+
+    try:
+        if not is_complete(out_uri):
+            return False
+    except BucketNotFoundError:
+        # Name the output, not the marker object this check happened to read.
+        bucket, _ = split_gs(out_uri)
+        raise StorageError(
+            f"{out_uri}: checking the destination failed: no such bucket {bucket!r}"
+        ) from None
+    if read_manifest(out_uri).get("metadata", {}).get("inputs") != key:
+        return False
+    log.info("%s is complete for these inputs: skipped", out_uri)
+    return True
+
+
+def artifact_digest(uri: str) -> str:
+    """Content digest of a published artifact (from its manifest's file hashes)."""
+    from msif.storage.gcs import read_manifest
+
+    files = read_manifest(uri).get("files", {})
+    return inputs_key(files={k: v.get("sha256") for k, v in files.items()})
+
+
+def input_dir(uri: str) -> Path:
+    """A verified local copy of a published input artifact."""
+    from msif.storage.gcs import local_input_dir
+
+    return local_input_dir(uri)
+
+
+def check_shard(shard: int, num_shards: int) -> None:
+    """0 <= shard < num_shards."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise MsifError(f"shard {shard} of {num_shards} is not a valid shard index")
+
+
+def check_stage(stage: str) -> None:
+    """stage is pt or ft."""
+    if stage not in STAGES:
+        raise MsifError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+
+
+def check_shard_set(infos: Sequence[dict], what: str) -> None:
+    """Refuse an incomplete or mixed set of shards: reducing it would give wrong results."""
+    n = {i.get("num_shards") for i in infos}
+    fps = {i.get("data_fingerprint") for i in infos}
+    if len(n) != 1 or len(fps) != 1:
+        raise MismatchError(f"{what} come from different shardings or data")
+    total = n.pop()
+    seen = sorted(i.get("shard") for i in infos)
+    missing = sorted(set(range(total)) - set(seen))
+    if missing:
+        raise MsifError(f"{what}: shard {missing[0]} of {total} is missing")
+    if len(seen) != len(set(seen)):
+        raise MsifError(f"{what}: a shard was given twice")
+
+
+def load_partials(uris: Sequence[str], loader: Callable) -> list:
+    """Load every shard's partial sums."""
+    if not uris:
+        raise MsifError("no partial sums given")
+    return [loader(input_dir(u)) for u in uris]
+
+
+def shard_examples(
+    model,
+    tokenizer,
+    uri: str,
+    shard: int,
+    num_shards: int,
+    opts: ModelOptions,
+    *,
+    corpus: bool = False,
+):
+    """Examples of one shard of a table, with its source and row range."""
+    from msif.data.parquet import ParquetSource
+
+    check_shard(shard, num_shards)
+    source = ParquetSource.open(uri)
+    kind = table_kind(source.schema, uri)
+    if corpus and kind != "corpus":
+        raise DataError(f"{uri} is not a corpus: it needs `id` and `text` or `input_ids`")
+    start, stop = source.shard_range(shard, num_shards)
+    vocab = model.get_input_embeddings().num_embeddings
+    examples = iter_examples(source, tokenizer, kind, opts.table(), vocab, start, stop)
+    return examples, source, (start, stop)
+
+
+def stage_batches(
+    model, tokenizer, data_uri: str, shard: int, num_shards: int, opts: ModelOptions
+) -> tuple[Iterator[dict], dict]:
+    """Batches of one shard of a stage's data, with the facts its partial sums record."""
+    examples, source, (start, stop) = shard_examples(
+        model, tokenizer, data_uri, shard, num_shards, opts
+    )
+    info = {
+        "data": data_uri,
+        "data_fingerprint": source.fingerprint(),
+        "shard": shard,
+        "num_shards": num_shards,
+        "rows": [start, stop],
+        "options": opts.recorded(),
+    }
+    return batches(examples, opts.batch_size, pad_id_of(tokenizer)), info
+
+
+def table_fingerprint(table: pa.Table) -> str:
+    """Content hash of a small table (queries)."""
+    h = hashlib.sha256()
+    for name in sorted(table.column_names):
+        h.update(name.encode())
+        h.update(json.dumps(table.column(name).to_pylist(), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def write_json(path: Path, info: dict) -> None:
+    """A node's JSON sidecar, stable for diffs."""
+    path.write_text(json.dumps(info, indent=1, sort_keys=True))

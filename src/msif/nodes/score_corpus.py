@@ -1,0 +1,194 @@
+"""Node `score-corpus` (GPU): score one corpus shard against preconditioned queries."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from msif.config import ModelOptions, ScoreOptions, add_options, from_namespace
+from msif.data.examples import Example
+from msif.nodes import runtime
+
+NAME = "score-corpus"
+log = logging.getLogger("msif")
+FULL_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32())]
+)
+
+
+def add_parser(sub) -> None:
+    """`msif score-corpus`."""
+    p = runtime.subparser(
+        sub,
+        NAME,
+        "score one corpus shard against preconditioned queries",
+        "One forward and backward pass per batch at the corpus model, no stored per-example\n"
+        "gradient; keeps the top-k documents per query, with per-token scores for the best.\n"
+        "Needs θ_pt for multi-stage and gradient-dot queries, θ_ft for single-stage.",
+    )
+    p.add_argument(
+        "--model", required=True, help="θ_pt (multi-stage, gradient-dot), θ_ft (single-stage)"
+    )
+    p.add_argument("--corpus", required=True, help="Parquet with id and text or input_ids")
+    p.add_argument("--preconditioned", required=True, help="the precondition-queries output")
+    runtime.add_shard_arguments(p)
+    runtime.add_out_argument(p, "where the shard's scores go")
+    add_options(p, ScoreOptions)
+    add_options(p, ModelOptions)
+    p.set_defaults(
+        run=lambda a: run(
+            a.model,
+            a.corpus,
+            a.preconditioned,
+            a.shard,
+            a.num_shards,
+            a.out,
+            from_namespace(ModelOptions, a),
+            from_namespace(ScoreOptions, a),
+        )
+    )
+
+
+@runtime.timed
+def run(
+    model_uri: str,
+    corpus_uri: str,
+    preconditioned_uri: str,
+    shard: int,
+    num_shards: int,
+    out_uri: str,
+    options: ModelOptions,
+    scoring: ScoreOptions,
+) -> None:
+    """Score one corpus shard against the preconditioned queries; keep the top-k per query."""
+    import pyarrow.parquet as pq
+
+    from msif.attribution.precondition import PreconditionedQueries
+    from msif.attribution.scoring import iter_scores
+    from msif.attribution.topk import TopK
+    from msif.data.examples import batches, pad_id_of
+    from msif.data.models import load_model
+    from msif.data.parquet import ParquetSource
+
+    # A rerun after a lost pod skips a shard whose complete output came from the same inputs.
+    key = runtime.inputs_key(
+        model=model_uri,
+        corpus=ParquetSource.open(corpus_uri).fingerprint(),
+        queries=runtime.artifact_digest(preconditioned_uri),
+        shard=shard,
+        num_shards=num_shards,
+        scoring=vars(scoring),
+        options=options.recorded(),
+    )
+    if runtime.already_complete(out_uri, key):
+        return
+    queries = PreconditionedQueries.load(runtime.input_dir(preconditioned_uri))
+    model, tokenizer = load_model(model_uri, device=options.device, dtype=options.dtype)
+    examples, source, rows = runtime.shard_examples(
+        model, tokenizer, corpus_uri, shard, num_shards, options, corpus=True
+    )
+    pending: list[Example] = []
+    topk = TopK(scoring.top_k, queries.num_queries)
+    paths: dict[str, str] = {}
+    num_docs = 0
+    meta = {
+        "node": NAME,
+        "method": queries.method,
+        "shard": shard,
+        "num_shards": num_shards,
+        "inputs": key,
+    }
+    with runtime.published(out_uri, meta) as tmp:
+        writer = (
+            pq.ParquetWriter(tmp / "full_scores.parquet", FULL_SCHEMA) if scoring.full else None
+        )
+        stream = batches(_tracked(examples, pending), options.batch_size, pad_id_of(tokenizer))
+        for bs in iter_scores(
+            model,
+            stream,
+            queries,
+            path=scoring.contraction,
+            progress=options.progress,
+            paths_used=paths,
+        ):
+            values = bs.scores.double().cpu().numpy()
+            # The examples are kept only while they are in some query's top-k.
+            topk.update(values, bs.ids, extras=pending[: len(bs.ids)])
+            del pending[: len(bs.ids)]
+            num_docs += len(bs.ids)
+            if writer is not None:
+                writer.write_table(_full_rows(queries.query_ids, bs.ids, values))
+        if writer is not None:
+            writer.close()
+        explained = _explain(model, tokenizer, queries, topk, scoring.explain_k, options)
+        table = topk.to_table(queries.query_ids, explained.tokens, explained.scores)
+        pq.write_table(table, tmp / "scores.parquet")
+        info = {
+            **meta,
+            "corpus": corpus_uri,
+            "corpus_fingerprint": source.fingerprint(),
+            "queries_fingerprint": queries.info.get("queries_fingerprint"),
+            "num_docs": num_docs,
+            "rows": list(rows),
+            "top_k": scoring.top_k,
+            "modules": sorted(paths),
+            "paths": paths,
+            "left_out": queries.left_out,
+            "damping": queries.damping,
+            "alpha": queries.info.get("alpha"),
+            "rank": queries.rank,
+            "model": model_uri,
+        }
+        runtime.write_json(tmp / "scores.json", info)
+    log.info("scored %d documents of shard %d/%d (%s)", num_docs, shard, num_shards, queries.method)
+
+
+@dataclass
+class _Explained:
+    """Token strings and per-token scores of the documents shown in reports."""
+
+    tokens: dict[str, list[str]] = field(default_factory=dict)
+    scores: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+
+def _explain(model, tokenizer, queries, topk, explain_k: int, options: ModelOptions) -> _Explained:
+    from msif.attribution.scoring import iter_scores
+    from msif.data.examples import batches, pad_id_of
+
+    # A second, per-token pass over only the documents the report will show.
+    wanted = sorted({d for q in range(topk.num_queries) for d, _ in topk.rows(q)[:explain_k]})
+    out = _Explained()
+    if not wanted:
+        return out
+    examples = {d: topk.extra(d) for d in wanted}
+    stream = batches(list(examples.values()), options.batch_size, pad_id_of(tokenizer))
+    for bs in iter_scores(model, stream, queries, per_token=True):
+        for j, doc_id in enumerate(bs.ids):
+            n = len(examples[doc_id].input_ids)
+            out.tokens[doc_id] = tokenizer.convert_ids_to_tokens(examples[doc_id].input_ids)
+            for q, qid in enumerate(queries.query_ids):
+                out.scores[(qid, doc_id)] = bs.token_scores[q, j, :n].float().tolist()
+    return out
+
+
+def _tracked(stream: Iterator[Example], seen: list[Example]) -> Iterator[Example]:
+    for e in stream:
+        seen.append(e)
+        yield e
+
+
+def _full_rows(query_ids, doc_ids, values: np.ndarray) -> pa.Table:
+    q = np.repeat(np.asarray(query_ids, dtype=object), len(doc_ids))
+    d = np.tile(np.asarray(doc_ids, dtype=object), len(query_ids))
+    return pa.table(
+        [
+            pa.array(q, pa.string()),
+            pa.array(d, pa.string()),
+            pa.array(values.reshape(-1), pa.float32()),
+        ],
+        schema=FULL_SCHEMA,
+    )
