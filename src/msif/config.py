@@ -224,8 +224,9 @@ def from_namespace(cls: type, args: argparse.Namespace, **overrides: Any):
     """An option object from parsed flags (validated by its __post_init__)."""
     values = {}
     for f in fields(cls):
-        v = overrides.get(f.name, getattr(args, f.name, None))
-        if v is None and f.default is MISSING:
-            continue
-        values[f.name] = tuple(v) if isinstance(v, list) else v
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif hasattr(args, f.name):  # a flag left out of this parser keeps its default
+            v = getattr(args, f.name)
+            values[f.name] = tuple(v) if isinstance(v, list) else v
     return cls(**values)

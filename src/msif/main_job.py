@@ -126,7 +126,7 @@ def say(text: str = "") -> None:
 def node_line(name: str, seconds: float, shards: int = 1) -> str:
     """The line printed when a node finishes."""
     times = f" ×{shards}" if shards > 1 else ""
-    return f"  done {name:<34}{times:>4} {seconds:7.1f}s"
+    return f"  done {name:<40}{times:>4} {seconds:7.1f}s"
 
 
 def run_inprocess(world: dict, out: Path, settings: JobSettings) -> dict:

@@ -24,6 +24,8 @@ from benchmarks import (  # noqa: E402
 )
 from benchmarks.stats import pearson, ranks, spearman  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -17,6 +17,8 @@ if str(ROOT) not in sys.path:  # plain `pytest` puts only tests/ on the path
 from benchmarks import counterfactual  # noqa: E402
 from msif.world import WorldConfig, build_world  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(autouse=True)
 def restore_threads():

@@ -16,6 +16,8 @@ from msif.data.models import load_model
 from tests.support.cli_helpers import COMMON, run_nodes
 from tests.support.mini_world import build, save_model, tokenizer_for
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -73,7 +75,10 @@ def test_cli_scores_equal_library_scores(world, pipeline):
     for r in explained:
         assert sum(r["token_scores"]) == pytest.approx(r["score"], rel=1e-3, abs=1e-3)
     full = pa.concat_tables(
-        [pq.read_table(out / "score-corpus-multi-stage" / str(i) / "full_scores.parquet") for i in range(3)]
+        [
+            pq.read_table(out / "score-corpus-multi-stage" / str(i) / "full_scores.parquet")
+            for i in range(3)
+        ]
     )
     assert full.num_rows == 3 * len(ids)
 
@@ -118,7 +123,12 @@ def test_deterministic_reruns(world, pipeline, tmp_path):
 
 def test_missing_shard_is_refused(world, pipeline, tmp_path, capsys):
     out, _, _, shards = pipeline
-    assert run("eigendecompose", "--partials", out / "fit-covariance-pt" / "0", "--out", tmp_path / "e") == 1
+    assert (
+        run(
+            "eigendecompose", "--partials", out / "fit-covariance-pt" / "0", "--out", tmp_path / "e"
+        )
+        == 1
+    )
     assert "shard 1 of 3 is missing" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     assert (

@@ -34,6 +34,8 @@ from tests.storage.test_gcs_end_to_end import (
 )
 from tests.support.mini_world import WORDS, build
 
+pytestmark = pytest.mark.e2e
+
 NO_BUCKET = "gs://msif-no-such-bucket"
 BIG_DOCS = 2000  # ~1 s of scoring per shard of 2 here: long enough to be killed mid-way
 
@@ -137,7 +139,15 @@ def _one_thread():
 
 def _start_killable_score(w: dict[str, str], out: str, tmp: Path) -> tuple[subprocess.Popen, Path]:
     """`python -m msif.cli score` (shard 0 of 2 of the big corpus) with its progress bar on."""
-    argv = ["score-corpus", "--model", w["pt_model"], "--corpus", w["big"], "--preconditioned", w["pre"]]
+    argv = [
+        "score-corpus",
+        "--model",
+        w["pt_model"],
+        "--corpus",
+        w["big"],
+        "--preconditioned",
+        w["pre"],
+    ]
     argv += ["--shard", "0", "--num-shards", "2", "--top-k", "10", "--out", out]
     argv += ["--max-length", "32", "--batch-size", "4", "--device", "cpu"]
     (tmp / "scratch").mkdir()

@@ -28,6 +28,8 @@ from tests.support.mini_world import WORDS, build
 TRIM = os.environ.get("MSIF_TRIM") == "1"
 KEY = ["method", "query_id", "rank", "doc_id"]
 
+pytestmark = pytest.mark.e2e
+
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -32,6 +32,8 @@ from msif.world import build as build_module
 from msif.world.facts import Fact, question
 from msif.world.train import proximal_loss
 
+pytestmark = pytest.mark.e2e
+
 SMALL = WorldConfig.preset("small")
 WORD = re.compile(r"\w+|[^\w\s]+")
 

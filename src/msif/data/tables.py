@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from msif.core.loss import IGNORE
 from msif.data.examples import Example, check_ids, document_example, tokenize_prompt_completion
 from msif.errors import DataError
 
@@ -94,8 +93,3 @@ def iter_examples(
     for batch in source.iter_batches(wanted, start=start, stop=stop, batch_rows=opts.batch_rows):
         yield from batch_examples(batch, row, tokenizer, kind, opts, vocab)
         row += batch.num_rows
-
-
-def scored_token_count(example: Example) -> int:
-    """Number of scored next-token predictions in an example."""
-    return sum(1 for x in example.labels[1:] if x != IGNORE)

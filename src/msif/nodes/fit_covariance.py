@@ -61,5 +61,6 @@ def run(
         progress=options.progress,
     )
     cov.info = {**info, "model": model_uri}
-    with runtime.published(out_uri, {"node": NAME, "stage": stage}) as tmp:
+    meta = {"node": NAME, "stage": stage, "shard": shard, "num_shards": num_shards}
+    with runtime.published(out_uri, meta) as tmp:
         cov.save(tmp)

@@ -64,5 +64,6 @@ def run(
     data, info = runtime.stage_batches(model, tokenizer, data_uri, shard, num_shards, options)
     lam = fit_lambda(model, data, basis, seed=options.seed, progress=options.progress)
     lam.info.update(info)
-    with runtime.published(out_uri, {"node": NAME, "stage": stage}) as tmp:
+    meta = {"node": NAME, "stage": stage, "shard": shard, "num_shards": num_shards}
+    with runtime.published(out_uri, meta) as tmp:
         lam.save(tmp)

@@ -175,7 +175,7 @@ class NodeWatcher(threading.Thread):
             label = meta.get("stage") or meta.get("method")
             name = meta.get("node", "?") + (f" ({label})" if label and label != "bm25" else "")
             shard = f" shard {meta['shard']}" if meta.get("num_shards", 1) > 1 else ""
-            self.report(f"  done {name + shard:<38} {float(meta.get('wall_s', 0.0)):7.1f}s")
+            self.report(f"  done {name + shard:<44} {float(meta.get('wall_s', 0.0)):7.1f}s")
 
 
 def run_main_job_pipeline(
