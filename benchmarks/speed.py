@@ -23,8 +23,8 @@ from benchmarks.common import (
     token_batches,
     token_examples,
 )
+from msif.core.device import model_device, to_device
 from msif.core.loss import sequence_losses
-from msif.core.passes import model_device, to_device
 from msif.data.examples import batches
 
 

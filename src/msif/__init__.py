@@ -20,6 +20,7 @@ from msif.data.examples import (
 from msif.ekfac.covariance import CovarianceSums, fit_covariance
 from msif.ekfac.eigenbasis import Eigenbasis, eigendecompose
 from msif.ekfac.factors import Damping, Factors
+from msif.ekfac.fit import fit_factors
 from msif.ekfac.lambdas import LambdaSums, fit_lambda
 from msif.errors import DataError, MismatchError, MsifError
 from msif.version import __version__
@@ -44,6 +45,7 @@ __all__ = [
     "eigendecompose",
     "find_modules",
     "fit_covariance",
+    "fit_factors",
     "fit_lambda",
     "iter_scores",
     "precondition_queries",

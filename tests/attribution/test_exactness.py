@@ -17,9 +17,9 @@ from tests.support.tiny import make_batches, perturbed, random_examples, tiny_mo
 
 
 def fit_factors(model, data, stage, selection=None, seed=0):
-    cov = msif.fit_covariance(model, data, stage=stage, modules=selection, seed=seed)
-    basis = msif.eigendecompose(cov, dtype=torch.float64)
-    return msif.Factors.build(basis, msif.fit_lambda(model, data, basis))
+    return msif.fit_factors(
+        model, lambda: data, stage=stage, modules=selection, seed=seed, dtype=torch.float64
+    )
 
 
 class OneLinear(nn.Module):

@@ -1,22 +1,20 @@
-"""Shard additivity, determinism, masking, artifacts and architectures of the core library."""
+"""EK-FAC fitting: shard additivity, determinism, masking, artifacts and their refusals."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import msif
-from msif.core.hooks import capture, frozen
-from msif.core.loss import sequence_losses
-from msif.core.modules import ModuleSelection, find_modules
-from msif.core.passes import gradient_pass
+from msif.core.modules import ModuleSelection
 from msif.data.examples import collate
-from msif.ekfac.covariance import CovarianceSums, gram
+from msif.ekfac.covariance import CovarianceSums
 from msif.ekfac.lambdas import LambdaSums
 from msif.errors import MismatchError, MsifError
-from tests.support.dense import per_example_gradients
 from tests.support.tiny import make_batches, perturbed, random_examples, tiny_model
 
 
@@ -90,107 +88,52 @@ def test_mismatched_partial_sums_are_refused(model, examples):
     fewer = msif.fit_covariance(model, data, modules=ModuleSelection(exclude=("mlp",)))
     with pytest.raises(MismatchError, match="different modules"):
         a + fewer
+    basis = msif.eigendecompose(a, dtype=torch.float64)
+    other_basis = msif.eigendecompose(a + a, dtype=torch.float32)  # same data, other bits
+    lam = msif.fit_lambda(model, data, basis)
+    with pytest.raises(MsifError, match="fitted in different eigenbases"):
+        lam + msif.fit_lambda(model, data, other_basis)
+    with pytest.raises(MismatchError, match="fitted in another eigenbasis"):
+        msif.Factors.build(other_basis, lam)
 
 
 def test_prompt_and_padding_contribute_nothing(model):
-    # Hand-worked: ids [5, 6, 7, 8] with the prompt [5, 6] masked scores only 7 and 8.
-    ids = torch.tensor([[5, 6, 7, 8]])
-    labels = torch.tensor([[-100, -100, 7, 8]])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    logp = torch.log_softmax(logits[0], -1)
-    by_hand = -(logp[1, 7] + logp[2, 8])
-    torch.testing.assert_close(sequence_losses(logits, labels)[0], by_hand)
-
+    # Masked and padded positions get no scored-token weight in the covariance.
     short = msif.Example("q", [5, 6, 7, 8], [-100, -100, 7, 8])
     long = msif.Example("r", [3, 4, 9, 10, 11, 12, 13], [-100, 4, 9, 10, 11, 12, 13])
-    specs = find_modules(model)
-    alone = msif.query_gradients(model, [collate([short], 0)], specs)
-    padded = msif.query_gradients(model, [collate([short, long], 0)], specs)
-    for k in specs:
-        torch.testing.assert_close(padded[k][0], alone[k][0], rtol=1e-10, atol=1e-12)
-    # Token-level: masked and padded positions get no scored-token weight in the covariance.
     cov_pad = msif.fit_covariance(model, [collate([short, long], 0)])
     cov_sep = msif.fit_covariance(model, [collate([short], 0)]) + msif.fit_covariance(
         model, [collate([long], 0)]
     )
     assert cov_pad.num_tokens == 2 + 6  # long: labels at positions 1..6
-    for k in specs:
+    for k in cov_pad.specs:
         torch.testing.assert_close(cov_pad.activation[k], cov_sep.activation[k])
+        torch.testing.assert_close(cov_pad.gradient[k], cov_sep.gradient[k])
 
 
-@pytest.mark.parametrize(
-    "arch,expected",
-    [
-        (
-            "gpt_neox",
-            [
-                "attention.query_key_value",
-                "attention.dense",
-                "mlp.dense_h_to_4h",
-                "mlp.dense_4h_to_h",
-            ],
-        ),
-        ("gpt2", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
-        (
-            "llama",
-            [
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            ],
-        ),
-        (
-            "bloom",
-            [
-                "self_attention.query_key_value",
-                "self_attention.dense",
-                "mlp.dense_h_to_4h",
-                "mlp.dense_4h_to_h",
-            ],
-        ),
-    ],
-)
-def test_tracked_modules_and_hook_gradients_match_autograd(arch, expected):
-    model = tiny_model(arch)
-    specs = find_modules(model)
-    suffixes = sorted({".".join(n.split(".")[-2:]) for n in specs})
-    assert suffixes == sorted(expected)
-    assert len(specs) == 2 * len(expected)
-    examples = random_examples(3, seed=9)
-    want = per_example_gradients(model, examples, specs)
-    got = msif.query_gradients(model, make_batches(examples, 3), specs)
-    for k in specs:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-11)
-    with_head = find_modules(model, ModuleSelection(lm_head=True, embeddings=True))
-    assert set(with_head) - set(specs)  # head and embeddings only when asked
-    heads = find_modules(model, ModuleSelection(lm_head=True, embeddings=True, include=("^$",)))
-    got = msif.query_gradients(model, make_batches(examples, 3), heads)
-    want = per_example_gradients(model, examples, heads)
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if head.weight is emb.weight:
-        # Tied weights: each module sees its own use; autograd sums both uses.
-        (h, e) = sorted(heads, key=lambda n: heads[n].kind != "linear")
-        torch.testing.assert_close(got[h] + got[e].transpose(1, 2), want[h], rtol=1e-9, atol=1e-11)
-        return
-    for k in heads:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-11)
+def test_fit_factors_equals_the_step_by_step_result(model, examples):
+    data = make_batches(examples, 4)
+    sel = ModuleSelection(split_heads=True)
+    cov = msif.fit_covariance(model, data, stage="ft", modules=sel, seed=5)
+    basis = msif.eigendecompose(cov, dtype=torch.float64)
+    steps = msif.Factors.build(basis, msif.fit_lambda(model, data, basis))
+    calls = []
 
+    def batches_fn():
+        calls.append(1)
+        return iter(data)  # a one-shot iterable: each pass needs a fresh one
 
-def test_split_heads_on_fused_projections():
-    for arch, name in [
-        ("gpt_neox", "gpt_neox.layers.0.attention.query_key_value"),
-        ("gpt2", "transformer.h.0.attn.c_attn"),
-        ("bloom", "transformer.h.0.self_attention.query_key_value"),
-    ]:
-        specs = find_modules(tiny_model(arch), ModuleSelection(split_heads=True))
-        assert (specs[name].block_size, specs[name].num_blocks) == (8, 6)
-        others = [s for n, s in specs.items() if n != name and "layers.0" in n]
-        assert all(s.num_blocks == 1 for s in others)
+    got = msif.fit_factors(model, batches_fn, stage="ft", modules=sel, seed=5, dtype=torch.float64)
+    assert len(calls) == 2
+    assert (got.stage, got.specs, got.seed, got.info) == ("ft", steps.specs, 5, steps.info)
+    assert (got.num_tokens, got.num_sequences) == (steps.num_tokens, steps.num_sequences)
+    assert got.fingerprint == steps.fingerprint
+    for k in steps.specs:
+        assert torch.equal(got.activation_eigvecs[k], steps.activation_eigvecs[k])
+        assert torch.equal(got.gradient_eigvecs[k], steps.gradient_eigvecs[k])
+        assert torch.equal(got.lambdas[k], steps.lambdas[k])
+    with pytest.raises(TypeError, match="zero-argument callable"):
+        msif.fit_factors(model, data, stage="pt")
 
 
 def test_factors_round_trip_and_refuse_wrong_model(tmp_path, model, examples):
@@ -216,6 +159,40 @@ def test_factors_round_trip_and_refuse_wrong_model(tmp_path, model, examples):
         msif.Factors.load(tmp_path / "f")
     with pytest.raises(MsifError, match="not a factors artifact"):
         msif.Factors.load(tmp_path / "nothing")
+
+
+def test_artifact_files_keep_their_tensor_keys_and_metadata(tmp_path, model, examples):
+    # The on-disk format: these stems, tensor keys and JSON keys are what other runs read.
+    data = make_batches(examples, 5)
+    cov = msif.fit_covariance(model, data)
+    basis = msif.eigendecompose(cov)
+    lam = msif.fit_lambda(model, data, basis)
+    header = {"kind", "msif_version", "sha256", "stage", "modules", "num_tokens"}
+    header |= {"num_sequences", "fingerprint", "seed", "info"}
+    for artifact, stem, suffixes in [
+        (cov, "covariance", ("activation", "gradient")),
+        (basis, "eigenbasis", ("Q_A", "Q_G", "eig_A", "eig_G")),
+        (lam, "lambda", ("lambda",)),
+        (msif.Factors.build(basis, lam), "factors", ("Q_A", "Q_G", "lambda")),
+    ]:
+        artifact.save(tmp_path / stem)
+        keys = set(load_file(str(tmp_path / stem / f"{stem}.safetensors")))
+        assert keys == {f"{m}.{s}" for m in cov.specs for s in suffixes}
+        meta = json.loads((tmp_path / stem / f"{stem}.json").read_text())
+        assert set(meta) == header and meta["kind"] == stem
+        assert [d["name"] for d in meta["modules"]] == list(cov.specs)
+    assert json.loads((tmp_path / "lambda" / "lambda.json").read_text())["info"] == lam.info
+    blob = tmp_path / "factors" / "factors.safetensors"
+    tensors = load_file(str(blob))
+    first = next(iter(cov.specs))
+    del tensors[f"{first}.lambda"]
+    save_file(tensors, str(blob))
+    sidecar = tmp_path / "factors" / "factors.json"
+    meta = json.loads(sidecar.read_text())
+    meta["sha256"] = hashlib.sha256(blob.read_bytes()).hexdigest()  # re-signed: only incomplete
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(MsifError, match=f"incomplete factors artifact: {first}.lambda is missing"):
+        msif.Factors.load(tmp_path / "factors")
 
 
 def test_partial_sums_round_trip(tmp_path, model, examples):
@@ -281,37 +258,3 @@ def test_module_left_out_when_missing_from_pre_training_factors(model, examples)
     }
     scores = msif.score(model, data, pq)
     assert scores.left_out == pq.left_out and len(scores.modules) == 6
-
-
-def test_hooks_leave_the_model_as_they_found_it(model, examples):
-    flags = [p.requires_grad for p in model.parameters()]
-    with frozen(model), capture(model, find_modules(model)) as cap:
-        gradient_pass(model, make_batches(examples, 5)[0], cap)
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    assert not any(m._forward_hooks for m in model.modules())
-
-
-def test_sampled_labels_follow_the_model_distribution():
-    from msif.core.loss import sample_labels
-
-    torch.manual_seed(0)
-    logits = torch.randn(1, 3, 5, dtype=torch.float64)
-    ids = torch.tensor([[1, 2, 3]])
-    labels = torch.tensor([[1, 2, 3]])
-    mask = torch.ones_like(ids)
-    counts = torch.zeros(2, 5, dtype=torch.float64)
-    for seed in range(4000):
-        drawn = sample_labels(logits, ids, labels, mask, seed)
-        assert drawn[0, 0] == -100  # the first token is never predicted
-        counts[0, drawn[0, 1]] += 1
-        counts[1, drawn[0, 2]] += 1
-    expected = torch.softmax(logits[0, :2], -1)
-    assert (counts / 4000 - expected).abs().max() < 0.03
-
-
-@pytest.mark.parametrize("shape", [(7, 5), (40, 300), (3, 33, 517)])
-def test_gram_equals_the_plain_product(shape):
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = gram(x, leaf=64)  # 300 and 517 recurse three levels down
-    torch.testing.assert_close(got, x.mT @ x, rtol=1e-12, atol=1e-12)

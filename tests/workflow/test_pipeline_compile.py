@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from msif.cli import build_parser
 from msif.components.image import DEFAULT_IMAGE, IMAGE_ENV
-from msif.errors import MsifError
 
+from msif.cli import build_parser
+from msif.errors import MsifError
 from msif.workflow.cli import compile_pipeline, default_package, main
 
 GPU_NODES = {"fit-covariance", "fit-lambda", "precondition-queries", "score-corpus"}

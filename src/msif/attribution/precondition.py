@@ -4,34 +4,66 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from msif.core.artifact import Artifact, module_specs, per_module
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
-from msif.core.hooks import activations_and_gradients, capture, frozen
+from msif.core.hooks import hooked_batches
+from msif.core.linalg import low_rank, rotate_output
 from msif.core.modules import ModuleSelection, ModuleSpec, find_modules
-from msif.core.passes import gradient_pass, work_dtype
-from msif.core.progress import progress_bar
 from msif.ekfac.factors import Damping, Factors, change_of_basis
-from msif.ekfac.lambdas import rotate_output
 from msif.errors import MismatchError, MsifError
 
-STEM = "queries"
-METHODS = ("multi-stage", "single-stage", "gradient-dot")
+
+@dataclass(frozen=True)
+class Method:
+    """What an influence method computes from the same machinery."""
+
+    stages: tuple[str, ...]  # factor stages whose damped inverses it applies, fine-tune first
+    corpus_model: str  # the stage ("pt" or "ft") whose model gives the corpus gradients
+    help: str  # one line for --help texts and reports
+
+
+# The single home of the methods (DESIGN §1); the names, checks and help texts derive from it.
+METHOD_INFO: Mapping[str, Method] = MappingProxyType(
+    {
+        "multi-stage": Method(
+            stages=("ft", "pt"),
+            corpus_model="pt",
+            help="⟨(F_pt + λI)⁻¹ (F_ft + αI)⁻¹ ∇ℓ(q, θ_ft), ∇ℓ(z, θ_pt)⟩, both stages' curvature",
+        ),
+        "single-stage": Method(
+            stages=("ft",),
+            corpus_model="ft",
+            help="⟨(F_ft + λI)⁻¹ ∇ℓ(q, θ_ft), ∇ℓ(z, θ_ft)⟩, fine-tune curvature only",
+        ),
+        "gradient-dot": Method(
+            stages=(),
+            corpus_model="pt",
+            help="⟨∇ℓ(q, θ_ft), ∇ℓ(z, θ_pt)⟩, plain gradient dot product without curvature",
+        ),
+    }
+)
+METHODS = tuple(METHOD_INFO)
+STAGE_NAMES = {"ft": "fine-tune", "pt": "pre-train"}
 
 
 @dataclass
-class PreconditionedQueries:
+class PreconditionedQueries(Artifact):
     """Per module dense W_q (Q, out, in') or low-rank U (Q,out,r), S (Q,r), V (Q,in',r)."""
+
+    stem: ClassVar[str] = "queries"
 
     query_ids: list[str]
     method: str
-    specs: dict[str, ModuleSpec]
-    dense: dict[str, torch.Tensor] = field(default_factory=dict)
-    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict
+    specs: dict[str, ModuleSpec] = module_specs()
+    dense: dict[str, torch.Tensor] = per_module("W", optional=True)
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = per_module(
+        "U", "S", "V", optional=True
     )
     rank: int | None = None
     damping: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -43,52 +75,6 @@ class PreconditionedQueries:
     def num_queries(self) -> int:
         """Number of stacked queries."""
         return len(self.query_ids)
-
-    def save(self, directory: str | Path) -> None:
-        """Write queries.safetensors + queries.json."""
-        from msif.core.tensorfile import save_tensors
-
-        tensors = {f"{k}.W": v for k, v in self.dense.items()}
-        for k, (u, s, v) in self.lowrank.items():
-            tensors.update({f"{k}.U": u, f"{k}.S": s, f"{k}.V": v})
-        meta = {
-            "query_ids": self.query_ids,
-            "method": self.method,
-            "rank": self.rank,
-            "modules": [s.to_dict() for s in self.specs.values()],
-            "damping": self.damping,
-            "score_fingerprint": self.score_fingerprint,
-            "left_out": self.left_out,
-            "info": self.info,
-        }
-        save_tensors(directory, STEM, tensors, meta)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> PreconditionedQueries:
-        """Read preconditioned queries written by save."""
-        from msif.core.tensorfile import load_tensors
-        from msif.ekfac.covariance import specs_from_meta
-
-        t, meta = load_tensors(directory, STEM)
-        specs = specs_from_meta(meta)
-        pq = cls(
-            meta["query_ids"],
-            meta["method"],
-            specs,
-            rank=meta["rank"],
-            damping=meta["damping"],
-            score_fingerprint=meta["score_fingerprint"],
-            left_out=meta["left_out"],
-            info=meta.get("info", {}),
-        )
-        for k in specs:
-            if f"{k}.W" in t:
-                pq.dense[k] = t[f"{k}.W"]
-            elif f"{k}.U" in t:
-                pq.lowrank[k] = (t[f"{k}.U"], t[f"{k}.S"], t[f"{k}.V"])
-            else:
-                raise MsifError(f"preconditioned queries in {directory} miss module {k!r}")
-        return pq
 
     def weight(self, name: str) -> torch.Tensor:
         """The dense (Q, out, in') matrix of a module, rebuilding it from U S Vᵀ if low-rank."""
@@ -111,14 +97,9 @@ def query_gradients(
     With a basis they come in that stage's Kronecker eigenbasis, Q_Gᵀ ∇ℓ Q_A.
     """
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in specs}
-    with frozen(model), capture(model, specs) as cap:
-        for batch in progress_bar(batches, progress, "query gradients"):
-            gradient_pass(model, batch, cap)
-            for name, spec in specs.items():
-                a, g = activations_and_gradients(cap, name)
-                work = work_dtype(a.dtype)
-                parts[name].append(summed_gradients(spec, a.to(work), g.to(work), basis))
-        cap.clear()
+    for hb in hooked_batches(model, batches, specs, progress=progress, desc="query gradients"):
+        for spec, a, g in hb.modules():
+            parts[spec.name].append(summed_gradients(spec, a, g, basis))
     if not parts or not next(iter(parts.values())):
         raise MsifError("no queries were given")
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -170,13 +151,6 @@ def _common_specs(specs: dict[str, ModuleSpec], *factor_sets: Factors | None):
     return kept, left_out
 
 
-def low_rank(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Truncated SVD per query: U (Q,out,r), S (Q,r), V (Q,in',r)."""
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    r = min(rank, s.shape[-1])
-    return u[..., :r].contiguous(), s[..., :r].contiguous(), vh[..., :r, :].mT.contiguous()
-
-
 def precondition_queries(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -196,20 +170,14 @@ def precondition_queries(
     multi-stage: (F_pt + λ_pt I)⁻¹ (F_ft + α I)⁻¹ ∇ℓ(q); single-stage: (F_ft + λ I)⁻¹ ∇ℓ(q);
     gradient-dot: ∇ℓ(q). α=None gives the fine-tune stage relative damping like λ_pt.
     """
-    if method not in METHODS:
+    if method not in METHOD_INFO:
         raise MsifError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    recipe = METHOD_INFO[method]
     damping = damping or Damping()
-    need = {
-        "multi-stage": (ft_factors, pt_factors),
-        "single-stage": (ft_factors,),
-        "gradient-dot": (),
-    }[method]
+    need = [{"ft": ft_factors, "pt": pt_factors}[s] for s in recipe.stages]
     if any(f is None for f in need):
-        raise MsifError(
-            f"method {method} needs "
-            + " and ".join(("fine-tune", "pre-train")[: len(need)])
-            + " factors"
-        )
+        names = " and ".join(STAGE_NAMES[s] for s in recipe.stages)
+        raise MsifError(f"method {method} needs {names} factors")
     if ft_factors is not None and ft_factors.stage != "ft":
         raise MismatchError(f"ft_factors hold {ft_factors.stage!r} factors")
     if pt_factors is not None and pt_factors.stage != "pt":
@@ -224,7 +192,7 @@ def precondition_queries(
         fp = model_fingerprint(model, specs)
     specs, left_out = _common_specs(specs, *need)
     # Preconditioned queries start in the fine-tune eigenbasis, where (F_ft + αI)⁻¹ is diagonal.
-    basis = ft_factors if method != "gradient-dot" else None
+    basis = ft_factors if recipe.stages else None
     grads = query_gradients(model, batches, specs, basis=basis, progress=progress)
     ids = list(query_ids)
     if len(ids) != next(iter(grads.values())).shape[0]:
@@ -233,23 +201,23 @@ def precondition_queries(
     out.damping = {"ft": {}, "pt": {}}
     for name in specs:
         w = grads[name]
-        if method in ("multi-stage", "single-stage"):
+        if "ft" in recipe.stages:
             rule = Damping(damping.factor, alpha) if alpha is not None else damping
             lam = ft_factors.damping_for(name, rule)
             out.damping["ft"][name] = lam
             w = ft_factors.divide(name, w, lam)
-        if method == "multi-stage":
+        if "pt" in recipe.stages:
             lam = pt_factors.damping_for(name, damping)
             out.damping["pt"][name] = lam
             w = change_of_basis(ft_factors, pt_factors, name, w)
             w = pt_factors.from_eigenbasis(name, pt_factors.divide(name, w, lam))
-        elif method == "single-stage":
+        elif "ft" in recipe.stages:
             w = ft_factors.from_eigenbasis(name, w)
         if rank:
             out.lowrank[name] = low_rank(w, rank)
         else:
             out.dense[name] = w
-    out.score_fingerprint = _score_fingerprint(method, fp, ft_factors, pt_factors)
+    out.score_fingerprint = _score_fingerprint(recipe, fp, ft_factors, pt_factors)
     out.info = {
         "alpha": alpha,
         "damping_factor": damping.factor,
@@ -258,13 +226,13 @@ def precondition_queries(
     return out
 
 
-def _score_fingerprint(method, query_fp, ft_factors, pt_factors) -> dict | None:
+def _score_fingerprint(recipe: Method, query_fp, ft_factors, pt_factors) -> dict | None:
     # Which model the corpus gradients must come from, and over which modules to check it.
-    if method == "single-stage":
+    if recipe.corpus_model == "ft":
         return {**query_fp, "modules": [s.to_dict() for s in ft_factors.specs.values()]}
-    if method == "multi-stage":
+    if "pt" in recipe.stages:
         return {
             **pt_factors.fingerprint,
             "modules": [s.to_dict() for s in pt_factors.specs.values()],
         }
-    return None
+    return None  # the pre-training model without pre-training factors: nothing to check it by

@@ -9,12 +9,10 @@ import torch
 from torch import nn
 
 from msif.attribution.precondition import PreconditionedQueries
+from msif.core.artifact import specs_from_meta
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
-from msif.core.hooks import activations_and_gradients, capture, frozen
+from msif.core.hooks import HookedBatch, hooked_batches
 from msif.core.modules import ModuleSpec, matching_specs
-from msif.core.passes import gradient_pass, work_dtype
-from msif.core.progress import progress_bar
-from msif.ekfac.covariance import specs_from_meta
 from msif.errors import MismatchError
 
 PATHS = ("auto", "materialise", "per-token")
@@ -108,25 +106,20 @@ def module_scores(a, g, queries: PreconditionedQueries, name: str, path: str, de
     return dense_cache[name] @ dw.reshape(dw.shape[0], -1).T
 
 
-def _score_batch(model, batch, queries, specs, cap, per_token, path, dense_cache, paths_used):
-    gradient_pass(model, batch, cap)
-    b, t = batch["input_ids"].shape
+def _score_batch(hb: HookedBatch, queries, per_token, path, dense_cache, paths_used):
+    b, t = hb.batch["input_ids"].shape
     total = None
-    for name, spec in specs.items():
-        a, g = activations_and_gradients(cap, name)
-        work = work_dtype(a.dtype)
-        # Padding needs no mask here: its output gradient g is exactly zero.
-        a, g = a.to(work), g.to(work)
+    # Padding needs no mask here: its output gradient g is exactly zero.
+    for spec, a, g in hb.modules():
         chosen = choose_path(spec, queries, b, t, per_token, path)
-        paths_used[name] = chosen
-        s = module_scores(a, g, queries, name, chosen, dense_cache)
+        paths_used[spec.name] = chosen
+        s = module_scores(a, g, queries, spec.name, chosen, dense_cache)
         if per_token and s.dim() == 2:
             raise AssertionError("per-token path must give (Q, B, T)")
         if not per_token and s.dim() == 3:
             s = s.sum(-1)
         total = s if total is None else total + s
-    cap.clear()
-    ids = batch.get("ids")
+    ids = hb.batch.get("ids")
     if per_token:
         return BatchScores(total.sum(-1), total, ids)
     return BatchScores(total, None, ids)
@@ -188,6 +181,6 @@ def _iter(model, batches, queries, specs, per_token, path, progress, used):
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}")
     cache: dict = {}
-    with frozen(model), capture(model, specs) as cap:
-        for batch in progress_bar(batches, progress, f"score ({queries.method})"):
-            yield _score_batch(model, batch, queries, specs, cap, per_token, path, cache, used)
+    desc = f"score ({queries.method})"
+    for hb in hooked_batches(model, batches, specs, progress=progress, desc=desc):
+        yield _score_batch(hb, queries, per_token, path, cache, used)

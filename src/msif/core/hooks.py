@@ -1,15 +1,20 @@
-"""Forward/backward hooks that capture each tracked module's inputs a and output gradients g."""
+"""Forward/backward hooks that capture each tracked module's inputs a and output gradients g,
+and the one hooked loop over batches (forward, backward, per-module a and g) every stage runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from msif.core.device import model_device, to_device, work_dtype
+from msif.core.loss import sample_labels, sequence_losses
 from msif.core.modules import ModuleSpec, resolve
+from msif.core.progress import progress_bar
 
 
 @dataclass
@@ -103,3 +108,73 @@ def activations_and_gradients(cap: Capture, name: str) -> tuple[torch.Tensor, to
         spec = cap.specs[name]
         g = a.new_zeros(*a.shape[:-1], spec.out_features)
     return a, g
+
+
+def gradient_pass(
+    model: nn.Module, batch: Mapping, cap: Capture, *, sample: bool = False, seed: int = 0
+) -> torch.Tensor:
+    """Fill cap with a and g for the batch; return the labels the loss used (true or sampled)."""
+    cap.clear()
+    batch = to_device(batch, model_device(model))
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
+    labels = batch["labels"]
+    if sample:
+        labels = sample_labels(
+            out.logits.detach(), batch["input_ids"], labels, batch["attention_mask"], seed
+        )
+    losses = sequence_losses(out.logits, labels)
+    if losses.requires_grad:
+        losses.sum().backward()
+    return labels
+
+
+@dataclass
+class HookedBatch:
+    """One batch after its forward and backward pass of the summed sequence loss.
+
+    batch is the batch as given; labels are the ones the loss used (true or sampled), on the
+    model's device. The captured a and g are dropped when the next batch is drawn.
+    """
+
+    batch: Mapping[str, Any]
+    labels: torch.Tensor
+    capture: Capture
+
+    def tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """a (B, T, in') and g (B, T, out) of one module, in the work dtype."""
+        a, g = activations_and_gradients(self.capture, name)
+        work = work_dtype(a.dtype)
+        return a.to(work), g.to(work)
+
+    def modules(self) -> Iterator[tuple[ModuleSpec, torch.Tensor, torch.Tensor]]:
+        """(spec, a, g) of every tracked module in order, cast one module at a time."""
+        for name, spec in self.capture.specs.items():
+            yield (spec, *self.tensors(name))
+
+
+def hooked_batches(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    specs: dict[str, ModuleSpec],
+    *,
+    sample: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "batches",
+) -> Iterator[HookedBatch]:
+    """Run every batch forward and backward through the frozen, hooked model.
+
+    The one loop every stage shares: weights get no gradients, the model is restored and
+    the hooks removed when the iteration ends (or is abandoned). With sample=True the loss
+    uses labels sampled from the model (seeded per sequence), else the batch's labels.
+    """
+    with frozen(model), capture(model, specs) as cap:
+        try:
+            for batch in progress_bar(batches, progress, desc):
+                labels = gradient_pass(model, batch, cap, sample=sample, seed=seed)
+                yield HookedBatch(batch, labels, cap)
+                cap.clear()  # before the next batch is drawn
+        finally:
+            cap.clear()

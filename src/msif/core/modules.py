@@ -8,13 +8,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D  # GPT-2 style linear: weight stored as in x out
 
 from msif.errors import MismatchError, MsifError
-
-try:  # transformers' GPT-2 style linear layer (weight stored as in x out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()  # type: ignore[assignment,misc]
 
 # Fused attention projections whose output side holds q, k and v for every head.
 FUSED_QKV_SUFFIXES = ("query_key_value", "c_attn", "qkv_proj", "Wqkv")
@@ -87,7 +83,7 @@ class ModuleSelection:
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
-    if Conv1D and isinstance(module, Conv1D):
+    if isinstance(module, Conv1D):
         return "conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -195,24 +191,38 @@ def _warn_tied(model: nn.Module, specs: dict[str, ModuleSpec]) -> None:
             )
 
 
+def _lookup(
+    named: dict[str, nn.Module], spec: ModuleSpec
+) -> tuple[nn.Module | None, tuple[int, int] | None]:
+    """The model's module for spec and, when its kind or shape differs, the (out, in) it has.
+
+    (None, None) when the model has no trackable module of that name.
+    """
+    module = named.get(spec.name)
+    kind = _kind(module) if module is not None else None
+    if kind is None:
+        return None, None
+    n_in, n_out, bias = _features(module, kind)
+    same = (kind, n_in, n_out, bias) == (
+        spec.kind,
+        spec.in_features,
+        spec.out_features,
+        spec.has_bias,
+    )
+    return module, None if same else (n_out, n_in)
+
+
 def resolve(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, nn.Module]:
     """Map specs to the model's modules, refusing any whose name or shape differs."""
     named = dict(model.named_modules())
     out = {}
     for spec in specs:
-        module = named.get(spec.name)
-        kind = _kind(module) if module is not None else None
-        if kind is None:
+        module, other = _lookup(named, spec)
+        if module is None:
             raise MismatchError(f"module {spec.name!r} of the artifact is not in this model")
-        n_in, n_out, bias = _features(module, kind)
-        if (kind, n_in, n_out, bias) != (
-            spec.kind,
-            spec.in_features,
-            spec.out_features,
-            spec.has_bias,
-        ):
+        if other is not None:
             raise MismatchError(
-                f"module {spec.name!r} has shape {(n_out, n_in)} here but "
+                f"module {spec.name!r} has shape {other} here but "
                 f"{(spec.out_features, spec.in_features)} in the artifact"
             )
         out[spec.name] = module
@@ -226,21 +236,13 @@ def matching_specs(
     named = dict(model.named_modules())
     kept, left_out = {}, {}
     for name, spec in specs.items():
-        module = named.get(name)
-        kind = _kind(module) if module is not None else None
-        if kind is None:
+        module, other = _lookup(named, spec)
+        if module is None:
             left_out[name] = "absent from the model"
-            continue
-        n_in, n_out, bias = _features(module, kind)
-        if (kind, n_in, n_out, bias) != (
-            spec.kind,
-            spec.in_features,
-            spec.out_features,
-            spec.has_bias,
-        ):
-            left_out[name] = f"shape {(n_out, n_in)} differs from {spec.shape}"
-            continue
-        kept[name] = spec
+        elif other is not None:
+            left_out[name] = f"shape {other} differs from {spec.shape}"
+        else:
+            kept[name] = spec
     return kept, left_out
 
 

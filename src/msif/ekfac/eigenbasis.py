@@ -4,65 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from msif.core.artifact import Artifact, module_specs, per_module, reduce_partials
 from msif.core.modules import ModuleSpec
-from msif.ekfac.covariance import CovarianceSums, header, reduce_partials, specs_from_meta
+from msif.ekfac.covariance import CovarianceSums
 from msif.errors import MsifError
-
-STEM = "eigenbasis"
 
 
 @dataclass
-class Eigenbasis:
+class Eigenbasis(Artifact):
     """Per module Q_A (in', in') and block-diagonal Q_G (blocks, bs, bs) with eigenvalues."""
 
+    stem: ClassVar[str] = "eigenbasis"
+
     stage: str
-    specs: dict[str, ModuleSpec]
-    activation_eigvecs: dict[str, torch.Tensor]
-    gradient_eigvecs: dict[str, torch.Tensor]
-    activation_eigvals: dict[str, torch.Tensor]
-    gradient_eigvals: dict[str, torch.Tensor]
+    specs: dict[str, ModuleSpec] = module_specs()
+    activation_eigvecs: dict[str, torch.Tensor] = per_module("Q_A")
+    gradient_eigvecs: dict[str, torch.Tensor] = per_module("Q_G")
+    activation_eigvals: dict[str, torch.Tensor] = per_module("eig_A")
+    gradient_eigvals: dict[str, torch.Tensor] = per_module("eig_G")
     num_tokens: int
     num_sequences: int
     fingerprint: dict
     seed: int
     info: dict = field(default_factory=dict)
-
-    def save(self, directory: str | Path) -> None:
-        """Write eigenbasis.safetensors + eigenbasis.json."""
-        from msif.core.tensorfile import save_tensors
-
-        tensors = {}
-        for k in self.specs:
-            tensors[f"{k}.Q_A"] = self.activation_eigvecs[k]
-            tensors[f"{k}.Q_G"] = self.gradient_eigvecs[k]
-            tensors[f"{k}.eig_A"] = self.activation_eigvals[k]
-            tensors[f"{k}.eig_G"] = self.gradient_eigvals[k]
-        save_tensors(directory, STEM, tensors, header(self))
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Eigenbasis:
-        """Read an eigenbasis written by save."""
-        from msif.core.tensorfile import load_tensors
-
-        t, meta = load_tensors(directory, STEM)
-        specs = specs_from_meta(meta)
-        return cls(
-            meta["stage"],
-            specs,
-            {k: t[f"{k}.Q_A"] for k in specs},
-            {k: t[f"{k}.Q_G"] for k in specs},
-            {k: t[f"{k}.eig_A"] for k in specs},
-            {k: t[f"{k}.eig_G"] for k in specs},
-            meta["num_tokens"],
-            meta["num_sequences"],
-            meta["fingerprint"],
-            meta["seed"],
-            meta.get("info", {}),
-        )
 
 
 def reduce_sums(parts: Sequence[CovarianceSums]) -> CovarianceSums:
@@ -85,15 +53,15 @@ def eigendecompose(
         lg[name], qg[name] = torch.linalg.eigh(g)
     cast = lambda d: {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
     return Eigenbasis(
-        cov.stage,
-        cov.specs,
-        cast(qa),
-        cast(qg),
-        cast(la),
-        cast(lg),
-        cov.num_tokens,
-        cov.num_sequences,
-        cov.fingerprint,
-        cov.seed,
-        {"dtype": str(dtype).removeprefix("torch.")},
+        stage=cov.stage,
+        specs=cov.specs,
+        activation_eigvecs=cast(qa),
+        gradient_eigvecs=cast(qg),
+        activation_eigvals=cast(la),
+        gradient_eigvals=cast(lg),
+        num_tokens=cov.num_tokens,
+        num_sequences=cov.num_sequences,
+        fingerprint=cov.fingerprint,
+        seed=cov.seed,
+        info={"dtype": str(dtype).removeprefix("torch.")},
     )

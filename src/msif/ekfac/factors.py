@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from msif.core.artifact import Artifact, module_specs, per_module
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
+from msif.core.linalg import rotate_rows
 from msif.core.modules import ModuleSpec
-from msif.ekfac.covariance import header, specs_from_meta
 from msif.ekfac.eigenbasis import Eigenbasis
-from msif.ekfac.lambdas import LambdaSums, eigenbasis_id, reduce_lambda, rotate_rows
+from msif.ekfac.lambdas import LambdaSums, eigenbasis_id, reduce_lambda
 from msif.errors import MismatchError, MsifError
 from msif.version import __version__
-
-STEM = "factors"
-STAGES = ("pt", "ft")
 
 
 @dataclass(frozen=True)
@@ -35,14 +34,16 @@ class Damping:
 
 
 @dataclass
-class Factors:
+class Factors(Artifact):
     """Per module Q_A, block-diagonal Q_G and corrected eigenvalues Λ (out, in') of one stage."""
 
+    stem: ClassVar[str] = "factors"
+
     stage: str
-    specs: dict[str, ModuleSpec]
-    activation_eigvecs: dict[str, torch.Tensor]
-    gradient_eigvecs: dict[str, torch.Tensor]
-    lambdas: dict[str, torch.Tensor]
+    specs: dict[str, ModuleSpec] = module_specs()
+    activation_eigvecs: dict[str, torch.Tensor] = per_module("Q_A")
+    gradient_eigvecs: dict[str, torch.Tensor] = per_module("Q_G")
+    lambdas: dict[str, torch.Tensor] = per_module("lambda")
     num_tokens: int
     num_sequences: int
     fingerprint: dict
@@ -67,61 +68,30 @@ class Factors:
             "covariance_tokens": eigenbasis.num_tokens,
         }
         return cls(
-            eigenbasis.stage,
-            eigenbasis.specs,
-            dict(eigenbasis.activation_eigvecs),
-            dict(eigenbasis.gradient_eigvecs),
-            lambdas,
-            lam.num_tokens,
-            lam.num_sequences,
-            eigenbasis.fingerprint,
-            eigenbasis.seed,
-            info,
+            stage=eigenbasis.stage,
+            specs=eigenbasis.specs,
+            activation_eigvecs=dict(eigenbasis.activation_eigvecs),
+            gradient_eigvecs=dict(eigenbasis.gradient_eigvecs),
+            lambdas=lambdas,
+            num_tokens=lam.num_tokens,
+            num_sequences=lam.num_sequences,
+            fingerprint=eigenbasis.fingerprint,
+            seed=eigenbasis.seed,
+            info=info,
         )
-
-    def save(self, directory: str | Path) -> None:
-        """Write factors.safetensors + factors.json."""
-        from msif.core.tensorfile import save_tensors
-
-        tensors = {}
-        for k in self.specs:
-            tensors[f"{k}.Q_A"] = self.activation_eigvecs[k]
-            tensors[f"{k}.Q_G"] = self.gradient_eigvecs[k]
-            tensors[f"{k}.lambda"] = self.lambdas[k]
-        save_tensors(directory, STEM, tensors, header(self))
 
     @classmethod
     def load(
         cls, directory: str | Path, *, model: nn.Module | None = None, stage: str | None = None
     ) -> Factors:
         """Read factors; with model, refuse factors fitted for another model or modules."""
-        from msif.core.tensorfile import load_tensors
-
-        t, meta = load_tensors(directory, STEM)
-        specs = specs_from_meta(meta)
-        missing = [
-            f"{k}.{x}" for k in specs for x in ("Q_A", "Q_G", "lambda") if f"{k}.{x}" not in t
-        ]
-        if missing:
-            raise MsifError(f"factors in {directory} are incomplete: missing {missing[0]}")
-        f = cls(
-            meta["stage"],
-            specs,
-            {k: t[f"{k}.Q_A"] for k in specs},
-            {k: t[f"{k}.Q_G"] for k in specs},
-            {k: t[f"{k}.lambda"] for k in specs},
-            meta["num_tokens"],
-            meta["num_sequences"],
-            meta["fingerprint"],
-            meta["seed"],
-            meta.get("info", {}),
-        )
+        f = super().load(directory)
         if stage is not None and f.stage != stage:
             raise MismatchError(f"{directory} holds {f.stage!r} factors, expected {stage!r}")
         if model is not None:
             check_fingerprint(
                 f.fingerprint,
-                model_fingerprint(model, specs),
+                model_fingerprint(model, f.specs),
                 f"the {f.stage} factors in {directory}",
             )
         return f

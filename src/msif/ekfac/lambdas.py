@@ -2,86 +2,53 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from msif.core.artifact import PartialSums, module_specs, per_module, reduce_partials
+from msif.core.device import model_device, sums_device, work_dtype
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
-from msif.core.hooks import activations_and_gradients, capture, frozen
+from msif.core.hooks import hooked_batches
+from msif.core.linalg import rotate_output
+from msif.core.loss import IGNORE
 from msif.core.modules import ModuleSpec
-from msif.core.passes import gradient_pass, model_device, sums_device, work_dtype
-from msif.core.progress import progress_bar
-from msif.ekfac.covariance import check_compatible, header, reduce_partials, specs_from_meta
 from msif.ekfac.eigenbasis import Eigenbasis
 from msif.errors import MsifError
 
-STEM = "lambda"
 # Per-sequence rotated gradients are built in chunks of at most this many elements.
 CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass
-class LambdaSums:
+class LambdaSums(PartialSums):
     """Partial sums of squared rotated per-sequence gradients, (out, in') float64 per module."""
 
+    stem: ClassVar[str] = "lambda"
+    what: ClassVar[str] = "Λ partial sums"
+
     stage: str
-    specs: dict[str, ModuleSpec]
-    sums: dict[str, torch.Tensor]
+    specs: dict[str, ModuleSpec] = module_specs()
+    sums: dict[str, torch.Tensor] = per_module("lambda")
     num_tokens: int
     num_sequences: int
     fingerprint: dict
     seed: int
     info: dict = field(default_factory=dict)
 
-    def __add__(self, other: LambdaSums) -> LambdaSums:
-        check_compatible(self, other, "Λ partial sums")
+    def check_addable(self, other: LambdaSums) -> None:
+        """Also refuse sums fitted in different eigenbases."""
+        super().check_addable(other)
         if self.info.get("eigenbasis") != other.info.get("eigenbasis"):
             raise MsifError("cannot combine Λ partial sums fitted in different eigenbases")
-        return LambdaSums(
-            self.stage,
-            self.specs,
-            {k: v + other.sums[k] for k, v in self.sums.items()},
-            self.num_tokens + other.num_tokens,
-            self.num_sequences + other.num_sequences,
-            self.fingerprint,
-            self.seed,
-            self.info,
-        )
-
-    def save(self, directory: str | Path) -> None:
-        """Write lambda.safetensors + lambda.json."""
-        from msif.core.tensorfile import save_tensors
-
-        save_tensors(
-            directory, STEM, {f"{k}.lambda": v for k, v in self.sums.items()}, header(self)
-        )
-
-    @classmethod
-    def load(cls, directory: str | Path) -> LambdaSums:
-        """Read a partial sum written by save."""
-        from msif.core.tensorfile import load_tensors
-
-        t, meta = load_tensors(directory, STEM)
-        specs = specs_from_meta(meta)
-        return cls(
-            meta["stage"],
-            specs,
-            {k: t[f"{k}.lambda"] for k in specs},
-            meta["num_tokens"],
-            meta["num_sequences"],
-            meta["fingerprint"],
-            meta["seed"],
-            meta.get("info", {}),
-        )
 
 
 def eigenbasis_id(basis: Eigenbasis) -> str:
     """A short hash of the eigenvectors, so Λ sums from different bases are never mixed."""
-    import hashlib
-
     h = hashlib.sha256()
     for k in basis.specs:
         h.update(basis.activation_eigvecs[k].double().numpy().tobytes())
@@ -89,24 +56,9 @@ def eigenbasis_id(basis: Eigenbasis) -> str:
     return h.hexdigest()[:16]
 
 
-def rotate_output(g: torch.Tensor, q_g: torch.Tensor) -> torch.Tensor:
-    """Apply the block-diagonal Q_Gᵀ to the last (output) axis of g."""
-    blocks, bs, _ = q_g.shape
-    gb = g.reshape(*g.shape[:-1], blocks, bs)
-    return torch.einsum("...kb,kbc->...kc", gb, q_g).reshape(g.shape)
-
-
-def rotate_rows(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal matrix (k, bs, bs) times x (..., k·bs, in'), as batched matmuls."""
-    k, bs, _ = blocks.shape
-    rows = x.reshape(*x.shape[:-2], k, bs, x.shape[-1])
-    return torch.matmul(blocks, rows).reshape(x.shape)
-
-
 def _accumulate(total: torch.Tensor, spec: ModuleSpec, a, g, q_a, q_g) -> None:
-    work = work_dtype(a.dtype)
-    a_rot = a.to(work) @ q_a.to(a.device, work)
-    g_rot = rotate_output(g.to(work), q_g.to(a.device, work))
+    a_rot = a @ q_a.to(a.device, a.dtype)
+    g_rot = rotate_output(g, q_g.to(a.device, a.dtype))
     per_seq = spec.out_features * spec.in_dim
     step = max(1, CHUNK_ELEMENTS // per_seq)
     for i in range(0, a.shape[0], step):
@@ -127,34 +79,34 @@ def fit_lambda(
     check_fingerprint(eigenbasis.fingerprint, model_fingerprint(model, specs), "the eigenbasis")
     seed = eigenbasis.seed if seed is None else seed
     device = sums_device(model)
-    sums = {k: torch.zeros(s.shape, dtype=torch.float64, device=device) for k, s in specs.items()}
     result = LambdaSums(
-        eigenbasis.stage,
-        specs,
-        sums,
-        0,
-        0,
-        eigenbasis.fingerprint,
-        seed,
-        {"eigenbasis": eigenbasis_id(eigenbasis)},
+        stage=eigenbasis.stage,
+        specs=specs,
+        sums={
+            k: torch.zeros(s.shape, dtype=torch.float64, device=device) for k, s in specs.items()
+        },
+        num_tokens=0,
+        num_sequences=0,
+        fingerprint=eigenbasis.fingerprint,
+        seed=seed,
+        info={"eigenbasis": eigenbasis_id(eigenbasis)},
     )
     # Moved and cast once: a per-batch copy of every basis would dominate a GPU pass.
     dev = model_device(model)
     work = work_dtype(next(model.parameters()).dtype)
     q_a = {k: v.to(dev, work) for k, v in eigenbasis.activation_eigvecs.items() if k in specs}
     q_g = {k: v.to(dev, work) for k, v in eigenbasis.gradient_eigvecs.items() if k in specs}
-    with frozen(model), capture(model, specs) as cap:
-        for batch in progress_bar(batches, progress, f"lambda ({eigenbasis.stage})"):
-            labels = gradient_pass(model, batch, cap, sample=True, seed=seed)
-            real = batch["attention_mask"].to(labels.device).bool()
-            for name, spec in specs.items():
-                a, g = activations_and_gradients(cap, name)
-                a = a * real[..., None].to(a.dtype)
-                _accumulate(sums[name], spec, a, g, q_a[name], q_g[name])
-            result.num_tokens += int((labels != -100).sum())
-            result.num_sequences += int(batch["input_ids"].shape[0])
-        cap.clear()
-    result.sums = {k: v.cpu() for k, v in sums.items()}
+    desc = f"lambda ({eigenbasis.stage})"
+    for hb in hooked_batches(
+        model, batches, specs, sample=True, seed=seed, progress=progress, desc=desc
+    ):
+        real = hb.batch["attention_mask"].to(hb.labels.device).bool()
+        for spec, a, g in hb.modules():
+            a = a * real[..., None].to(a.dtype)
+            _accumulate(result.sums[spec.name], spec, a, g, q_a[spec.name], q_g[spec.name])
+        result.num_tokens += int((hb.labels != IGNORE).sum())
+        result.num_sequences += int(hb.batch["input_ids"].shape[0])
+    result.sums = {k: v.cpu() for k, v in result.sums.items()}
     return result
 
 

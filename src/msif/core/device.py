@@ -1,4 +1,4 @@
-"""One forward and backward pass of the summed sequence loss with module hooks attached."""
+"""Where tensors live and in which precision per-batch statistics are computed."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-
-from msif.core.hooks import Capture
-from msif.core.loss import sample_labels, sequence_losses
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
@@ -34,23 +31,3 @@ def sums_device(model: nn.Module) -> torch.device:
     """
     device = model_device(model)
     return torch.device("cpu") if device.type == "mps" else device
-
-
-def gradient_pass(
-    model: nn.Module, batch: Mapping, cap: Capture, *, sample: bool = False, seed: int = 0
-) -> torch.Tensor:
-    """Fill cap with a and g for the batch; return the labels the loss used (true or sampled)."""
-    cap.clear()
-    batch = to_device(batch, model_device(model))
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
-    labels = batch["labels"]
-    if sample:
-        labels = sample_labels(
-            out.logits.detach(), batch["input_ids"], labels, batch["attention_mask"], seed
-        )
-    losses = sequence_losses(out.logits, labels)
-    if losses.requires_grad:
-        losses.sum().backward()
-    return labels

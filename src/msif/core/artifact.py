@@ -1,0 +1,219 @@
+"""Tensor artifacts on disk: safetensors + JSON sidecar, written and read from dataclass fields.
+
+An artifact is a dataclass that derives from Artifact. Its per-module tensor fields are
+declared with `per_module(suffix, ...)` and stored as `{module}.{suffix}`; its `module_specs()`
+field is stored as the JSON list "modules"; every other field is JSON metadata under its own
+name. The sidecar adds the artifact kind, the msif version and the tensor file's checksum, and
+loading refuses another kind, a checksum that differs, and missing tensors. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import operator
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from msif.core.modules import ModuleSpec
+from msif.errors import MismatchError, MsifError
+from msif.version import __version__
+
+A = TypeVar("A", bound="Artifact")
+P = TypeVar("P", bound="PartialSums")
+
+_SUFFIXES = "msif_suffixes"  # field metadata: the tensor key suffixes of a per-module field
+_OPTIONAL = "msif_optional"  # field metadata: a module may be absent from this field
+_SPECS = "msif_specs"  # field metadata: the module specs, stored as the JSON list "modules"
+SPECS_KEY = "modules"
+
+
+def per_module(*suffixes: str, optional: bool = False) -> Any:
+    """A {module: tensor} field stored as `{module}.{suffix}`.
+
+    With several suffixes each value is a tuple of tensors, one per suffix. An optional field
+    defaults to {} and may leave modules out; then each module must be in some optional field.
+    """
+    meta = {_SUFFIXES: suffixes, _OPTIONAL: optional}
+    if optional:
+        return dataclasses.field(default_factory=dict, metadata=meta)
+    return dataclasses.field(metadata=meta)
+
+
+def module_specs() -> Any:
+    """The {name: ModuleSpec} field of an artifact, stored as the JSON list "modules"."""
+    return dataclasses.field(metadata={_SPECS: True})
+
+
+def specs_from_meta(meta: dict) -> dict[str, ModuleSpec]:
+    """Module specs recorded in an artifact's metadata, in order."""
+    return {d["name"]: ModuleSpec.from_dict(d) for d in meta[SPECS_KEY]}
+
+
+def tensor_fields(cls) -> list[dataclasses.Field]:
+    """The per-module tensor fields of an artifact class, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if _SUFFIXES in f.metadata]
+
+
+class Artifact:
+    """Base of a dataclass stored as `{stem}.safetensors` + `{stem}.json` in a directory."""
+
+    stem: ClassVar[str]
+
+    def save(self, directory: str | Path) -> None:
+        """Write {stem}.safetensors + {stem}.json into directory."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            suffixes = f.metadata.get(_SUFFIXES)
+            if f.metadata.get(_SPECS):
+                meta[SPECS_KEY] = [s.to_dict() for s in value.values()]
+            elif suffixes is None:
+                meta[f.name] = value
+            else:
+                for module, t in value.items():
+                    parts = t if len(suffixes) > 1 else (t,)
+                    for suffix, x in zip(suffixes, parts, strict=True):
+                        tensors[f"{module}.{suffix}"] = x
+        save_tensors(directory, self.stem, tensors, meta)
+
+    @classmethod
+    def load(cls: type[A], directory: str | Path) -> A:
+        """Read an artifact written by save, refusing one that is incomplete."""
+        tensors, meta = load_tensors(directory, cls.stem)
+        specs = specs_from_meta(meta)
+        values: dict[str, Any] = {}
+        found: set[str] = set()  # modules present in some optional field
+        for f in dataclasses.fields(cls):
+            suffixes = f.metadata.get(_SUFFIXES)
+            if f.metadata.get(_SPECS):
+                values[f.name] = specs
+            elif suffixes is None:
+                if f.name in meta:
+                    values[f.name] = meta[f.name]
+                elif _required(f):
+                    raise MsifError(f"{directory}/{cls.stem}.json lacks {f.name!r}")
+            else:
+                values[f.name] = _module_tensors(cls.stem, directory, tensors, specs, f)
+                if f.metadata[_OPTIONAL]:
+                    found.update(values[f.name])
+        if any(f.metadata[_OPTIONAL] for f in tensor_fields(cls)):
+            for name in specs:
+                if name not in found:
+                    raise MsifError(
+                        f"{directory} holds an incomplete {cls.stem} artifact: "
+                        f"module {name!r} has no tensors"
+                    )
+        return cls(**values)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _module_tensors(stem, directory, tensors, specs, f: dataclasses.Field) -> dict:
+    suffixes, out = f.metadata[_SUFFIXES], {}
+    for name in specs:
+        keys = [f"{name}.{s}" for s in suffixes]
+        missing = [k for k in keys if k not in tensors]
+        if len(missing) == len(keys) and f.metadata[_OPTIONAL]:
+            continue
+        if missing:
+            raise MsifError(
+                f"{directory} holds an incomplete {stem} artifact: {missing[0]} is missing"
+            )
+        out[name] = tensors[keys[0]] if len(keys) == 1 else tuple(tensors[k] for k in keys)
+    return out
+
+
+class PartialSums(Artifact):
+    """An artifact of sums over data that add across shards with +.
+
+    Its tensor fields and num_tokens / num_sequences add; the rest must agree.
+    """
+
+    what: ClassVar[str]  # how errors name it
+
+    def check_addable(self, other: PartialSums) -> None:
+        """Refuse to add sums fitted with other modules, models, stages or seeds."""
+        check_compatible(self, other, self.what)
+
+    def __add__(self: P, other: P) -> P:
+        self.check_addable(other)
+        summed = {
+            f.name: {k: v + getattr(other, f.name)[k] for k, v in getattr(self, f.name).items()}
+            for f in tensor_fields(self)
+        }
+        return dataclasses.replace(
+            self,
+            **summed,
+            num_tokens=self.num_tokens + other.num_tokens,
+            num_sequences=self.num_sequences + other.num_sequences,
+        )
+
+
+def check_compatible(a, b, what: str) -> None:
+    """Refuse to combine artifacts fitted with other modules, models, stages or seeds."""
+    if a.specs != b.specs:
+        raise MismatchError(f"cannot combine {what}: they track different modules")
+    if a.fingerprint != b.fingerprint:
+        raise MismatchError(f"cannot combine {what}: they come from different models")
+    if a.stage != b.stage or a.seed != b.seed:
+        raise MismatchError(f"cannot combine {what}: stage or seed differs")
+
+
+def reduce_partials(parts: Sequence[P], what: str) -> P:
+    """Sum shard partials (CovarianceSums or LambdaSums) with their own +."""
+    if not parts:
+        raise MsifError(f"no {what} given")
+    return functools.reduce(operator.add, parts)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(
+    directory: str | Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    """Write stem.safetensors and stem.json (kind, version, checksum, metadata) into directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensor_path = directory / f"{stem}.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_path))
+    sidecar = {"kind": stem, "msif_version": __version__, "sha256": _sha256(tensor_path), **meta}
+    (directory / f"{stem}.json").write_text(json.dumps(sidecar, indent=1, sort_keys=True))
+
+
+def load_tensors(directory: str | Path, stem: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and verify an artifact written by save_tensors."""
+    directory = Path(directory)
+    tensor_path, meta_path = directory / f"{stem}.safetensors", directory / f"{stem}.json"
+    for p in (tensor_path, meta_path):
+        if not p.is_file():
+            raise MsifError(f"{directory} is not a {stem} artifact: {p.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise MsifError(f"{meta_path} is corrupt: {e}") from None
+    if meta.get("kind") != stem:
+        raise MismatchError(f"{directory} holds a {meta.get('kind')!r} artifact, not {stem!r}")
+    if _sha256(tensor_path) != meta.get("sha256"):
+        raise MsifError(f"{tensor_path} is corrupt: its checksum differs from {meta_path.name}")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as e:
+        raise MsifError(f"{tensor_path} is corrupt: {e}") from None
+    return tensors, meta
