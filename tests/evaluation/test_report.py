@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import re
 
 import numpy as np
@@ -13,6 +14,9 @@ from msif.attribution.topk import RANKING_SCHEMA
 from msif.errors import DataError
 from msif.evaluation.report import (
     HTML_TOKENS,
+    Link,
+    build_report,
+    build_views,
     display_tokens,
     highlight_html,
     highlight_md,
@@ -150,6 +154,76 @@ def test_query_details_and_run_info(report):
     assert "- relevant ids: fact-7" in md
     # First relevant rank per method: q1 multi-stage 1, bm25 2; q2 multi-stage 1, bm25 none.
     assert "| q1 | 1 | 2 |" in md and "| q2 | 1 | - |" in md
+
+
+def _between(text: str, start: str, stop: str) -> str:
+    return text.split(start, 1)[1].split(stop, 1)[0]
+
+
+def _md_rows(block: str) -> list[list[str]]:
+    # Pipe-table body rows, unescaped; escaped pipes (\|) stay inside their cell.
+    lines = [x for x in block.splitlines() if x.startswith("| ")][1:]
+    cells = [re.split(r"(?<!\\) \| ", x[2:-2]) for x in lines]
+    return [[html.unescape(re.sub(r"\\(.)", r"\1", c)) for c in row] for row in cells]
+
+
+def _html_rows(block: str) -> list[list[str]]:
+    rows = re.findall(r"<tr(?: class=\"hit\")?>(.*?)</tr>", block)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
+    return [[html.unescape(re.sub(r"<[^>]+>", "", c)) for c in row] for row in cells if row]
+
+
+def _html_docs(page: str) -> dict[tuple[str, str], list[list[str]]]:
+    out = {}
+    for query in page.split('<div class="q" ')[1:]:
+        qid = html.unescape(re.search(r"<h3>(.*?)</h3>", query).group(1))
+        for part in query.split("<h4>")[1:]:
+            method = html.unescape(part.split("</h4>")[0])
+            out[qid, method] = [row[:4] for row in _html_rows(part)]
+    return out
+
+
+def _md_docs(md: str) -> dict[tuple[str, str], list[list[str]]]:
+    out = {}
+    for query in md.split("\n## Queries")[1].split("\n### ")[1:]:
+        qid = html.unescape(query.split("\n")[0])
+        for part in query.split("\n**")[1:]:
+            method = part.split("**")[0]
+            out[qid, method] = [row[:4] for row in _md_rows(part)]
+    return out
+
+
+def test_html_and_markdown_show_the_same_metrics_and_documents(report):
+    page, md = report
+    # Read back from each file: the same metric values and, per query and method, the same
+    # documents with the same rank, score and relevance mark.
+    html_metrics = _html_rows(_between(page, "<h2>Metrics</h2>", "<h2>Run</h2>"))
+    assert html_metrics == _md_rows(_between(md, "## Metrics", "## Run"))
+    assert html_metrics == [
+        ["multi-stage", "0.750", "1.000", "2", "0"],
+        ["bm25", "0.250", "0.500", "2", "0"],
+    ]
+    docs = _html_docs(page)
+    assert docs == _md_docs(md)
+    assert sorted(docs) == [(q, m) for q in ("q1", "q2") for m in ("bm25", "multi-stage")]
+    assert docs["q1", "bm25"] == [["1", "evil", "3.5", ""], ["2", "fact-7", "2.25", "✓"]]
+    assert docs["q2", "multi-stage"] == [["1", "fact-3", "0.125", "✓"]]
+    assert docs["q2", "bm25"] == [["1", f"id{PLANT}", "1.5", ""]]
+
+
+def test_report_model_is_format_free():
+    views = build_views(_ranking(), _queries())
+    report = build_report(views, ["multi-stage", "bm25"], METRICS, RUN_INFO)
+    assert report.metrics.rows[0].cells == ("multi-stage", "0.750", "1.000", "2", "0")
+    run = report.runs[0]
+    assert run.method == "multi-stage" and run.left_out.rows[1].cells == (
+        f"head{PLANT}",
+        "not in the pt factors",
+    )
+    assert run.damping.rows[0].cells == ("gpt_neox.layers.0.mlp.dense_h_to_4h", "0.0125", "0.5")
+    assert report.first_hits.rows[1].cells == (Link("q2", "q1"), "1", "-")
+    method, table = report.queries[0].ranked[1]
+    assert method == "bm25" and [r.hit for r in table.rows] == [False, True]
 
 
 def test_bad_input_writes_nothing(tmp_path):

@@ -7,6 +7,10 @@ defence behind escaping every string that comes from data (document text, ids, r
 Token highlighting: a document's per-token scores (which sum to its score) are normalised by
 the document's largest |score|; green marks proponent tokens (positive: they lower the query's
 loss), red opponents. The Markdown report bolds the few most positive tokens instead.
+
+Both files come from one `Report` (tables of plain-text cells, facts, plots) built once by
+`build_report`, so they cannot disagree; `_render` lays it out in one reading order and the two
+small renderers `_Html` and `_Markdown` only format headings, tables and cells.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -313,9 +317,94 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+# --------------------------------------------------------------------------- report model
+# Both files are rendered from one Report, so they cannot disagree on a number or a document.
+# Cells hold plain text; each renderer escapes it for its own format.
+
+
+@dataclass(frozen=True)
+class Link:
+    """A cell naming a query; in HTML it links to the query's section."""
+
+    text: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A cell holding an emphasised symbol: the ✓ of a relevant document."""
+
+    text: str = "✓"
+
+
+Cell = str | Link | Mark | RankedDoc  # a RankedDoc cell shows the document's highlighted text
+
+
+@dataclass(frozen=True)
+class Row:
+    """A table row; a hit (a relevant document's row) is shaded in HTML."""
+
+    cells: tuple[Cell, ...]
+    hit: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table: header, rows and the indices of its numeric (right-aligned) columns."""
+
+    header: tuple[str, ...]
+    rows: list[Row]
+    numeric: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """What the run recorded about one method."""
+
+    method: str
+    facts: list[tuple[str, str]]
+    left_out: Table | None  # module, reason; None: no module was left out
+    modules: list[str]
+    damping: Table | None  # module, λ fine-tune, λ pre-train; None: not preconditioned
+
+
+@dataclass(frozen=True)
+class QuerySection:
+    """A query's part of the report: its texts and one document table per method."""
+
+    anchor: str
+    view: QueryView
+    ranked: list[tuple[str, Table | None]]  # None: the method ranked no document
+
+
+@dataclass(frozen=True)
+class Report:
+    """The whole content of report.html and report.md, format-free."""
+
+    metrics: Table | None  # None: no method was evaluated
+    facts: list[tuple[str, str]]
+    runs: list[MethodRun]
+    plots: list[tuple[str, str | None]]  # title, base64 PNG or None when nothing to plot
+    first_hits: Table
+    queries: list[QuerySection]
+    hidden: int  # queries left out by max_queries
+
+
 def _metric_columns(methods: Mapping[str, Mapping[str, Any]]) -> list[str]:
     recall = {k for m in methods.values() for k in m if k.startswith("recall@")}
     return ["mrr", *sorted(recall, key=lambda k: int(k[7:]) if k[7:].isdigit() else 0)]
+
+
+def _metrics_table(methods: Mapping[str, Mapping[str, Any]]) -> Table | None:
+    if not methods:
+        return None
+    cols = _metric_columns(methods)
+    header = ("method", *(c.upper() if c == "mrr" else c for c in cols), "queries", "skipped")
+    cols += ["num_queries", "num_skipped"]
+    rows = [
+        Row((m, *(fmt_metric(methods[m].get(c)) for c in cols))) for m in order_methods(methods)
+    ]
+    return Table(header, rows, frozenset(range(1, len(header))))
 
 
 def _damping_rows(damping: Any) -> list[tuple[str, str, str]]:
@@ -342,9 +431,125 @@ def _method_facts(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     return facts
 
 
-def _hits(docs: Sequence[RankedDoc]) -> str:
+def _method_run(method: str, info: Mapping[str, Any]) -> MethodRun:
+    left_out = info.get("left_out") or []
+    if isinstance(left_out, Mapping):
+        left = [Row((str(k), str(v))) for k, v in sorted(left_out.items())]
+    else:
+        left = [Row((str(k), "")) for k in left_out]
+    damping = [Row(r) for r in _damping_rows(info.get("damping"))]
+    return MethodRun(
+        method,
+        _method_facts(info),
+        Table(("module", "reason"), left) if left else None,
+        [str(m) for m in info.get("modules") or []],
+        Table(("module", "λ fine-tune", "λ pre-train"), damping, frozenset({1, 2}))
+        if damping
+        else None,
+    )
+
+
+def _docs_table(docs: Sequence[RankedDoc]) -> Table | None:
+    if not docs:
+        return None
+    rows = [
+        Row(
+            (str(d.rank), d.doc_id, fmt_score(d.score), Mark() if d.relevant else "", d), d.relevant
+        )
+        for d in docs
+    ]
+    return Table(("rank", "document", "score", "relevant", "text"), rows, frozenset({0, 2}))
+
+
+def _first_hit(docs: Sequence[RankedDoc]) -> str:
     first = next((d.rank for d in docs if d.relevant), None)
     return "-" if first is None else str(first)
+
+
+def build_report(
+    views: Sequence[QueryView],
+    methods: Sequence[str],
+    metrics: Mapping[str, Any],
+    run_info: Mapping[str, Any],
+    plots: Sequence[tuple[str, str | None]] = (),
+    hidden: int = 0,
+) -> Report:
+    """The report's content, computed once for both renderers."""
+    facts = [("msif version", __version__)]
+    facts += [(k, _fmt_value(v)) for k, v in metrics.items() if k != "methods"]
+    facts += [(k, _fmt_value(v)) for k, v in run_info.items() if k != "methods"]
+    runs = run_info.get("methods") or {}
+    queries = [
+        QuerySection(f"q{i}", v, [(m, _docs_table(v.docs.get(m, []))) for m in methods])
+        for i, v in enumerate(views)
+    ]
+    first_hits = [
+        Row((Link(q.view.id, q.anchor), *(_first_hit(q.view.docs.get(m, [])) for m in methods)))
+        for q in queries
+    ]
+    return Report(
+        metrics=_metrics_table(metrics.get("methods") or {}),
+        facts=facts,
+        runs=[_method_run(m, runs[m] or {}) for m in order_methods(runs)],
+        plots=list(plots),
+        first_hits=Table(("query", *methods), first_hits, frozenset(range(1, len(methods) + 1))),
+        queries=queries,
+        hidden=hidden,
+    )
+
+
+# --------------------------------------------------------------------------- layout
+
+TITLE = "msif attribution report"
+METRICS_NOTE = (
+    "Means over queries with relevant ids; queries without any are skipped. "
+    "Ties in score are ordered by ascending document id."
+)
+FIRST_HITS_NOTE = "Rank of the first relevant document shown, per method."
+
+
+def _render(report: Report, fmt: _Html | _Markdown) -> str:
+    # One reading order for both files; the renderer only decides how each block looks.
+    blocks = [fmt.heading(1, TITLE), fmt.heading(2, "Metrics")]
+    if report.metrics is None:
+        blocks.append(fmt.para("No method was evaluated."))
+    else:
+        blocks += [fmt.table(report.metrics), fmt.para(METRICS_NOTE)]
+    blocks += [fmt.heading(2, "Run"), fmt.facts(report.facts)]
+    for run in report.runs:
+        blocks += [fmt.heading(3, run.method), fmt.method_facts(run)]
+        if run.modules:
+            blocks.append(fmt.details("modules scored", fmt.items(run.modules)))
+        if run.damping is not None:
+            blocks.append(fmt.details("damping per module", fmt.table(run.damping)))
+    blocks += fmt.plots(report.plots)
+    blocks += [fmt.heading(2, "Queries"), fmt.para(FIRST_HITS_NOTE)]
+    blocks += [fmt.table(report.first_hits), fmt.legend]
+    for query in report.queries:
+        view = query.view
+        note = "" if view.in_queries else "(not in the queries table)"
+        parts = [fmt.heading(3, view.id, note), fmt.query_texts(view)]
+        for method, table in query.ranked:
+            parts.append(fmt.heading(4, method))
+            empty = fmt.para("no documents ranked", muted=True)
+            parts.append(empty if table is None else fmt.table(table))
+        blocks.append(fmt.section(query.anchor, parts))
+    if report.hidden:
+        blocks.append(fmt.para(f"{report.hidden} more queries are in ranking.parquet.", True))
+    return fmt.document(blocks)
+
+
+def _highlight(
+    tokens: Sequence[str], scores: Sequence[float], limit: int, piece: Callable[[int, str], str]
+) -> str:
+    # piece(i, text) formats token i; the window's cut ends are marked with an ellipsis.
+    shown = display_tokens(tokens)
+    start, stop = token_window(scores, limit)
+    parts = ["…"] if start else []  # the next token brings its own space
+    parts += [piece(i, shown[i]) for i in range(start, stop)]
+    if stop < len(shown):
+        parts.append(" …")
+    return "".join(parts)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -370,188 +575,117 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric=()) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
-            for i, c in enumerate(row)
-        )
-        + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def highlight_html(tokens: Sequence[str], scores: Sequence[float], limit: int = HTML_TOKENS) -> str:
     """Escaped token text with a background per token: green positive, red negative."""
-    shown = display_tokens(tokens)
     top = max((abs(s) for s in scores), default=0.0)
-    start, stop = token_window(scores, limit)
-    parts = ["…"] if start else []  # the next token brings its own space
-    for text, score in zip(shown[start:stop], scores[start:stop], strict=True):
+
+    def piece(i: int, text: str) -> str:
         space, body = _split_space(text)
-        alpha = abs(score) / top if top > 0 else 0.0
+        alpha = abs(scores[i]) / top if top > 0 else 0.0
         if alpha < MIN_ALPHA or not body:
-            parts.append(_e(text))
-            continue
-        rgb = "22,163,74" if score > 0 else "220,38,38"
-        parts.append(
+            return _e(text)
+        rgb = "22,163,74" if scores[i] > 0 else "220,38,38"
+        return (
             f'{_e(space)}<span style="background:rgba({rgb},{alpha:.2f})" '
-            f'title="{score:+.3e}">{_e(body)}</span>'
+            f'title="{scores[i]:+.3e}">{_e(body)}</span>'
         )
-    if stop < len(shown):
-        parts.append(" …")
-    return "".join(parts)
+
+    return _highlight(tokens, scores, limit, piece)
 
 
-def _doc_html(doc: RankedDoc) -> str:
-    if doc.tokens:
-        return f'<div class="doc">{highlight_html(doc.tokens, doc.token_scores)}</div>'
-    return f'<div class="doc">{_e(doc.text)}</div>'
+class _Html:
+    """Formats the report's blocks as HTML; every string from data is escaped here."""
 
-
-def _metrics_html(metrics: Mapping[str, Any]) -> str:
-    methods = metrics.get("methods") or {}
-    if not methods:
-        return "<p>No method was evaluated.</p>"
-    cols = _metric_columns(methods)
-    rows = [
-        [_e(m)]
-        + [_e(fmt_metric(methods[m].get(c))) for c in cols]
-        + [_e(fmt_metric(methods[m].get(k))) for k in ("num_queries", "num_skipped")]
-        for m in order_methods(methods)
-    ]
-    header = ["method", *(c.upper() if c == "mrr" else c for c in cols), "queries", "skipped"]
-    note = (
-        "<p>Means over queries with relevant ids; queries without any are skipped. "
-        "Ties in score are ordered by ascending document id.</p>"
-    )
-    numeric = set(range(1, len(header)))
-    return _html_table(header, rows, numeric) + note
-
-
-def _run_html(run_info: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
-    facts = [("msif version", __version__)]
-    facts += [(k, _fmt_value(v)) for k, v in metrics.items() if k != "methods"]
-    facts += [(k, _fmt_value(v)) for k, v in run_info.items() if k != "methods"]
-    out = [_html_table(["setting", "value"], [[_e(k), _e(v)] for k, v in facts])]
-    methods = run_info.get("methods") or {}
-    for method in order_methods(methods):
-        info = methods[method] or {}
-        out.append(f"<h3>{_e(method)}</h3>")
-        out.append(
-            _html_table(["setting", "value"], [[_e(k), _e(v)] for k, v in _method_facts(info)])
-        )
-        out.append(_left_out_html(info.get("left_out")))
-        modules = info.get("modules") or []
-        if modules:
-            items = "".join(f"<li>{_e(m)}</li>" for m in modules)
-            out.append(f"<details><summary>modules scored</summary><ul>{items}</ul></details>")
-        damping = _damping_rows(info.get("damping"))
-        if damping:
-            rows = [[_e(c) for c in r] for r in damping]
-            table = _html_table(["module", "λ fine-tune", "λ pre-train"], rows, {1, 2})
-            out.append(f"<details><summary>damping per module</summary>{table}</details>")
-    return "".join(out)
-
-
-def _left_out_html(left_out: Any) -> str:
-    if not left_out:
-        return "<p>Modules left out: none.</p>"
-    if isinstance(left_out, Mapping):
-        rows = [[_e(k), _e(v)] for k, v in sorted(left_out.items())]
-    else:
-        rows = [[_e(k), ""] for k in left_out]
-    return "<p>Modules left out:</p>" + _html_table(["module", "reason"], rows)
-
-
-def _plots_html(plots: Sequence[tuple[str, str | None]]) -> str:
-    out = []
-    for title, png in plots:
-        if png is None:
-            out.append(f'<p class="muted">{_e(title)}: nothing to plot.</p>')
-        else:
-            img = f'<img src="data:image/png;base64,{png}" alt="{_e(title)}">'
-            out.append(f"<h3>{_e(title)}</h3>{img}")
-    return "".join(out)
-
-
-def _doc_row_html(doc: RankedDoc) -> str:
-    row = '<tr class="hit">' if doc.relevant else "<tr>"
-    mark = '<span class="mark">✓</span>' if doc.relevant else ""
-    return (
-        f'{row}<td class="num">{doc.rank}</td><td>{_e(doc.doc_id)}</td>'
-        f'<td class="num">{_e(fmt_score(doc.score))}</td><td>{mark}</td>'
-        f"<td>{_doc_html(doc)}</td></tr>"
-    )
-
-
-def _query_html(i: int, view: QueryView, methods: Sequence[str]) -> str:
-    rel = ", ".join(_e(r) for r in view.relevant_ids) or '<span class="muted">none given</span>'
-    missing = "" if view.in_queries else ' <span class="muted">(not in the queries table)</span>'
-    out = [
-        f'<div class="q" id="q{i}"><h3>{_e(view.id)}{missing}</h3>',
-        f'<p><b>Prompt</b></p><div class="doc">{_e(view.prompt)}</div>',
-        f'<p><b>Answer</b></p><div class="doc">{_e(view.completion)}</div>',
-        f"<p><b>Relevant ids</b>: {rel}</p>",
-    ]
-    for method in methods:
-        docs = view.docs.get(method, [])
-        out.append(f"<h4>{_e(method)}</h4>")
-        if not docs:
-            out.append('<p class="muted">no documents ranked</p>')
-            continue
-        rows = "".join(_doc_row_html(d) for d in docs)
-        head = "<tr><th>rank</th><th>document</th><th>score</th><th>relevant</th><th>text</th></tr>"
-        out.append(f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>")
-    out.append("</div>")
-    return "".join(out)
-
-
-def _first_hits_html(views: Sequence[QueryView], methods: Sequence[str]) -> str:
-    rows = [
-        [f'<a href="#q{i}">{_e(v.id)}</a>', *(_e(_hits(v.docs.get(m, []))) for m in methods)]
-        for i, v in enumerate(views)
-    ]
-    return "<p>Rank of the first relevant document shown, per method.</p>" + _html_table(
-        ["query", *methods], rows, set(range(1, len(methods) + 1))
-    )
-
-
-def render_html(
-    views: Sequence[QueryView],
-    methods: Sequence[str],
-    metrics: Mapping[str, Any],
-    run_info: Mapping[str, Any],
-    plots: Sequence[tuple[str, str | None]],
-    hidden: int,
-) -> str:
-    """The complete, self-contained report.html; plots are (title, base64 PNG or None)."""
     legend = (
         '<p class="legend">Token highlighting: <span style="background:rgba(22,163,74,.6)">'
         "proponent</span> (positive contribution: lowers the query loss) "
         '<span style="background:rgba(220,38,38,.6)">opponent</span>, intensity relative to '
         "the strongest token of the document.</p>"
     )
-    more = f'<p class="muted">{hidden} more queries are in ranking.parquet.</p>' if hidden else ""
-    body = [
-        "<h1>msif attribution report</h1>",
-        f"<h2>Metrics</h2>{_metrics_html(metrics)}",
-        f"<h2>Run</h2>{_run_html(run_info, metrics)}",
-        f"<h2>Plots</h2>{_plots_html(plots)}",
-        f"<h2>Queries</h2>{_first_hits_html(views, methods)}{legend}",
-        *(_query_html(i, v, methods) for i, v in enumerate(views)),
-        more,
-    ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-        f"<title>msif attribution report</title><style>{_CSS}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>\n"
-    )
+
+    def heading(self, level: int, text: str, note: str = "") -> str:
+        """A heading, with an optional muted note after it."""
+        muted = f' <span class="muted">{_e(note)}</span>' if note else ""
+        return f"<h{level}>{_e(text)}{muted}</h{level}>"
+
+    def para(self, text: str, muted: bool = False) -> str:
+        return f'<p class="muted">{_e(text)}</p>' if muted else f"<p>{_e(text)}</p>"
+
+    def cell(self, cell: Cell) -> str:
+        if isinstance(cell, RankedDoc):
+            text = highlight_html(cell.tokens, cell.token_scores) if cell.tokens else _e(cell.text)
+            return f'<div class="doc">{text}</div>'
+        if isinstance(cell, Link):
+            return f'<a href="#{_e(cell.target)}">{_e(cell.text)}</a>'
+        if isinstance(cell, Mark):
+            return f'<span class="mark">{_e(cell.text)}</span>'
+        return _e(cell)
+
+    def table(self, table: Table) -> str:
+        """A table with numeric columns right-aligned and hit rows shaded."""
+        head = "".join(f"<th>{_e(h)}</th>" for h in table.header)
+        num = ' class="num"'
+        body = "".join(
+            ('<tr class="hit">' if row.hit else "<tr>")
+            + "".join(
+                f"<td{num if i in table.numeric else ''}>{self.cell(c)}</td>"
+                for i, c in enumerate(row.cells)
+            )
+            + "</tr>"
+            for row in table.rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def facts(self, facts: Sequence[tuple[str, str]]) -> str:
+        """Settings and their values as a two-column table."""
+        return self.table(Table(("setting", "value"), [Row(f) for f in facts]))
+
+    def method_facts(self, run: MethodRun) -> str:
+        """A method's settings, then the modules it left out with the reasons."""
+        if run.left_out is None:
+            return self.facts(run.facts) + self.para("Modules left out: none.")
+        return self.facts(run.facts) + self.para("Modules left out:") + self.table(run.left_out)
+
+    def items(self, items: Sequence[str]) -> str:
+        return "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>"
+
+    def details(self, summary: str, body: str) -> str:
+        """A collapsed section, since per-module lists run long."""
+        return f"<details><summary>{_e(summary)}</summary>{body}</details>"
+
+    def plots(self, plots: Sequence[tuple[str, str | None]]) -> list[str]:
+        """The plots as inline PNGs."""
+        out = [self.heading(2, "Plots")]
+        for title, png in plots:
+            if png is None:
+                out.append(self.para(f"{title}: nothing to plot.", muted=True))
+            else:
+                img = f'<img src="data:image/png;base64,{png}" alt="{_e(title)}">'
+                out.append(self.heading(3, title) + img)
+        return out
+
+    def query_texts(self, view: QueryView) -> str:
+        """A query's prompt, answer and relevant ids."""
+        rel = _e(", ".join(view.relevant_ids)) or '<span class="muted">none given</span>'
+        return (
+            f'<p><b>Prompt</b></p><div class="doc">{_e(view.prompt)}</div>'
+            f'<p><b>Answer</b></p><div class="doc">{_e(view.completion)}</div>'
+            f"<p><b>Relevant ids</b>: {rel}</p>"
+        )
+
+    def section(self, anchor: str, parts: Sequence[str]) -> str:
+        """A query's boxed section, the target of its link in the first-hit table."""
+        return f'<div class="q" id="{_e(anchor)}">' + "".join(parts) + "</div>"
+
+    def document(self, blocks: Sequence[str]) -> str:
+        """The self-contained page around the blocks."""
+        return (
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+            f"<title>{_e(TITLE)}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(b for b in blocks if b)
+            + "</body></html>\n"
+        )
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -567,98 +701,100 @@ def md_escape(text: str) -> str:
 
 def highlight_md(tokens: Sequence[str], scores: Sequence[float], limit: int = MD_TOKENS) -> str:
     """Token text with the few most positive tokens in bold."""
-    shown = display_tokens(tokens)
     top = max((abs(s) for s in scores), default=0.0)
     # Only tokens that would also be highlighted in HTML qualify, so noise is never bold.
     order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
     strong = [int(i) for i in order if scores[i] > 0 and scores[i] >= MIN_ALPHA * top]
     bold = set(strong[:MD_BOLD])
-    start, stop = token_window(scores, limit)
-    parts = ["…"] if start else []  # the next token brings its own space
-    for i in range(start, stop):
-        space, body = _split_space(shown[i].replace("\n", " "))
+
+    def piece(i: int, text: str) -> str:
+        space, body = _split_space(text.replace("\n", " "))
         if i in bold and body.strip():
-            parts.append(f"{md_escape(space)}**{md_escape(body)}**")
-        else:
-            parts.append(md_escape(shown[i]))
-    if stop < len(shown):
-        parts.append(" …")
-    return "".join(parts)
+            return f"{md_escape(space)}**{md_escape(body)}**"
+        return md_escape(text)
+
+    return _highlight(tokens, scores, limit, piece)
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines + [""]
+def _md_line(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
-def _metrics_md(metrics: Mapping[str, Any]) -> list[str]:
-    methods = metrics.get("methods") or {}
-    if not methods:
-        return ["No method was evaluated.", ""]
-    cols = _metric_columns(methods)
-    header = ["method", *(c.upper() if c == "mrr" else c for c in cols), "queries", "skipped"]
-    rows = [
-        [md_escape(m)]
-        + [fmt_metric(methods[m].get(c)) for c in [*cols, "num_queries", "num_skipped"]]
-        for m in order_methods(methods)
-    ]
-    return _md_table(header, rows)
+class _Markdown:
+    """Formats the report's blocks as Markdown for the KFP viewer; blocks are paragraphs."""
+
+    legend = "Bold tokens contribute most to a document's score; plots are in report.html."
+
+    def heading(self, level: int, text: str, note: str = "") -> str:
+        """A heading; below the query level a bold line, which reads better than ####."""
+        text = md_escape(f"{text} {note}" if note else text)
+        return f"{'#' * level} {text}" if level <= 3 else f"**{text}**"
+
+    def para(self, text: str, muted: bool = False) -> str:
+        return md_escape(text)  # Markdown has no muted style
+
+    def cell(self, cell: Cell) -> str:
+        if isinstance(cell, RankedDoc):
+            if cell.tokens:
+                return highlight_md(cell.tokens, cell.token_scores)
+            return md_escape(cell.text)
+        return md_escape(cell.text if isinstance(cell, (Link, Mark)) else cell)
+
+    def table(self, table: Table) -> str:
+        lines = [_md_line(map(md_escape, table.header)), "|" + "---|" * len(table.header)]
+        lines += [_md_line(map(self.cell, row.cells)) for row in table.rows]
+        return "\n".join(lines)
+
+    def facts(self, facts: Sequence[tuple[str, str]]) -> str:
+        """Settings and their values as a bulleted list."""
+        return "\n".join(f"- {md_escape(k)}: {md_escape(v)}" for k, v in facts)
+
+    def method_facts(self, run: MethodRun) -> str:
+        """A method's settings, the modules it left out (with the reasons) as one more."""
+        rows = [row.cells for row in run.left_out.rows] if run.left_out else []
+        names = [f"{module} ({why})" if why else str(module) for module, why in rows]
+        return self.facts([*run.facts, ("modules left out", ", ".join(names) or "none")])
+
+    def items(self, items: Sequence[str]) -> str:
+        return md_escape(", ".join(items))
+
+    def details(self, summary: str, body: str) -> str:
+        """A labelled section (Markdown cannot collapse it)."""
+        return f"{self.heading(4, summary)}\n\n{body}"
+
+    def plots(self, plots: Sequence[tuple[str, str | None]]) -> list[str]:
+        """Nothing: the KFP viewer shows no data: images, and the legend points to report.html."""
+        return []
+
+    def query_texts(self, view: QueryView) -> str:
+        """A query's prompt, answer and relevant ids."""
+        rel = md_escape(", ".join(view.relevant_ids)) or "none given"
+        return (
+            f"- prompt: {md_escape(view.prompt)}\n- answer: {md_escape(view.completion)}\n"
+            f"- relevant ids: {rel}"
+        )
+
+    def section(self, anchor: str, parts: Sequence[str]) -> str:
+        """A query's section (headings are its anchors in Markdown)."""
+        return "\n\n".join(parts)
+
+    def document(self, blocks: Sequence[str]) -> str:
+        return "\n\n".join(b for b in blocks if b) + "\n"
 
 
-def _run_md(run_info: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:
-    facts = [("msif version", __version__)]
-    facts += [(k, _fmt_value(v)) for k, v in metrics.items() if k != "methods"]
-    facts += [(k, _fmt_value(v)) for k, v in run_info.items() if k != "methods"]
-    lines = [f"- {md_escape(k)}: {md_escape(v)}" for k, v in facts] + [""]
-    methods = run_info.get("methods") or {}
-    for method in order_methods(methods):
-        info = methods[method] or {}
-        lines.append(f"### {md_escape(method)}")
-        lines.append("")
-        lines += [f"- {md_escape(k)}: {md_escape(v)}" for k, v in _method_facts(info)]
-        left_out = info.get("left_out") or {}
-        if isinstance(left_out, Mapping):
-            left = [f"{k} ({v})" for k, v in sorted(left_out.items())]
-        else:
-            left = [str(x) for x in left_out]
-        lines.append(f"- modules left out: {md_escape(', '.join(left) or 'none')}")
-        damping = _damping_rows(info.get("damping"))
-        lines.append("")
-        if damping:
-            rows = [[md_escape(c) for c in r] for r in damping]
-            lines += _md_table(["module", "λ fine-tune", "λ pre-train"], rows)
-    return lines
+_HTML, _MARKDOWN = _Html(), _Markdown()
 
 
-def _query_md(view: QueryView, methods: Sequence[str]) -> list[str]:
-    rel = ", ".join(md_escape(r) for r in view.relevant_ids) or "none given"
-    lines = [
-        f"### {md_escape(view.id)}",
-        "",
-        f"- prompt: {md_escape(view.prompt)}",
-        f"- answer: {md_escape(view.completion)}",
-        f"- relevant ids: {rel}",
-        "",
-    ]
-    for method in methods:
-        docs = view.docs.get(method, [])
-        lines += [f"**{md_escape(method)}**", ""]
-        if not docs:
-            lines += ["no documents ranked", ""]
-            continue
-        rows = [
-            [
-                str(d.rank),
-                md_escape(d.doc_id),
-                fmt_score(d.score),
-                "✓" if d.relevant else "",
-                highlight_md(d.tokens, d.token_scores) if d.tokens else md_escape(d.text),
-            ]
-            for d in docs
-        ]
-        lines += _md_table(["rank", "document", "score", "relevant", "text"], rows)
-    return lines
+def render_html(
+    views: Sequence[QueryView],
+    methods: Sequence[str],
+    metrics: Mapping[str, Any],
+    run_info: Mapping[str, Any],
+    plots: Sequence[tuple[str, str | None]],
+    hidden: int,
+) -> str:
+    """The complete, self-contained report.html; plots are (title, base64 PNG or None)."""
+    return _render(build_report(views, methods, metrics, run_info, plots, hidden), _HTML)
 
 
 def render_markdown(
@@ -669,19 +805,7 @@ def render_markdown(
     hidden: int,
 ) -> str:
     """The complete report.md (plots are in report.html only)."""
-    lines = ["# msif attribution report", "", "## Metrics", "", *_metrics_md(metrics)]
-    lines += ["## Run", "", *_run_md(run_info, metrics), "## Queries", ""]
-    lines += [
-        "Bold tokens contribute most to a document's score; plots are in report.html.",
-        "",
-    ]
-    first = [[md_escape(v.id), *(_hits(v.docs.get(m, [])) for m in methods)] for v in views]
-    lines += _md_table(["query (first relevant rank)", *map(md_escape, methods)], first)
-    for view in views:
-        lines += _query_md(view, methods)
-    if hidden:
-        lines += [f"{hidden} more queries are in ranking.parquet.", ""]
-    return "\n".join(lines)
+    return _render(build_report(views, methods, metrics, run_info, (), hidden), _MARKDOWN)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -733,8 +857,8 @@ def write_report(
         (f"Score distribution per method ({which})", hist),
         ("Λ spectrum per stage (sorted eigenvalues per module)", spectra_png(lambda_spectra or {})),
     ]
-    page = render_html(views, methods, metrics, run_info or {}, plots, hidden)
-    md = render_markdown(views, methods, metrics, run_info or {}, hidden)
+    report = build_report(views, methods, metrics, run_info or {}, plots, hidden)
+    page, md = _render(report, _HTML), _render(report, _MARKDOWN)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "report.md", md)
