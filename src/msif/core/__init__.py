@@ -1,2 +1,2 @@
-"""The model side every stage shares: tracked modules, hooks, the loss, linear algebra, and the
-fingerprints and tensor files that let artifacts refuse another model."""
+"""The model side every stage shares: tracked modules, the hooked batch loop, the loss, device
+and dtype rules, linear algebra, fingerprints, and the artifact files that refuse a mismatch."""
