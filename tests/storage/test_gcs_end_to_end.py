@@ -156,7 +156,9 @@ def test_cli_on_gs_gives_the_local_ranking(gs_world, gs_run, local_run):
         (want / "metrics.json").read_text()
     )
     # Every output went to the bucket, published with its marker.
-    for name in ("pt-cov-0", "pt-cov-1", "pt-eigen", "ft-lam-1", "ft-factors", "pre", "scores-1"):
+    tasks = ("fit-covariance-pt/0", "fit-covariance-pt/1", "eigendecompose-pt", "fit-lambda-ft/1")
+    tasks += ("build-factors-ft", "precondition-queries-multi-stage", "score-corpus-multi-stage/1")
+    for name in tasks:
         assert is_complete(join(gs_run["out"], name)), name
     assert sorted(o.uri.rsplit("/", 1)[-1] for o in storage.list_objects(gs_run["ranking"])) == [
         "_MSIF_COMPLETE.json",
