@@ -50,7 +50,8 @@ def rank(
 
     from msif.cli import run_subcommand
     from msif.evaluation.metrics import kfp_metrics
-    from msif.storage.gcs import is_remote, local_input_dir
+    from msif.storage.cache import local_input_dir
+    from msif.storage.uri import is_remote
 
     shards = [*multi_stage_scores, *single_stage_scores, *gradient_dot_scores, bm25_scores]
     run_subcommand(

@@ -19,7 +19,8 @@ import pytest
 
 from msif.cli import main
 from msif.storage import gcs as storage
-from msif.storage.gcs import MARKER, is_complete, join
+from msif.storage.publish import MARKER, is_complete
+from msif.storage.uri import join, split_gs
 from msif.testing import Faults, fault_proxy
 from tests.storage.test_gcs_end_to_end import (
     COMMON,
@@ -72,7 +73,7 @@ def delete(uri: str) -> None:
     """Delete one object, as an operator or a lifecycle rule would."""
     from google.cloud.storage import Client
 
-    bucket, key = storage.split_gs(uri)
+    bucket, key = split_gs(uri)
     Client().bucket(bucket).blob(key).delete()
 
 

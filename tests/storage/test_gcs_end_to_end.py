@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from msif.storage import gcs as storage
-from msif.storage.gcs import is_complete, join, local_input_dir
+from msif.storage.cache import local_input_dir
+from msif.storage.publish import is_complete
+from msif.storage.uri import join
 from msif.testing import DEFAULT_BUCKET
 from msif.testing.memcheck import reset_peak
 from tests.support.cli_helpers import COMMON, cli, dag_settings, run_nodes

@@ -18,19 +18,10 @@ import pytest
 from msif.data.parquet import ParquetSource, read_table, write_parquet_atomic
 from msif.errors import DataError
 from msif.storage import gcs as storage
-from msif.storage.gcs import (
-    MARKER,
-    StorageError,
-    fetch_model_dir,
-    is_complete,
-    is_remote,
-    join,
-    local_input_dir,
-    read_bytes,
-    read_manifest,
-    staged_output_dir,
-    write_bytes_atomic,
-)
+from msif.storage.cache import fetch_model_dir, local_input_dir
+from msif.storage.gcs import read_bytes, write_bytes_atomic
+from msif.storage.publish import MARKER, is_complete, read_manifest, staged_output_dir
+from msif.storage.uri import StorageError, is_remote, join, split_gs
 from msif.testing import Faults, fault_proxy
 
 FILES = {"a.bin": bytes(range(256)) * 4, "sub/b.json": b'{"x": 1}\n'}
@@ -75,11 +66,11 @@ def test_uris():
     assert join("gs://bkt/p/", "a", "/b/") == "gs://bkt/p/a/b"
     assert join("gs://bkt", "x") == "gs://bkt/x"
     assert join("/tmp/a", "b", "c") == "/tmp/a/b/c"
-    assert storage.split_gs("gs://bkt/p/q/") == ("bkt", "p/q")
+    assert split_gs("gs://bkt/p/q/") == ("bkt", "p/q")
     with pytest.raises(StorageError, match=r"^s3://b/x: unsupported URI scheme 's3'"):
         is_remote("s3://b/x")
     with pytest.raises(StorageError, match="'Bad_Bucket' is not a valid bucket name"):
-        storage.split_gs("gs://Bad_Bucket/x")
+        split_gs("gs://Bad_Bucket/x")
 
 
 # ----------------------------------------------------------------------------- local outputs

@@ -34,7 +34,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from msif.storage.gcs import fetch_model_dir
+    from msif.storage.cache import fetch_model_dir
 
     hf_logging.disable_progress_bar()  # one bar per node is ours; theirs per load is noise
 

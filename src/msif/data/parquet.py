@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from msif.errors import DataError
 from msif.storage import gcs as storage
-from msif.storage.gcs import NotFoundError, StorageError
+from msif.storage.uri import NotFoundError, StorageError, is_remote, split_gs
 
 _GLOB_CHARS = "*?["
 _FOOTER_THREADS = 8
@@ -98,7 +98,7 @@ def _list_local(spec: str) -> list[tuple[str, str, int, None]]:
 
 def _list_remote(spec: str) -> list[tuple[str, str, int, int | None]]:
     """(uri, rel, size, generation) of the objects a gs:// spec names."""
-    bucket, key = storage.split_gs(spec)
+    bucket, key = split_gs(spec)
     if _has_glob(key):
         parts = key.split("/")
         static = "/".join(parts[: next(i for i, p in enumerate(parts) if _has_glob(p))])
@@ -132,11 +132,7 @@ def _list_remote(spec: str) -> list[tuple[str, str, int, int | None]]:
 def _read_footer(entry: tuple[str, str, int, int | None]) -> _File:
     uri, rel, size, generation = entry
     try:
-        meta = (
-            _remote_footer(uri, size, generation)
-            if storage.is_remote(uri)
-            else (pq.read_metadata(uri))
-        )
+        meta = _remote_footer(uri, size, generation) if is_remote(uri) else (pq.read_metadata(uri))
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{uri} is not a readable Parquet file ({_first_line(exc)})") from None
     return _File(uri, rel, size, generation, meta)
@@ -189,12 +185,12 @@ class ParquetSource:
         label = specs[0] if len(specs) == 1 else f"{specs[0]} (+{len(specs) - 1} more)"
         listed = []
         for spec in specs:
-            listed += _list_remote(spec) if storage.is_remote(spec) else _list_local(spec)
+            listed += _list_remote(spec) if is_remote(spec) else _list_local(spec)
         uris = [e[0] for e in listed]
         if len(set(uris)) != len(uris):
             dup = next(u for u in uris if uris.count(u) > 1)
             raise DataError(f"{label} lists {dup} more than once")
-        remote = any(storage.is_remote(u) for u in uris)
+        remote = any(is_remote(u) for u in uris)
         with ThreadPoolExecutor(_FOOTER_THREADS if remote else 1) as pool:
             entries = list(pool.map(_read_footer, listed))
         schema = _common_schema(entries, label)
@@ -306,7 +302,7 @@ def _chunk_ranges(entry: _File, index: int, columns: list[str]) -> list[tuple[in
 @contextmanager
 def _row_group_file(entry: _File, index: int, columns: list[str]) -> Iterator[pq.ParquetFile]:
     """A ParquetFile that can read row group `index` of entry (natively, from local disk)."""
-    if not storage.is_remote(entry.uri):
+    if not is_remote(entry.uri):
         with pq.ParquetFile(entry.uri, metadata=entry.metadata) as pf:
             yield pf
         return
@@ -358,7 +354,7 @@ def read_table(uri: str | Sequence[str]) -> pa.Table:
 def write_parquet_atomic(table: pa.Table, uri: str, **write_options) -> None:
     """Write a Parquet file so that readers never see a partial file."""
     target_name = uri.rstrip("/").rsplit("/", 1)[-1]
-    if storage.is_remote(uri):
+    if is_remote(uri):
         with tempfile.TemporaryDirectory(prefix="msif-parquet-") as tmp:
             path = Path(tmp) / target_name
             pq.write_table(table, path, **write_options)

@@ -72,7 +72,7 @@ def timed(fn: Callable) -> Callable:
 @contextlib.contextmanager
 def published(out_uri: str, meta: dict) -> Iterator[Path]:
     """staged_output_dir whose manifest also records the node's wall time."""
-    from msif.storage.gcs import staged_output_dir
+    from msif.storage.publish import staged_output_dir
 
     with staged_output_dir(out_uri, meta) as tmp:
         yield tmp
@@ -88,13 +88,8 @@ def inputs_key(**inputs) -> str:
 
 def already_complete(out_uri: str, key: str) -> bool:
     """True when out_uri holds a complete output made from the same inputs."""
-    from msif.storage.gcs import (
-        BucketNotFoundError,
-        StorageError,
-        is_complete,
-        read_manifest,
-        split_gs,
-    )
+    from msif.storage.publish import is_complete, read_manifest
+    from msif.storage.uri import BucketNotFoundError, StorageError, split_gs
 
     try:
         if not is_complete(out_uri):
@@ -113,7 +108,7 @@ def already_complete(out_uri: str, key: str) -> bool:
 
 def artifact_digest(uri: str) -> str:
     """Content digest of a published artifact (from its manifest's file hashes)."""
-    from msif.storage.gcs import read_manifest
+    from msif.storage.publish import read_manifest
 
     files = read_manifest(uri).get("files", {})
     return inputs_key(files={k: v.get("sha256") for k, v in files.items()})
@@ -121,7 +116,7 @@ def artifact_digest(uri: str) -> str:
 
 def input_dir(uri: str) -> Path:
     """A verified local copy of a published input artifact."""
-    from msif.storage.gcs import local_input_dir
+    from msif.storage.cache import local_input_dir
 
     return local_input_dir(uri)
 

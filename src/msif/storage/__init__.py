@@ -1,1 +1,2 @@
-"""Local paths and gs:// URIs: object access with retries, atomic publishing, caches."""
+"""Local paths and gs:// URIs: uri (names, errors), gcs (object access with retries), publish
+(atomic outputs and their manifests), cache (verified local copies)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msif.storage.gcs import join
+from msif.storage.uri import join
 from msif.workflow.dag import Task, arguments, tasks
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from msif.errors import MsifError
-from msif.storage.gcs import MARKER
+from msif.storage.publish import MARKER
 
 log = logging.getLogger("msif")
 RANK_TASK = "rank"

@@ -86,8 +86,8 @@ class WorldPaths:
 
 
 def default_cache_dir() -> Path:
-    """Where worlds are cached: msif.storage.gcs.cache_home() ($MSIF_CACHE or ~/.cache/msif)."""
-    from msif.storage.gcs import cache_home
+    """Where worlds are cached: msif.storage.cache.cache_home() ($MSIF_CACHE or ~/.cache/msif)."""
+    from msif.storage.cache import cache_home
 
     return cache_home()
 

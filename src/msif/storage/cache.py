@@ -1,0 +1,157 @@
+"""Local caches: where msif keeps downloads, and verified local copies of inputs.
+
+Published outputs are cached by the content of their manifest and checked by sha256; model
+directories by the listing of their objects and checked against GCS's crc32c (or md5). A
+valid cached copy is reused, a damaged one downloaded again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from msif.storage.gcs import ObjectInfo, _error, download_file, list_objects
+from msif.storage.publish import (
+    _HASH_BLOCK,
+    MARKER,
+    _file_hashes,
+    _parse_manifest,
+    _read_marker,
+    _verify_tree,
+    read_manifest,
+)
+from msif.storage.uri import NotFoundError, StorageError, _safe_relative, is_remote, join
+
+log = logging.getLogger("msif")
+
+
+def _matches_object(path: Path, obj: ObjectInfo) -> bool:
+    """Whether a local file has the size and GCS hash (crc32c, else md5) of an object."""
+    if not path.is_file() or path.stat().st_size != obj.size:
+        return False
+    if obj.crc32c:
+        return _file_hashes(path)[2] == obj.crc32c
+    if obj.md5:
+        md5 = hashlib.md5(usedforsecurity=False)
+        with path.open("rb") as fh:
+            while block := fh.read(_HASH_BLOCK):
+                md5.update(block)
+        return base64.b64encode(md5.digest()).decode() == obj.md5
+    log.warning("%s has no crc32c/md5 hash; a cached copy is checked by size only", obj.uri)
+    return True
+
+
+def cache_home() -> Path:
+    """msif's cache directory (worlds, downloads): $MSIF_CACHE, else $XDG_CACHE_HOME/msif."""
+    if os.environ.get("MSIF_CACHE"):
+        return Path(os.environ["MSIF_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "msif"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The local download cache: cache_dir, else cache_home(); created if missing."""
+    root = Path(cache_dir) if cache_dir is not None else cache_home()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _error(str(root), "creating the cache directory", exc) from None
+    return root
+
+
+def local_input_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """A verified local copy of a published msif output directory.
+
+    Local directories are returned as they are once every file matches the manifest;
+    gs:// outputs are downloaded into a cache keyed by the manifest and verified by sha256
+    (a valid cached copy is reused).
+    """
+    if not is_remote(uri):
+        if not Path(uri).is_dir():
+            raise StorageError(f"{uri}: no such directory")
+        _verify_tree(Path(uri), read_manifest(uri), uri)
+        return Path(uri)
+    marker_bytes = _read_marker(uri)
+    manifest = _parse_manifest(marker_bytes, uri)
+    root = cache_root(cache_dir) / "artifacts"
+    dest = root / hashlib.sha256(marker_bytes).hexdigest()[:32]
+    if dest.is_dir():
+        try:
+            _verify_tree(dest, manifest, uri)
+            log.debug("%s: using the cached copy in %s", uri, dest)
+            return dest
+        except StorageError:
+            log.warning("%s: the cached copy in %s is damaged; downloading again", uri, dest)
+            shutil.rmtree(dest, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+    try:
+        for rel in sorted(manifest["files"]):
+            download_file(join(uri, rel), stage / rel)
+        _verify_tree(stage, manifest, uri)
+        (stage / MARKER).write_bytes(marker_bytes)
+        try:
+            os.rename(stage, dest)
+        except OSError:
+            # Another process finished the same download first; theirs is as good.
+            _verify_tree(dest, manifest, uri)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return dest
+
+
+def fetch_model_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """A local directory for from_pretrained: a local model dir as is, or a gs:// copy.
+
+    The top-level objects of a gs:// prefix are mirrored into the cache; every file is
+    checked against the object's crc32c (or md5) and downloaded again when it does not match.
+    """
+    if not is_remote(uri):
+        path = Path(uri)
+        if not path.is_dir():
+            raise StorageError(f"{uri}: no such model directory")
+        if not (path / "config.json").is_file():
+            raise StorageError(f"{uri} is not a model directory: no config.json")
+        return path
+    everything = list_objects(uri)
+    if not everything:
+        raise NotFoundError(f"{uri}: no objects under this prefix")
+    base = len(join(uri, "x")) - 1
+    # save_pretrained writes a flat directory; nested objects (a Trainer's checkpoint-*/
+    # folders, say) are not part of the model and can be far larger than it.
+    objects = [o for o in everything if "/" not in o.uri[base:]]
+    if len(objects) < len(everything):
+        log.info(
+            "%s: %d objects in subfolders are not downloaded", uri, len(everything) - len(objects)
+        )
+    rels = [_safe_relative(o.uri[base:], uri) for o in objects]
+    if "config.json" not in rels:
+        raise StorageError(f"{uri} is not a model directory: no config.json")
+    listing = json.dumps(
+        [uri]
+        + [[r, o.size, o.crc32c, o.md5, o.generation] for r, o in zip(rels, objects, strict=True)]
+    )
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1])[:40]
+    dest = (
+        cache_root(cache_dir)
+        / "models"
+        / (f"{name}-{hashlib.sha256(listing.encode()).hexdigest()[:24]}")
+    )
+    fetched = 0
+    for rel, obj in zip(rels, objects, strict=True):
+        path = dest / rel
+        if _matches_object(path, obj):
+            continue
+        download_file(obj.uri, path, generation=obj.generation)
+        if not _matches_object(path, obj):
+            raise StorageError(f"{obj.uri}: downloaded copy does not match the object's hash")
+        fetched += 1
+    log.info("%s: %d of %d files downloaded into %s", uri, fetched, len(objects), dest)
+    return dest
