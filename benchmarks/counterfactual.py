@@ -38,6 +38,7 @@ import torch
 import msif
 from benchmarks.common import machine
 from benchmarks.sensitivity import fit, load_world
+from msif.attribution.precondition import METHODS as INFLUENCE_METHOD_NAMES
 from msif.core.loss import sequence_losses
 from msif.data.examples import Example, batches, collate
 from msif.ekfac.factors import Damping
@@ -54,10 +55,10 @@ from msif.world import (
     pretrain,
 )
 
-INFLUENCE_METHODS = ("multi-stage", "single-stage", "gradient-dot")
+INFLUENCE_METHODS = INFLUENCE_METHOD_NAMES
 METHODS = (*INFLUENCE_METHODS, "bm25", "random", "filler")
 CONTROL_METHODS = ("random", "filler")
-DEFAULT_METHODS = ("multi-stage", "single-stage", "gradient-dot", "bm25", "random")
+DEFAULT_METHODS = (*INFLUENCE_METHODS, "bm25", "random")
 QUICK_METHODS = ("multi-stage", "random")
 PT_DAMPING_FACTOR = 0.1  # what `msif run` uses for the pre-train stage
 

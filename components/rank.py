@@ -51,7 +51,6 @@ def rank(
     from msif.cli import run_subcommand
     from msif.evaluation.metrics import kfp_metrics
     from msif.storage.cache import local_input_dir
-    from msif.storage.uri import is_remote
 
     shards = [*multi_stage_scores, *single_stage_scores, *gradient_dot_scores, bm25_scores]
     run_subcommand(
@@ -64,8 +63,8 @@ def rank(
         report_k=report_k,
         out=ranking,
     )
-    # A gs:// ranking (in-process runs may publish there) is read through a verified copy.
-    out = local_input_dir(ranking.path) if is_remote(ranking.path) else Path(ranking.path)
+    # Read back through its manifest: verified, and local even when published to gs://.
+    out = local_input_dir(ranking.path)
     for name, value in sorted(kfp_metrics(json.loads((out / "metrics.json").read_text())).items()):
         metrics.log_metric(name, value)
     for source, target in ((out / "report.md", report), (out / "report.html", report_html)):

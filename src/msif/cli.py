@@ -7,6 +7,7 @@ it, so a pod, a local run and a test execute the same code.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,8 +27,9 @@ nodes, in data-flow order: fit-covariance → eigendecompose → fit-lambda → 
 bm25, rank. Every path may be a local path or a gs:// URI."""
 
 
+@functools.cache
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser."""
+    """The full argument parser (built once: run_subcommand and main both need it)."""
     from msif.main_job import add_parsers as add_main_job_parsers
     from msif.nodes import NODES
     from msif.workflow.cli import add_pipeline_parser

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from msif.attribution.precondition import METHODS
@@ -29,10 +29,7 @@ CONTRACTIONS = ("auto", "materialise", "per-token")
 
 def option(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None):
     """A dataclass field carrying its CLI help (and choices) beside its default."""
-    meta = {"help": help, "choices": choices, "metavar": metavar}
-    if isinstance(default, tuple):
-        return field(default_factory=lambda: default, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
 
 
 def _at_least(name: str, value: float, low: float) -> None:
@@ -183,8 +180,14 @@ class RankOptions:
         _at_least("report_k", self.report_k, 1)
 
 
-OPTION_CLASSES = (ModelOptions, EigenOptions, PreconditionOptions, ScoreOptions, Bm25Options)
-OPTION_CLASSES += (RankOptions,)
+OPTION_CLASSES = (
+    ModelOptions,
+    EigenOptions,
+    PreconditionOptions,
+    ScoreOptions,
+    Bm25Options,
+    RankOptions,
+)
 
 
 def none_if_not_positive(value: float) -> float | None:
@@ -198,8 +201,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
     for f in fields(cls):
         if f.name in skip:
             continue
-        default = f.default_factory() if f.default is MISSING else f.default
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        default, flag, meta = f.default, "--" + f.name.replace("_", "-"), f.metadata
         if isinstance(default, bool) and default:
             group.add_argument(
                 "--no-" + flag[2:], dest=f.name, action="store_false", help=f"do not {meta['help']}"

@@ -123,15 +123,10 @@ def say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def node_line(name: str, seconds: float, shards: int = 1) -> str:
-    """The line printed when a node finishes."""
-    times = f" ×{shards}" if shards > 1 else ""
-    return f"  done {name:<40}{times:>4} {seconds:7.1f}s"
-
-
 def run_inprocess(world: dict, out: Path, settings: JobSettings) -> dict:
     """The DAG in this process; metrics, per-task times and the ranking directory."""
     from msif.workflow.inprocess import primary_output, run_dag
+    from msif.workflow.local_run import node_line
 
     timings: dict[str, float] = {}
 

@@ -449,8 +449,15 @@ class FakeCli:
     def __call__(self, argv):
         self.calls.append(list(argv))
         if argv[0] == "rank" and self.rc == 0:
-            out = Path(argv[argv.index("--out") + 1])
-            out.mkdir(parents=True)
+            self._publish_rank(argv[argv.index("--out") + 1])
+        return self.rc
+
+    @staticmethod
+    def _publish_rank(uri: str) -> None:
+        # Published as the rank node publishes: the component reads it back by its manifest.
+        from msif.storage.publish import staged_output_dir
+
+        with staged_output_dir(uri, {"node": "rank"}) as out:
             metrics = {
                 "methods": {
                     "multi-stage": {"mrr": 0.75, "recall@10": 0.5, "num_queries": 4},
@@ -461,7 +468,6 @@ class FakeCli:
             (out / "metrics.json").write_text(json.dumps(metrics))
             (out / "report.md").write_text("# report\n")
             (out / "report.html").write_text("<h1>report</h1>\n")
-        return self.rc
 
 
 @pytest.fixture

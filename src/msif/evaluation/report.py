@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from msif.attribution.precondition import METHODS
 from msif.attribution.topk import RANKING_SCHEMA
 from msif.errors import DataError
 from msif.version import __version__
 
-METHOD_ORDER = ("multi-stage", "single-stage", "gradient-dot", "bm25")
+METHOD_ORDER = (*METHODS, "bm25")
 RANKING_REQUIRED = RANKING_SCHEMA.names[:5]  # text, tokens, scores and flags may be absent
 QUERIES_REQUIRED = ("id", "prompt", "completion")
 HTML_TOKENS = 256  # tokens shown per document in HTML (a window around the strongest token)

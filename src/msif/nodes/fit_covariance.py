@@ -46,12 +46,9 @@ def run(
     options: ModelOptions,
 ) -> None:
     """Covariance partial sums of one data shard."""
-    from msif.data.models import load_model
     from msif.ekfac.covariance import fit_covariance
 
-    runtime.check_stage(stage)
-    model, tokenizer = load_model(model_uri, device=options.device, dtype=options.dtype)
-    data, info = runtime.stage_batches(model, tokenizer, data_uri, shard, num_shards, options)
+    model, data, info = runtime.stage_inputs(model_uri, data_uri, stage, shard, num_shards, options)
     cov = fit_covariance(
         model,
         data,
@@ -61,6 +58,5 @@ def run(
         progress=options.progress,
     )
     cov.info = {**info, "model": model_uri}
-    meta = {"node": NAME, "stage": stage, "shard": shard, "num_shards": num_shards}
-    with runtime.published(out_uri, meta) as tmp:
+    with runtime.published(out_uri, runtime.shard_meta(NAME, stage, shard, num_shards)) as tmp:
         cov.save(tmp)

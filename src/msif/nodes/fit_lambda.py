@@ -52,7 +52,6 @@ def run(
     options: ModelOptions,
 ) -> None:
     """Λ partial sums of one data shard in a given eigenbasis."""
-    from msif.data.models import load_model
     from msif.ekfac.eigenbasis import Eigenbasis
     from msif.ekfac.lambdas import fit_lambda
 
@@ -60,10 +59,8 @@ def run(
     basis = Eigenbasis.load(runtime.input_dir(eigenbasis_uri))
     if basis.stage != stage:
         raise MismatchError(f"{eigenbasis_uri} is a {basis.stage!r} eigenbasis, not {stage!r}")
-    model, tokenizer = load_model(model_uri, device=options.device, dtype=options.dtype)
-    data, info = runtime.stage_batches(model, tokenizer, data_uri, shard, num_shards, options)
+    model, data, info = runtime.stage_inputs(model_uri, data_uri, stage, shard, num_shards, options)
     lam = fit_lambda(model, data, basis, seed=options.seed, progress=options.progress)
     lam.info.update(info)
-    meta = {"node": NAME, "stage": stage, "shard": shard, "num_shards": num_shards}
-    with runtime.published(out_uri, meta) as tmp:
+    with runtime.published(out_uri, runtime.shard_meta(NAME, stage, shard, num_shards)) as tmp:
         lam.save(tmp)

@@ -197,6 +197,24 @@ def stage_batches(
     return batches(examples, opts.batch_size, pad_id_of(tokenizer)), info
 
 
+def stage_inputs(
+    model_uri: str, data_uri: str, stage: str, shard: int, num_shards: int, opts: ModelOptions
+):
+    """What fit-covariance and fit-lambda start from: the stage's model, one shard's batches
+    and the facts their partial sums record."""
+    from msif.data.models import load_model
+
+    check_stage(stage)
+    model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
+    data, info = stage_batches(model, tokenizer, data_uri, shard, num_shards, opts)
+    return model, data, info
+
+
+def shard_meta(node: str, stage: str, shard: int, num_shards: int) -> dict:
+    """The manifest metadata of a fit node's shard output."""
+    return {"node": node, "stage": stage, "shard": shard, "num_shards": num_shards}
+
+
 def table_fingerprint(table: pa.Table) -> str:
     """Content hash of a small table (queries)."""
     h = hashlib.sha256()

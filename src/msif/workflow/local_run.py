@@ -146,6 +146,12 @@ def output_to(log_path: Path) -> Iterator[TextIO]:
             terminal.close()
 
 
+def node_line(name: str, seconds: float, shards: int = 1) -> str:
+    """The line printed when a node (or one shard of it) finishes."""
+    times = f" ×{shards}" if shards > 1 else ""
+    return f"  done {name:<44}{times:>4} {seconds:7.1f}s"
+
+
 class NodeWatcher(threading.Thread):
     """Reports each node's output as it is published (its manifest appears), with wall time."""
 
@@ -172,10 +178,11 @@ class NodeWatcher(threading.Thread):
             except (OSError, ValueError):
                 self.seen.discard(marker)  # still being written: next poll
                 continue
+            node = meta.get("node", "?")
             label = meta.get("stage") or meta.get("method")
-            name = meta.get("node", "?") + (f" ({label})" if label and label != "bm25" else "")
+            name = node + (f" ({label})" if label and label != node else "")
             shard = f" shard {meta['shard']}" if meta.get("num_shards", 1) > 1 else ""
-            self.report(f"  done {name + shard:<44} {float(meta.get('wall_s', 0.0)):7.1f}s")
+            self.report(node_line(name + shard, float(meta.get("wall_s", 0.0))))
 
 
 def run_main_job_pipeline(
