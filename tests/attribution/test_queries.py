@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 import msif
 from msif.attribution.precondition import METHOD_INFO, METHODS
-from msif.errors import MsifError
+from msif.errors import MismatchError, MsifError
 from tests.support.tiny import make_batches, perturbed, random_examples, tiny_model
 
 
@@ -47,7 +48,38 @@ def test_methods_refuse_missing_factors(fitted):
     with pytest.raises(MsifError, match="unknown method 'x'; choose one of multi-stage, single"):
         msif.precondition_queries(ft, queries, ["a", "b"], method="x")
     pq = msif.precondition_queries(ft, queries, ["a", "b"], method="gradient-dot")
-    assert pq.score_fingerprint is None and pq.damping == {"ft": {}, "pt": {}}
+    assert pq.damping == {"ft": {}, "pt": {}}
+
+
+def test_every_method_names_the_model_its_corpus_must_be_scored_with(fitted):
+    pt, ft, factors, queries = fitted
+    other = perturbed(pt, seed=9)  # the same shapes, other weights
+    docs = make_batches(random_examples(3, seed=5), 3)
+    cases = {
+        "multi-stage": dict(ft_factors=factors["ft"], pt_factors=factors["pt"]),
+        "single-stage": dict(ft_factors=factors["ft"]),
+        "gradient-dot": dict(pt_factors=factors["pt"]),
+    }
+    for method, given in cases.items():
+        q = msif.precondition_queries(ft, queries, ["a", "b"], method=method, **given)
+        right = ft if METHOD_INFO[method].corpus_model == "ft" else pt
+        assert msif.score(right, docs, q).values.shape == (2, 3)
+        with pytest.raises(MismatchError, match="other model weights"):
+            msif.score(other, docs, q)
+    # Gradient-dot without pre-train factors cannot know θ_pt, but refuses θ_ft itself.
+    q = msif.precondition_queries(ft, queries, ["a", "b"], method="gradient-dot")
+    assert msif.score(other, docs, q).values.shape == (2, 3)
+    with pytest.raises(MismatchError, match="must be the pre-trained model θ_pt, not the fine"):
+        msif.score(ft, docs, q)
+
+
+def test_fine_tune_factors_relabelled_as_pre_train_are_refused(fitted):
+    pt, ft, factors, queries = fitted
+    forged = dataclasses.replace(factors["ft"], stage="pt")
+    with pytest.raises(MismatchError, match=r"fine-tuned model's own weights \(θ_pt = θ_ft"):
+        msif.precondition_queries(
+            ft, queries, ["a", "b"], ft_factors=factors["ft"], pt_factors=forged
+        )
 
 
 @pytest.mark.parametrize("rank", [None, 2])

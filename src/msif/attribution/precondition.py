@@ -190,6 +190,8 @@ def precondition_queries(
     else:
         specs = find_modules(model, modules)
         fp = model_fingerprint(model, specs)
+    if pt_factors is not None:
+        _check_not_fine_tuned(model, pt_factors)
     specs, left_out = _common_specs(specs, *need)
     # Preconditioned queries start in the fine-tune eigenbasis, where (F_ft + αI)⁻¹ is diagonal.
     basis = ft_factors if recipe.stages else None
@@ -217,7 +219,7 @@ def precondition_queries(
             out.lowrank[name] = low_rank(w, rank)
         else:
             out.dense[name] = w
-    out.score_fingerprint = _score_fingerprint(recipe, fp, ft_factors, pt_factors)
+    out.score_fingerprint = _score_fingerprint(recipe, fp, specs, ft_factors, pt_factors)
     out.info = {
         "alpha": alpha,
         "damping_factor": damping.factor,
@@ -226,13 +228,30 @@ def precondition_queries(
     return out
 
 
-def _score_fingerprint(recipe: Method, query_fp, ft_factors, pt_factors) -> dict | None:
+def _check_not_fine_tuned(model: nn.Module, pt_factors: Factors) -> None:
+    # θ_pt = θ_ft over every tracked module means these are not pre-training factors: most
+    # likely fine-tune factors relabelled, which would silently score the wrong curvature.
+    same = model_fingerprint(model, pt_factors.specs)
+    if same == pt_factors.fingerprint:
+        raise MismatchError(
+            "the pre-train factors were computed with the fine-tuned model's own weights "
+            "(θ_pt = θ_ft on every tracked module): pass the factors of the pre-trained model"
+        )
+
+
+def _score_fingerprint(recipe: Method, query_fp, specs, ft_factors, pt_factors) -> dict:
     # Which model the corpus gradients must come from, and over which modules to check it.
     if recipe.corpus_model == "ft":
         return {**query_fp, "modules": [s.to_dict() for s in ft_factors.specs.values()]}
-    if "pt" in recipe.stages:
+    if pt_factors is not None:
         return {
             **pt_factors.fingerprint,
             "modules": [s.to_dict() for s in pt_factors.specs.values()],
         }
-    return None  # the pre-training model without pre-training factors: nothing to check it by
+    # θ_pt unknown here (gradient-dot without pre-train factors): the corpus model must at
+    # least have this architecture and must not be the fine-tuned model itself.
+    return {
+        "architecture": query_fp["architecture"],
+        "not_weights": query_fp["weights"],
+        "modules": [s.to_dict() for s in specs.values()],
+    }

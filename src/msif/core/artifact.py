@@ -52,9 +52,14 @@ def module_specs() -> Any:
     return dataclasses.field(metadata={_SPECS: True})
 
 
-def specs_from_meta(meta: dict) -> dict[str, ModuleSpec]:
+def specs_from_meta(meta: dict, where: str = "the artifact") -> dict[str, ModuleSpec]:
     """Module specs recorded in an artifact's metadata, in order."""
-    return {d["name"]: ModuleSpec.from_dict(d) for d in meta[SPECS_KEY]}
+    if SPECS_KEY not in meta:
+        raise MsifError(f"{where} lacks its list of {SPECS_KEY!r}")
+    try:
+        return {d["name"]: ModuleSpec.from_dict(d) for d in meta[SPECS_KEY]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise MsifError(f"{where}: its {SPECS_KEY!r} are not module specs ({e!r})") from None
 
 
 def tensor_fields(cls) -> list[dataclasses.Field]:
@@ -89,7 +94,7 @@ class Artifact:
     def load(cls: type[A], directory: str | Path) -> A:
         """Read an artifact written by save, refusing one that is incomplete."""
         tensors, meta = load_tensors(directory, cls.stem)
-        specs = specs_from_meta(meta)
+        specs = specs_from_meta(meta, f"{directory}/{cls.stem}.json")
         values: dict[str, Any] = {}
         found: set[str] = set()  # modules present in some optional field
         for f in dataclasses.fields(cls):
@@ -206,8 +211,10 @@ def load_tensors(directory: str | Path, stem: str) -> tuple[dict[str, torch.Tens
             raise MsifError(f"{directory} is not a {stem} artifact: {p.name} is missing")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MsifError(f"{meta_path} is corrupt: {e}") from None
+    if not isinstance(meta, dict):
+        raise MsifError(f"{meta_path} is corrupt: not a JSON object")
     if meta.get("kind") != stem:
         raise MismatchError(f"{directory} holds a {meta.get('kind')!r} artifact, not {stem!r}")
     if _sha256(tensor_path) != meta.get("sha256"):

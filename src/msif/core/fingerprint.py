@@ -33,5 +33,11 @@ def check_fingerprint(expected: dict, actual: dict, what: str) -> None:
     """Raise MismatchError when an artifact was made with another model."""
     if expected.get("architecture") != actual.get("architecture"):
         raise MismatchError(f"{what} was computed for another model architecture")
+    if "not_weights" in expected:  # only known: which model it must not be
+        if expected["not_weights"] == actual.get("weights"):
+            raise MismatchError(
+                f"{what} must be the pre-trained model θ_pt, not the fine-tuned model"
+            )
+        return
     if expected.get("weights") != actual.get("weights"):
         raise MismatchError(f"{what} was computed with other model weights")
