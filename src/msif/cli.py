@@ -7,6 +7,7 @@ it, so a pod, a local run and a test execute the same code.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import functools
 import logging
 import re
@@ -36,6 +37,9 @@ tiny model on it, and run the whole pipeline locally. The other subcommands are 
 nodes, in data-flow order: fit-covariance → eigendecompose → fit-lambda → build-factors
 (once per stage: pt = pre-training, ft = fine-tuning), precondition-queries, score-corpus,
 bm25, rank. Every path may be a local path or a gs:// URI."""
+
+
+_VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("msif_verbose", default=False)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -102,11 +106,15 @@ def execute(run: Callable[[], Any], *, verbose: bool = False) -> int:
     While it runs, SIGTERM raises Terminated and every log record is redacted. With verbose
     the (redacted) traceback is printed before the line.
     """
+    verbose = verbose or _VERBOSE.get()  # a nested command (run_subcommand) inherits -v
+    token = _VERBOSE.set(verbose)
     try:
         with redacted_logging(), _sigterm_raises():
             result = run()
     except (Exception, KeyboardInterrupt) as exc:
         return report(exc, verbose=verbose)
+    finally:
+        _VERBOSE.reset(token)
     return result if isinstance(result, int) else 0
 
 

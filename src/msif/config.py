@@ -37,7 +37,18 @@ def option(default: Any, help: str, *, choices: tuple | None = None, metavar: st
     return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
 
 
-MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
+MAX_SEED = 2**63 - 1  # msif.core.loss hashes the seed as a signed 8-byte integer
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+# As α → 0 the proximity term vanishes and so does the score; damping_factor 0 leaves the
+# inverse undamped, and near-zero eigenvalues then give ~1e32 scores ranked at random.
+_ALPHA_ADVICE = (
+    "; for a plain fine-tune without a proximity term: leave --alpha unset (damping relative "
+    "to Λ_ft) or give a small positive value"
+)
+_DAMPING_FACTOR_ADVICE = (
+    "; 0 leaves the inverse undamped (near-zero eigenvalues give ~1e32 scores, ranked at random)"
+)
 
 
 def _flag(name: str) -> str:
@@ -70,7 +81,7 @@ def _one_of(name: str, value: Any, choices) -> None:
 
 def _patterns(name: str, value: Any) -> None:
     """value must be a sequence of regexes (a bare string would be split into characters)."""
-    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+    if not isinstance(value, tuple | list) or not all(isinstance(p, str) for p in value):
         raise OptionError(f"{_flag(name)} must be a list of regexes, not {value!r}")
     for pattern in value:
         try:
@@ -102,9 +113,7 @@ class ModelOptions:
         _integer("batch_size", self.batch_size, 1)
         _integer("seed", self.seed, 0, MAX_SEED)
         _one_of("dtype", self.dtype, DTYPES)
-        if not isinstance(self.device, str) or not re.fullmatch(
-            r"auto|cpu|mps|cuda(:\d+)?", self.device
-        ):
+        if not (isinstance(self.device, str) and _DEVICE.fullmatch(self.device)):
             raise OptionError(f"--device {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
         _patterns("include", self.include)
         _patterns("exclude", self.exclude)
@@ -169,17 +178,6 @@ class PreconditionOptions:
         if self.damping is not None:
             _finite_positive("damping", self.damping, "; leave it unset for --damping-factor")
         _integer("query_rank", self.query_rank, 0)
-
-
-# As α → 0 the proximity term vanishes and so does the score; damping_factor 0 leaves the
-# inverse undamped, and near-zero eigenvalues then give ~1e32 scores ranked at random.
-_ALPHA_ADVICE = (
-    "; for a plain fine-tune without a proximity term: leave --alpha unset (damping relative "
-    "to Λ_ft) or give a small positive value"
-)
-_DAMPING_FACTOR_ADVICE = (
-    "; 0 leaves the inverse undamped (near-zero eigenvalues give ~1e32 scores, ranked at random)"
-)
 
 
 def _top_k():

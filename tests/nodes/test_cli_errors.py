@@ -320,6 +320,16 @@ def test_a_nested_command_prints_its_line_once(tmp_path, capsys, command):
     assert e.value.exit_code == 1 and isinstance(e.value, RuntimeError)
 
 
+def test_a_nested_command_inherits_verbose(tmp_path, capsys, command):
+    command(fail_with(ValueError("inner"), tmp_path / "inner"))
+    command(lambda args: run_subcommand("bm25", corpus="c", queries="q", out="o"), "rank")
+    argv = ["-v", "rank", "--scores", "s", "--corpus", "c", "--queries", "q", "--out", "o"]
+    assert main(argv) == 1
+    lines = stderr_lines(capsys)
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "msif: error: unexpected ValueError: inner"
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 
