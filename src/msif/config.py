@@ -8,11 +8,16 @@ flag `--max-length`, the component argument `max_length` and the pipeline parame
 
 KFP parameters cannot be None: the pipeline spells "not given" for `alpha` and `damping` as a
 value <= 0 (see `none_if_not_positive`).
+
+A value an option cannot take raises OptionError (a usage error, exit code 2) naming its flag:
+NaN and infinities are refused for every float, bools for every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -21,7 +26,7 @@ from msif.attribution.precondition import METHODS
 from msif.core.modules import ModuleSelection
 from msif.data.models import DTYPES
 from msif.data.tables import TableOptions
-from msif.errors import MsifError
+from msif.errors import OptionError
 
 STAGES = {"pt": "pre-training (θ_pt on the corpus)", "ft": "fine-tuning (θ_ft on its data)"}
 CONTRACTIONS = ("auto", "materialise", "per-token")
@@ -32,15 +37,57 @@ def option(default: Any, help: str, *, choices: tuple | None = None, metavar: st
     return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
 
 
-def _at_least(name: str, value: float, low: float) -> None:
-    if isinstance(value, bool) or value < low:
-        raise MsifError(f"--{name.replace('_', '-')} must be at least {low}, not {value!r}")
+MAX_SEED = 2**63 - 1  # msif.core.loss hashes the seed as a signed 8-byte integer
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+# As α → 0 the proximity term vanishes and so does the score; damping_factor 0 leaves the
+# inverse undamped, and near-zero eigenvalues then give ~1e32 scores ranked at random.
+_ALPHA_ADVICE = (
+    "; for a plain fine-tune without a proximity term: leave --alpha unset (damping relative "
+    "to Λ_ft) or give a small positive value"
+)
+_DAMPING_FACTOR_ADVICE = (
+    "; 0 leaves the inverse undamped (near-zero eigenvalues give ~1e32 scores, ranked at random)"
+)
 
 
-def _one_of(name: str, value: str, choices) -> None:
-    if value not in choices:
-        flag = name.replace("_", "-")
-        raise MsifError(f"--{flag} {value!r} is not one of {', '.join(choices)}")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _integer(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """value must be an int (a bool is not one) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(f"{_flag(name)} must be an integer, not {value!r}")
+    if value < low:
+        raise OptionError(f"{_flag(name)} must be at least {low}, not {value!r}")
+    if high is not None and value > high:
+        raise OptionError(f"{_flag(name)} must be at most {high}, not {value!r}")
+
+
+def _finite_positive(name: str, value: Any, advice: str = "") -> None:
+    """value must be a finite number > 0 (NaN fails every comparison, so test it first)."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not math.isfinite(value):
+        raise OptionError(f"{_flag(name)} must be a finite number, not {value!r}")
+    if value <= 0:
+        raise OptionError(f"{_flag(name)} must be > 0, not {value!r}" + advice)
+
+
+def _one_of(name: str, value: Any, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise OptionError(f"{_flag(name)} {value!r} is not one of {', '.join(choices)}")
+
+
+def _patterns(name: str, value: Any) -> None:
+    """value must be a sequence of regexes (a bare string would be split into characters)."""
+    if not isinstance(value, tuple | list) or not all(isinstance(p, str) for p in value):
+        raise OptionError(f"{_flag(name)} must be a list of regexes, not {value!r}")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise OptionError(f"{_flag(name)} {pattern!r} is not a regex: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -62,16 +109,14 @@ class ModelOptions:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        _at_least("max_length", self.max_length, 2)
-        _at_least("batch_size", self.batch_size, 1)
+        _integer("max_length", self.max_length, 2)
+        _integer("batch_size", self.batch_size, 1)
+        _integer("seed", self.seed, 0, MAX_SEED)
         _one_of("dtype", self.dtype, DTYPES)
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise MsifError(f"--device {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
-        for pattern in (*self.include, *self.exclude):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise MsifError(f"module pattern {pattern!r} is not a regex: {e}") from None
+        if not (isinstance(self.device, str) and _DEVICE.fullmatch(self.device)):
+            raise OptionError(f"--device {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
+        _patterns("include", self.include)
+        _patterns("exclude", self.exclude)
 
     def selection(self) -> ModuleSelection:
         """The module selection these options describe."""
@@ -127,12 +172,12 @@ class PreconditionOptions:
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, METHODS)
-        if self.alpha is not None and not self.alpha > 0:
-            raise MsifError(f"--alpha must be > 0 (as α → 0 the score vanishes), not {self.alpha}")
-        if self.damping is not None and not self.damping > 0:
-            raise MsifError(f"--damping must be > 0, not {self.damping}")
-        _at_least("damping_factor", self.damping_factor, 0)
-        _at_least("query_rank", self.query_rank, 0)
+        if self.alpha is not None:
+            _finite_positive("alpha", self.alpha, _ALPHA_ADVICE)
+        _finite_positive("damping_factor", self.damping_factor, _DAMPING_FACTOR_ADVICE)
+        if self.damping is not None:
+            _finite_positive("damping", self.damping, "; leave it unset for --damping-factor")
+        _integer("query_rank", self.query_rank, 0)
 
 
 def _top_k():
@@ -153,8 +198,8 @@ class ScoreOptions:
     )
 
     def __post_init__(self) -> None:
-        _at_least("top_k", self.top_k, 1)
-        _at_least("explain_k", self.explain_k, 0)
+        _integer("top_k", self.top_k, 1)
+        _integer("explain_k", self.explain_k, 0)
         _one_of("contraction", self.contraction, CONTRACTIONS)
 
 
@@ -165,7 +210,7 @@ class Bm25Options:
     top_k: int = _top_k()
 
     def __post_init__(self) -> None:
-        _at_least("top_k", self.top_k, 1)
+        _integer("top_k", self.top_k, 1)
 
 
 @dataclass(frozen=True)
@@ -176,8 +221,8 @@ class RankOptions:
     report_k: int = option(5, "documents per query in the report")
 
     def __post_init__(self) -> None:
-        _at_least("top_k", self.top_k, 1)
-        _at_least("report_k", self.report_k, 1)
+        _integer("top_k", self.top_k, 1)
+        _integer("report_k", self.report_k, 1)
 
 
 OPTION_CLASSES = (
@@ -191,8 +236,8 @@ OPTION_CLASSES = (
 
 
 def none_if_not_positive(value: float) -> float | None:
-    """KFP's spelling of an unset float (<= 0) back to None."""
-    return value if value > 0 else None
+    """KFP's spelling of an unset float (<= 0) back to None; NaN stays, to be refused."""
+    return None if value <= 0 else value
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
@@ -232,3 +277,14 @@ def from_namespace(cls: type, args: argparse.Namespace, **overrides: Any):
             v = getattr(args, f.name)
             values[f.name] = tuple(v) if isinstance(v, list) else v
     return cls(**values)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Build every option class whose flags args holds, so that a bad value fails at once.
+
+    Nodes build their options before any work, but `msif run` builds the world first.
+    """
+    names = vars(args)
+    for cls in OPTION_CLASSES:
+        if any(f.name in names for f in fields(cls)):
+            from_namespace(cls, args)

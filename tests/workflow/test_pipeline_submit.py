@@ -5,7 +5,11 @@ request: the pipeline spec, parameters, experiment, cron and credentials that re
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +54,7 @@ class FakeKfp:
     requests: list[Request] = field(default_factory=list)
     experiments: dict[str, dict] = field(default_factory=dict)
     fail: dict[str, int] = field(default_factory=dict)  # path → HTTP status to answer with
+    junk: bool = False  # answer every request 200 with JSON that is no KFP object
 
     def calls(self, method: str, path: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and r.path == API + path]
@@ -82,8 +87,20 @@ def _handler(state: FakeKfp):
             self.end_headers()
             self.wfile.write(data)
 
+        def _fake_answer(self, req: Request) -> bool:
+            """Answer as a failing or non-KFP endpoint; whether it did."""
+            if req.path in state.fail:
+                # Like a careless proxy, the error body echoes the credentials it was sent.
+                echo = {"error": "backend says no", "you sent": req.headers.get("authorization")}
+                self._reply(state.fail[req.path], echo)
+            elif state.junk:
+                self._reply(200, {"hello": "world"})
+            return req.path in state.fail or state.junk
+
         def do_GET(self):  # noqa: N802 - http.server's naming
             req = self._record("GET")
+            if self._fake_answer(req):
+                return None
             if req.path == f"{API}/healthz":
                 return self._reply(200, {"multi_user": False})
             if req.path == f"{API}/experiments":
@@ -96,8 +113,8 @@ def _handler(state: FakeKfp):
 
         def do_POST(self):  # noqa: N802
             req = self._record("POST")
-            if req.path in state.fail:
-                return self._reply(state.fail[req.path], {"error": "backend says no"})
+            if self._fake_answer(req):
+                return None
             if req.path == f"{API}/experiments":
                 exp = {**req.body, "experiment_id": f"exp-{len(state.experiments) + 1}"}
                 state.experiments[exp["display_name"]] = exp
@@ -320,3 +337,124 @@ def test_missing_package_is_one_line(kfp_api, params_file, tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
     assert main(submit_argv(kfp_api, params_file, "--package", str(missing))) == 1
     assert capsys.readouterr().err == f"msif: error: pipeline package {missing} does not exist\n"
+
+
+# ----------------------------------------------------------------------------- bad endpoints
+
+TOKEN = "tok-3f9c1e77aa"  # what MSIF_KFP_TOKEN holds in the tests below
+
+
+@pytest.fixture
+def token(monkeypatch) -> str:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    return TOKEN
+
+
+def run_cli(argv: list[str], verbose: bool, capsys, caplog) -> tuple[int, str, str, str]:
+    """msif.cli.main (with -v when verbose), recording DEBUG records of kfp's REST client,
+    which logs every response body; rc, stdout, stderr and the logged text."""
+    from msif.cli import main as msif_main
+
+    caplog.set_level(logging.DEBUG)
+    # kfp resets the "kfp_server_api" logger to WARNING; its child keeps a level set here.
+    caplog.set_level(logging.DEBUG, logger="kfp_server_api.rest")
+    rc = msif_main(["-v", *argv] if verbose else argv)
+    printed = capsys.readouterr()
+    return rc, printed.out, printed.err, caplog.text
+
+
+def error_line(err: str, verbose: bool) -> str:
+    """The one error line: all of stderr, or its last line after -v's traceback."""
+    lines = err.splitlines()
+    if verbose:
+        assert lines[0] == "Traceback (most recent call last):"
+    else:
+        assert len(lines) == 1, err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_endpoint_answering_junk_is_refused(kfp_api, params_file, token, capsys, caplog, verbose):
+    kfp_api.junk = True
+    rc, out, err, logged = run_cli(submit_argv(kfp_api, params_file), verbose, capsys, caplog)
+    assert rc == 1 and out == ""  # neither a JSON line nor kfp's link to run None
+    assert error_line(err, verbose) == (
+        f"msif: error: {kfp_api.url} answered without a run id: is --host the KFP v2 API "
+        "endpoint, e.g. https://HOST/pipeline?"
+    )
+    assert TOKEN not in err + logged
+
+
+def test_schedule_on_junk_endpoint_is_refused(kfp_api, params_file, capsys):
+    kfp_api.junk = True
+    argv = ["pipeline", "schedule", "--host", kfp_api.url, "--experiment", "e"]
+    assert main([*argv, "--params", str(params_file), "--cron", "@daily", "--name", "n"]) == 1
+    assert capsys.readouterr().err == (
+        f"msif: error: {kfp_api.url} answered without an experiment id: is --host the KFP v2 "
+        "API endpoint, e.g. https://HOST/pipeline?\n"
+    )
+    assert kfp_api.calls("POST", "/recurringruns") == []
+
+
+@pytest.mark.parametrize(
+    "path, status, reason",
+    [("/healthz", 401, "Unauthorized"), ("/runs", 403, "Forbidden")],
+)
+@pytest.mark.parametrize("verbose", [False, True])
+def test_refused_credentials_are_one_line_without_the_token(
+    kfp_api, params_file, token, capsys, caplog, path, status, reason, verbose
+):
+    kfp_api.fail[API + path] = status
+    rc, out, err, logged = run_cli(submit_argv(kfp_api, params_file), verbose, capsys, caplog)
+    assert rc == 1 and out == ""
+    assert error_line(err, verbose) == (
+        f"msif: error: {kfp_api.url} refused the request: {status} {reason}; check the credentials"
+    )
+    assert {r.headers.get("authorization") for r in kfp_api.requests} == {f"Bearer {TOKEN}"}
+    assert len(kfp_api.calls("GET", "/healthz")) == 1  # no retries (kfp's took 25 s)
+    assert "you sent" in logged  # the echoing body was logged, and redacted
+    assert TOKEN not in err + logged
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_server_error_body_is_shown_redacted(kfp_api, params_file, token, capsys, caplog, verbose):
+    kfp_api.fail[f"{API}/runs"] = 500
+    rc, out, err, logged = run_cli(submit_argv(kfp_api, params_file), verbose, capsys, caplog)
+    assert rc == 1 and out == ""
+    assert error_line(err, verbose) == (
+        f"msif: error: KFP API at {kfp_api.url} failed to create the run: HTTP 500 Internal "
+        'Server Error: {"error": "backend says no", "you sent": "Bearer ***"}'
+    )
+    assert "Bearer ***" in logged and TOKEN not in err + logged
+
+
+def test_closed_port_with_verbose_is_still_one_error_line(params_file, token, capsys, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        host = f"http://127.0.0.1:{s.getsockname()[1]}"
+    argv = ["pipeline", "submit", "--host", host, "--experiment", "e", "--params", str(params_file)]
+    rc, out, err, logged = run_cli(argv, True, capsys, caplog)
+    assert rc == 1 and out == "" and TOKEN not in err + logged
+    assert error_line(err, True) == (
+        f"msif: error: cannot reach the KFP API at {host}: "
+        "Failed to establish a new connection: [Errno 111] Connection refused"
+    )
+
+
+def test_a_real_process_never_prints_the_token(kfp_api, params_file, tmp_path):
+    """`msif -v pipeline submit` in a subprocess: DEBUG logging to stderr as a user sees it."""
+    kfp_api.fail[f"{API}/healthz"] = 401
+    env = {**os.environ, TOKEN_ENV: TOKEN, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for verbose in ([], ["-v"]):
+        code = "import sys; from msif.cli import main; sys.exit(main())"
+        argv = [sys.executable, "-c", code, *verbose, *submit_argv(kfp_api, params_file)]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert TOKEN not in proc.stdout + proc.stderr
+        last = proc.stderr.splitlines()[-1]
+        assert last == (
+            f"msif: error: {kfp_api.url} refused the request: 401 Unauthorized; "
+            "check the credentials"
+        )
+        if not verbose:
+            assert proc.stderr == last + "\n"

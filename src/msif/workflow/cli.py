@@ -9,8 +9,13 @@ CI), or kfp's own `KF_PIPELINES_IAP_OAUTH2_CLIENT_ID` / `KF_PIPELINES_APP_OAUTH2
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import http
 import importlib
+import io
 import json
+import logging
 import os
 import re
 import sys
@@ -24,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from msif.errors import MsifError
+from msif.errors import MsifError, add_secret, redact
 
 PIPELINE_FILE = "multi_stage_influence.yaml"
 TOKEN_ENV = "MSIF_KFP_TOKEN"
@@ -210,28 +215,98 @@ def check_params(params: dict[str, Any], definitions: dict[str, dict], where: st
 
 
 def kfp_client(host: str, namespace: str | None):
-    """A kfp.Client for host with credentials from the environment only."""
+    """A kfp.Client for host with credentials from the environment only.
+
+    Every credential it may send is registered with `msif.errors.add_secret`, so no error
+    line, traceback or log record prints it.
+    """
     import kfp
 
     kwargs: dict[str, Any] = {"host": host}
     if namespace:
         kwargs["namespace"] = namespace
+    _register_secrets()
+    _quiet_connection_retries()
     if os.environ.get(TOKEN_ENV):
         kwargs["existing_token"] = os.environ[TOKEN_ENV]
     elif os.environ.get(SA_TOKEN_PATH_ENV):
         # kfp reads the file named by KF_PIPELINES_SA_TOKEN_PATH and re-reads it per request.
         kwargs["credentials"] = kfp.client.ServiceAccountTokenVolumeCredentials()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _kfp_prints():
             # kfp warns on every client that it needs a KFP >= 2.0.0-beta.2 backend.
             warnings.filterwarnings("ignore", category=FutureWarning, module="kfp")
-            return kfp.Client(**kwargs)
+            return _client_class()(**kwargs)
     except Exception as exc:  # kfp raises bare exceptions of many kinds while connecting
-        raise PipelineCliError(f"cannot reach the KFP API at {host}: {_reason(exc)}") from None
+        raise _api_error(host, exc, f"cannot reach the KFP API at {host}") from None
+
+
+def _register_secrets() -> None:
+    add_secret(os.environ.get(TOKEN_ENV))
+    add_secret(os.environ.get("KF_PIPELINES_APP_OAUTH2_CLIENT_SECRET"))
+    if os.environ.get(SA_TOKEN_PATH_ENV):
+        with contextlib.suppress(OSError):
+            add_secret(Path(os.environ[SA_TOKEN_PATH_ENV]).read_text())
+
+
+@functools.cache
+def _quiet_connection_retries() -> None:
+    """Drop urllib3's warning on each of its three connection retries unless -v (DEBUG) is on:
+    the one error line says what failed. (A filter, as kfp resets urllib3's log level.)"""
+
+    def keep(record: logging.LogRecord) -> bool:
+        retry = str(record.msg).startswith("Retrying")
+        return not retry or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+    logging.getLogger("urllib3.connectionpool").addFilter(keep)
+
+
+@functools.cache
+def _client_class() -> type:
+    """kfp.Client with a health check that neither retries 4xx nor logs response bodies."""
+    import kfp
+    import kfp_server_api
+
+    class Client(kfp.Client):
+        def get_kfp_healthz(self, sleep_duration: int = 5):
+            # kfp tries 5 times, 5 s apart, logging each response body (which may echo the
+            # token): a refused token took 25 s and printed five tracebacks. A server error
+            # (5xx) still gets a second and third try.
+            for attempt in range(3):
+                try:
+                    return self._healthz_api.healthz_service_get_healthz()
+                except kfp_server_api.ApiException as exc:
+                    if attempt == 2 or (exc.status or 0) < 500:
+                        raise
+                    time.sleep(1)
+
+    return Client
+
+
+@contextmanager
+def _kfp_prints() -> Iterator[None]:
+    """Hold back what kfp prints (its "Run details: URL" links) until the call succeeded: an
+    endpoint that is no KFP API would get a link to run None."""
+    held = io.StringIO()
+    with contextlib.redirect_stdout(held):
+        yield
+    sys.stdout.write(held.getvalue())
+
+
+def _api_error(host: str, exc: BaseException, prefix: str) -> PipelineCliError:
+    """One line for an API or connection error: `prefix: reason`, or, when the endpoint
+    refused the credentials, a line that says so (never the headers, body or token)."""
+    status = getattr(exc, "status", None)
+    if status in (401, 403):
+        reason = getattr(exc, "reason", None) or http.HTTPStatus(status).phrase
+        return PipelineCliError(
+            f"{host} refused the request: {status} {reason}; check the credentials"
+        )
+    return PipelineCliError(redact(f"{prefix}: {_reason(exc)}"))
 
 
 def _reason(exc: BaseException) -> str:
-    """One short line for an API or connection error (never request headers or tokens)."""
+    """One short line for an API or connection error (redacted by the caller)."""
     status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
     if status is not None:
         body = (getattr(exc, "body", "") or "").strip().replace("\n", " ")
@@ -247,11 +322,22 @@ def _reason(exc: BaseException) -> str:
 @contextmanager
 def _api_errors(host: str, action: str) -> Iterator[None]:
     try:
-        yield
+        with _kfp_prints():
+            yield
     except MsifError:
         raise
     except Exception as exc:  # ApiException, urllib3 and socket errors: one line each
-        raise PipelineCliError(f"KFP API at {host} failed to {action}: {_reason(exc)}") from None
+        raise _api_error(host, exc, f"KFP API at {host} failed to {action}") from None
+
+
+def _require(host: str, value: Any, what: str) -> Any:
+    """value, unless the API answered without it (200 from something that is no KFP API)."""
+    if not value:
+        raise PipelineCliError(
+            f"{host} answered without {what}: is --host the KFP v2 API endpoint, "
+            "e.g. https://HOST/pipeline?"
+        )
+    return value
 
 
 def disable_caching(docs: list[dict]) -> list[dict]:
@@ -305,8 +391,12 @@ def submit(args: argparse.Namespace) -> dict[str, str]:
                 pipeline_root=opts["pipeline_root"],
                 service_account=opts["service_account"],
             )
-    run = result.run_info
-    return {"run_id": run.run_id, "experiment_id": run.experiment_id, "run_name": run_name}
+            run = result.run_info
+            return {
+                "run_id": _require(args.host, run.run_id, "a run id"),
+                "experiment_id": _require(args.host, run.experiment_id, "an experiment id"),
+                "run_name": run_name,
+            }
 
 
 def check_cron(cron: str) -> str:
@@ -336,6 +426,7 @@ def schedule(args: argparse.Namespace) -> dict[str, str]:
     client = kfp_client(args.host, args.namespace)
     with _api_errors(args.host, "create the experiment"):
         experiment = client.create_experiment(name=args.experiment, namespace=args.namespace)
+        _require(args.host, experiment.experiment_id, "an experiment id")
     with _package_to_send(opts["package"], args.no_cache) as package:
         with _api_errors(args.host, "create the recurring run"):
             job = client.create_recurring_run(
@@ -349,6 +440,7 @@ def schedule(args: argparse.Namespace) -> dict[str, str]:
                 pipeline_root=opts["pipeline_root"],
                 service_account=opts["service_account"],
             )
+            _require(args.host, job.recurring_run_id, "a recurring run id")
     return {
         "recurring_run_id": job.recurring_run_id,
         "experiment_id": experiment.experiment_id,
@@ -417,29 +509,33 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_usage(sys.stderr)
-    print("msif: error: choose an action: compile, submit or schedule", file=sys.stderr)
+    print(
+        f"msif: error: choose an action: compile, submit or schedule (see {parser.prog} --help)",
+        file=sys.stderr,
+    )
     return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     """A standalone `msif` parser holding only the pipeline commands."""
-    parser = argparse.ArgumentParser(prog="msif")
+    from msif.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="msif")
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks of errors")
     add_pipeline_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `msif pipeline ...` standalone; errors are one line on stderr and exit code 1."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    """Run `msif pipeline ...` standalone, with the exit codes and one-line errors of
+    `msif.cli.main` (1 runtime, 2 usage)."""
+    from msif.cli import execute
+
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not hasattr(args, "run"):
-        build_parser().print_usage(sys.stderr)
-        return 2
-    try:
-        return int(args.run(args) or 0)
-    except MsifError as exc:
-        print(f"msif: error: {exc}", file=sys.stderr)
-        return 1
+        return _usage(parser)
+    return execute(lambda: args.run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":
