@@ -221,6 +221,17 @@ def test_gs_old_layout_manifest_reads_and_is_replaced(gcs_prefix, tmp_path):
     assert _read(gcs_prefix, tmp_path / "c2") == NEW
 
 
+def test_gs_output_seen_through_a_mount_reads_its_version(gcs_prefix, tmp_path):
+    """A KFP pod sees gs:// outputs as local paths (a gcsfuse mount): the same layout."""
+    _publish(gcs_prefix, OLD)
+    _publish(gcs_prefix, NEW)
+    mount = tmp_path / "gcs" / "out"
+    for rel in _names(gcs_prefix):
+        storage.download_file(join(gcs_prefix, rel), mount / rel)
+    version = read_manifest(str(mount))["version"]
+    assert local_input_dir(str(mount)) == mount / version and _tree(mount / version) == NEW
+
+
 def test_gs_reader_never_sees_a_mix(gcs_prefix, tmp_path):
     rounds = [{f"f{i}.bin": bytes([n]) * (64 << 10) for i in range(3)} for n in range(8)]
     _publish(gcs_prefix, rounds[0])

@@ -414,12 +414,13 @@ def download_file(uri: str, path: str | Path, generation: int | None = None) -> 
 
 def _is_local_failure(exc: OSError) -> bool:
     """An OSError of the local file system, as opposed to one of the connection to GCS."""
+    import ssl
+
     import requests
 
-    # requests' errors are OSErrors too (IOError): those are the network's, for _call.
-    return not isinstance(exc, requests.RequestException | ConnectionError | TimeoutError) and (
-        exc.errno is not None
-    )
+    # requests' and ssl's errors are OSErrors too: those are the network's, for _call.
+    network = (requests.RequestException, ConnectionError, TimeoutError, ssl.SSLError)
+    return exc.errno is not None and not isinstance(exc, network)
 
 
 def read_range(uri: str, start: int, stop: int, generation: int | None = None) -> bytes:
