@@ -232,10 +232,12 @@ def test_rank_refuses_a_lost_shard_output(w, reference, capsys):
     assert one_line_error(capsys) == (
         f"msif: error: {shards[0]} is incomplete or missing: no {MARKER}"
     )
-    assert storage.exists(join(shards[1], "scores.parquet"))
+    left = [o.uri for o in storage.list_objects(shards[1])]
+    assert left and all("/msif-v-" in u for u in left)  # its version, now unvouched for
     assert nothing_under(ranking)
 
-    # Files without a marker are what a process killed while uploading leaves: rerun over them.
+    # A version without a marker is what a process killed while uploading leaves: the
+    # rerun publishes over it (and removes it).
     for i, s in enumerate(shards):
         assert score(w, w["pre"], w["corpus"], i, 2, s) == 0
     assert rank(w, shards, w["corpus"], ranking) == 0

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,10 +156,14 @@ def test_write_bytes_atomic_and_read_bytes_local(tmp_path):
 
 def test_gs_round_trip_marker_last_and_cache_reuse(proxy, gcs_prefix, tmp_path):
     _publish(gcs_prefix, FILES, {"node": "test"})
-    uploads = [s.body_head for s in proxy.seen if s.method == "POST" and "/upload/" in s.path]
-    assert len(uploads) == 3 and MARKER.encode() in uploads[-1]  # the marker comes last
-    assert _names(gcs_prefix) == [MARKER, "a.bin", "sub/b.json"]
-    assert read_manifest(gcs_prefix)["metadata"] == {"node": "test"}
+    uploads = [s for s in proxy.seen if s.method == "POST" and "/upload/" in s.path]
+    assert len(uploads) == 3 and MARKER.encode() in uploads[-1].body_head  # the marker last
+    assert "ifGenerationMatch=0" in uploads[-1].path  # only if there was none
+    manifest = read_manifest(gcs_prefix)
+    version = manifest["version"]
+    assert re.fullmatch(r"msif-v-\d{8}T\d{6}-[0-9a-f]{8}-g0", version)
+    assert _names(gcs_prefix) == [MARKER, f"{version}/a.bin", f"{version}/sub/b.json"]
+    assert manifest["metadata"] == {"node": "test"}
 
     cache = tmp_path / "cache"
     local = local_input_dir(gcs_prefix, cache_dir=cache)
@@ -173,8 +178,11 @@ def test_gs_round_trip_marker_last_and_cache_reuse(proxy, gcs_prefix, tmp_path):
     proxy.clear()
     _publish(gcs_prefix, {"c.txt": b"new"})
     writes = [s for s in proxy.seen if s.method in ("POST", "PUT", "DELETE")]
-    assert writes[0].method == "DELETE" and MARKER in writes[0].path  # incomplete first
-    assert _names(gcs_prefix) == [MARKER, "c.txt"]  # stale files of the old manifest go
+    assert [w.method for w in writes] == ["POST", "POST", "DELETE", "DELETE"]
+    assert MARKER.encode() in writes[1].body_head  # the pointer moves before anything goes
+    assert all(version in w.path for w in writes[2:])  # then the old version goes
+    new = read_manifest(gcs_prefix)["version"]
+    assert new != version and _names(gcs_prefix) == [MARKER, f"{new}/c.txt"]
 
 
 def test_gs_exception_publishes_nothing(gcs_prefix):
@@ -209,7 +217,8 @@ def test_gs_tampered_object_and_damaged_cache(gcs_prefix, tmp_path):
     assert local_input_dir(gcs_prefix, cache_dir=cache) == local  # damaged copy replaced
     assert (local / "a.bin").read_bytes() == FILES["a.bin"]
 
-    write_bytes_atomic(join(gcs_prefix, "a.bin"), b"\xff" + FILES["a.bin"][1:])
+    tampered = join(gcs_prefix, read_manifest(gcs_prefix)["version"], "a.bin")
+    write_bytes_atomic(tampered, b"\xff" + FILES["a.bin"][1:])
     fresh = tmp_path / "fresh"
     with pytest.raises(StorageError, match=r"a\.bin does not match its manifest \(sha256"):
         local_input_dir(gcs_prefix, cache_dir=fresh)

@@ -2,7 +2,10 @@
 
 Published outputs are cached by the content of their manifest and checked by sha256; model
 directories by the listing of their objects and checked against GCS's crc32c (or md5). A
-valid cached copy is reused, a damaged one downloaded again.
+valid cached copy is reused, a damaged one downloaded again. A gs:// output's files are
+read from the version its manifest names, so a copy is all of one publish; one replaced
+while being read is read again from its new manifest. A cached copy is itself a flat,
+complete msif output. Local failures (a full disk) are one-line StorageErrors.
 """
 
 from __future__ import annotations
@@ -21,15 +24,24 @@ from msif.storage.gcs import ObjectInfo, _error, download_file, list_objects
 from msif.storage.publish import (
     _HASH_BLOCK,
     MARKER,
+    STALE_STAGING_S,
+    _encode,
     _file_hashes,
+    _owner,
     _parse_manifest,
     _read_marker,
+    _siblings,
+    _stale,
+    _tidy_local,
     _verify_tree,
+    files_uri,
     read_manifest,
 )
 from msif.storage.uri import NotFoundError, StorageError, _safe_relative, is_remote, join
 
 log = logging.getLogger("msif")
+
+_READ_ATTEMPTS = 5  # how often an output replaced while being read is read again
 
 
 def _matches_object(path: Path, obj: ObjectInfo) -> bool:
@@ -67,18 +79,39 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def local_input_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """A verified local copy of a published msif output directory.
+    """A local directory holding the verified files of a published msif output.
 
-    Local directories are returned as they are once every file matches the manifest;
-    gs:// outputs are downloaded into a cache keyed by the manifest and verified by sha256
-    (a valid cached copy is reused).
+    Local outputs are used where they are once every file matches the manifest (an output
+    an interrupted publish left aside is restored first). gs:// outputs are downloaded into
+    a cache keyed by the manifest and verified by sha256; a valid cached copy is reused.
     """
     if not is_remote(uri):
-        if not Path(uri).is_dir():
-            raise StorageError(f"{uri}: no such directory")
-        _verify_tree(Path(uri), read_manifest(uri), uri)
-        return Path(uri)
-    marker_bytes = _read_marker(uri)
+        return _local_output(uri)
+    for _ in range(_READ_ATTEMPTS):
+        marker_bytes = _read_marker(uri)
+        try:
+            return _cached_copy(uri, marker_bytes, cache_dir)
+        except NotFoundError:
+            # A file of the version we read went: the output was replaced. Read the new one.
+            if _read_marker(uri) == marker_bytes:
+                raise
+            log.info("%s was replaced while being read; reading it again", uri)
+    raise StorageError(f"{uri} was replaced {_READ_ATTEMPTS} times while being read")
+
+
+def _local_output(uri: str) -> Path:
+    path = Path(uri)
+    if not path.is_dir():
+        _tidy_local(path)
+    if not path.is_dir():
+        raise StorageError(f"{uri}: no such directory")
+    manifest = read_manifest(uri)
+    root = Path(files_uri(uri, manifest))  # a gs:// output seen through a gcsfuse mount
+    _verify_tree(root, manifest, uri)
+    return root
+
+
+def _cached_copy(uri: str, marker_bytes: bytes, cache_dir: str | Path | None) -> Path:
     manifest = _parse_manifest(marker_bytes, uri)
     root = cache_root(cache_dir) / "artifacts"
     dest = root / hashlib.sha256(marker_bytes).hexdigest()[:32]
@@ -90,13 +123,18 @@ def local_input_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
         except StorageError:
             log.warning("%s: the cached copy in %s is damaged; downloading again", uri, dest)
             shutil.rmtree(dest, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+    for path, rest in _siblings(root, ".download-"):
+        if _stale(path, rest, STALE_STAGING_S):  # left by a killed download
+            shutil.rmtree(path, ignore_errors=True)
+    stage = _mkdtemp(root, f".download-{_owner()}")
     try:
+        source = files_uri(uri, manifest)
         for rel in sorted(manifest["files"]):
-            download_file(join(uri, rel), stage / rel)
+            download_file(join(source, rel), stage / rel)
         _verify_tree(stage, manifest, uri)
-        (stage / MARKER).write_bytes(marker_bytes)
+        # The copy is flat: its manifest names no version.
+        flat = {k: v for k, v in manifest.items() if k != "version"}
+        _write_local(stage / MARKER, _encode(flat))
         try:
             os.rename(stage, dest)
         except OSError:
@@ -105,6 +143,21 @@ def local_input_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return dest
+
+
+def _mkdtemp(root: Path, prefix: str) -> Path:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    except OSError as exc:
+        raise _error(str(root), "creating a download directory", exc) from None
+
+
+def _write_local(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise _error(str(path), "writing", exc) from None
 
 
 def fetch_model_dir(uri: str, cache_dir: str | Path | None = None) -> Path:

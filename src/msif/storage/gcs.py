@@ -257,6 +257,23 @@ def list_objects(uri: str) -> list[ObjectInfo]:
     return sorted(_call(uri, "listing", run), key=lambda o: o.uri)
 
 
+def list_top_level(uri: str, action: str = "listing") -> tuple[list[str], list[str]]:
+    """(object names, sub-prefix names) directly under the gs:// prefix `uri/`, sorted.
+
+    Names are relative to uri, without slashes; a folder placeholder object (`uri/` itself,
+    as consoles create) is left out. action names the operation in errors.
+    """
+    bucket, key = split_gs(uri)
+    start = len(_prefix(key))
+
+    def run() -> tuple[list[str], list[str]]:
+        pages = _client(uri).list_blobs(bucket, prefix=_prefix(key), delimiter="/", retry=None)
+        names = [b.name[start:] for b in pages if b.name[start:]]
+        return sorted(names), sorted(p[start:].rstrip("/") for p in pages.prefixes)
+
+    return _call(uri, action, run)
+
+
 def stat(uri: str) -> ObjectInfo | None:
     """The object's info, or None when it does not exist (a missing bucket raises)."""
     if not is_remote(uri):
@@ -286,14 +303,14 @@ def exists(uri: str) -> bool:
 # ----------------------------------------------------------------------------- bytes, files
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole content of a small file or object."""
+def read_bytes(uri: str, generation: int | None = None) -> bytes:
+    """The whole content of a small file or object (of that generation, when given)."""
     if not is_remote(uri):
         try:
             return Path(uri).read_bytes()
         except OSError as exc:
             raise _error(uri, "reading", exc) from None
-    blob = _blob(uri)
+    blob = _blob(uri, generation)
     return _call(uri, "download", lambda: blob.download_as_bytes(retry=None))
 
 
@@ -367,21 +384,43 @@ def _walk_files(root: Path, where: str) -> list[tuple[str, Path]]:
 
 
 def download_file(uri: str, path: str | Path, generation: int | None = None) -> None:
-    """Download one object to a local file atomically (temp file + rename)."""
+    """Download one object to a local file atomically (temp file + rename).
+
+    A local failure (a full disk, a read-only cache) is a StorageError naming the local path.
+    """
     target = Path(path)
     blob = _blob(uri, generation)
 
     def run() -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        tmp = None
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
             with os.fdopen(fd, "wb") as fh:
                 blob.download_to_file(fh, retry=None)
             os.replace(tmp, target)
+        except OSError as exc:
+            if not _is_local_failure(exc):
+                raise
+            raise StorageError(
+                f"{uri}: download to {target} failed: {exc.strerror or type(exc).__name__}"
+            ) from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     _call(uri, "download", run)
+
+
+def _is_local_failure(exc: OSError) -> bool:
+    """An OSError of the local file system, as opposed to one of the connection to GCS."""
+    import ssl
+
+    import requests
+
+    # requests' and ssl's errors are OSErrors too: those are the network's, for _call.
+    network = (requests.RequestException, ConnectionError, TimeoutError, ssl.SSLError)
+    return exc.errno is not None and not isinstance(exc, network)
 
 
 def read_range(uri: str, start: int, stop: int, generation: int | None = None) -> bytes:

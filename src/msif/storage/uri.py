@@ -1,12 +1,16 @@
 """Names of storage locations: local paths and gs://bucket/prefix URIs, and storage errors.
 
 Every msif path is one or the other; other schemes are refused here so that a typo such as
-s3:// fails before any work. Nothing in this module touches a file or the network.
+s3:// fails before any work. Nothing in this module touches the network; the only file-system
+access is check_output_distinct resolving local symlinks.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from msif.errors import MsifError
@@ -75,3 +79,63 @@ def _safe_relative(name: str, where: str) -> str:
     if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
         raise StorageError(f"{where}: refusing the unsafe file name {name!r}")
     return name
+
+
+# ----------------------------------------------------------------------------- overlap
+
+_GLOB_CHARS = "*?["
+Location = tuple[str | None, tuple[str, ...]]  # (bucket, or None when local; path parts)
+
+
+def check_output_distinct(out_uri: str, input_uris: object) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs.
+
+    Publishing replaces the output as a whole, so `--partials X --out X` would destroy its
+    own input. input_uris may be None, one path/URI or a (nested) list of them. Local paths
+    are compared as absolute paths with symlinks resolved; gs:// URIs by bucket and prefix on
+    path-segment boundaries (gs://b/a does not contain gs://b/ab). A glob input counts as
+    every path it could match. Raises a one-line StorageError naming both.
+    """
+    out = _location(out_uri)
+    for uri in _flatten(input_uris):
+        where = _overlap(out, _location(uri))
+        if where:
+            relation = "lies inside" if where == "inside" else "is (or contains)"
+            raise StorageError(f"--out {out_uri} {relation} the input {uri}; choose another output")
+
+
+def _flatten(items: object) -> Iterable[str]:
+    if items is None:
+        return
+    if isinstance(items, str | os.PathLike):
+        yield os.fspath(items)
+        return
+    for item in items:  # type: ignore[attr-defined]
+        yield from _flatten(item)
+
+
+def _location(uri: str) -> Location:
+    if is_remote(uri):
+        bucket, key = split_gs(uri)
+        return bucket, tuple(p for p in key.split("/") if p)
+    parts = Path(uri).expanduser().parts
+    # Resolve only the literal head: a glob's tail names no single file to resolve.
+    cut = next((i for i, p in enumerate(parts) if _is_glob(p)), len(parts))
+    head = Path(*parts[:cut]) if cut else Path(".")
+    return None, head.resolve().parts + tuple(parts[cut:])
+
+
+def _is_glob(part: str) -> bool:
+    return any(c in part for c in _GLOB_CHARS)
+
+
+def _overlap(out: Location, inp: Location) -> str | None:
+    """ "inside" when out lies under inp, "covers" when out equals or contains it, else None."""
+    if out[0] != inp[0]:
+        return None
+    for mine, theirs in zip(out[1], inp[1], strict=False):
+        if theirs == "**":
+            return "inside"
+        if not (fnmatch.fnmatchcase(mine, theirs) if _is_glob(theirs) else mine == theirs):
+            return None
+    return "inside" if len(out[1]) > len(inp[1]) else "covers"
