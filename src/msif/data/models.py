@@ -96,15 +96,29 @@ def load_model(
     if dtype not in DTYPES:
         raise MsifError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path = fetch_model_dir(uri)
+    _check_config(path, uri)
     _refuse_pickle_only(path, uri)
-    tokenizer = _load_tokenizer(path, uri, trust_remote_code)
     model = _load_causal_lm(path, uri, DTYPES[dtype], trust_remote_code)
+    tokenizer = _load_tokenizer(path, uri, trust_remote_code)
     model.to(resolve_device(device)).eval()
     check_tokenizer(tokenizer, model)
     log.info(
         "loaded %s (%s, %d parameters)", uri, dtype, sum(p.numel() for p in model.parameters())
     )
     return model, tokenizer
+
+
+def _check_config(path: Path, uri: str) -> None:
+    # Both loaders read config.json; checked once here, its errors name it, not the tokenizer.
+    where = f"cannot load a causal LM from {uri}: config.json"
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise MsifError(f"{where} cannot be read ({_first_line(e)})") from None
+    except json.JSONDecodeError as e:
+        raise MsifError(f"{where} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise MsifError(f"{where} holds a {type(config).__name__}, not a JSON object")
 
 
 def _refuse_pickle_only(path: Path, uri: str) -> None:
@@ -203,5 +217,8 @@ def _describe_load_error(e: Exception) -> str:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    # "Validation error for field 'x':" says what only on its next line.
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -63,6 +63,13 @@ _TYPES: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
 }
 
 
+def _type_name(t: pa.DataType) -> str:
+    # Parquet renames list items to `element`; `list<double>` says what matters.
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return f"list<{_type_name(t.value_type)}>"
+    return str(t)
+
+
 def check_column_types(schema: pa.Schema, uri: str, columns: Sequence[str]) -> None:
     """DataError naming the first of `columns` present in schema with a type msif cannot use."""
     for name in columns:
@@ -71,7 +78,7 @@ def check_column_types(schema: pa.Schema, uri: str, columns: Sequence[str]) -> N
         accepts, expected = _TYPES[name]
         found = schema.field(name).type
         if not accepts(found):
-            raise DataError(f"{uri}: column `{name}` is {found}; expected {expected}")
+            raise DataError(f"{uri}: column `{name}` is {_type_name(found)}; expected {expected}")
 
 
 def table_kind(schema: pa.Schema, uri: str) -> str:
