@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,9 +32,26 @@ def pad_id_of(tokenizer) -> int:
     return 0 if pad is None else int(pad)
 
 
+def _token_ids(row_id: str, values: Sequence[int]) -> list[int]:
+    # operator.index, not int(): a float id would be truncated into another token.
+    try:
+        return [operator.index(x) for x in values]
+    except TypeError:
+        bad = next(x for x in values if not hasattr(x, "__index__"))
+        raise DataError(f"row {row_id!r} has token id {bad!r}, which is not an integer") from None
+
+
+def _text(row_id: str, column: str, value) -> str:
+    # str() would tokenise the repr of a list or a float as if it were text.
+    if not isinstance(value, str):
+        what = "null" if value is None else f"a {type(value).__name__}, not a string"
+        raise DataError(f"row {row_id!r}: {column} is {what}")
+    return value
+
+
 def document_example(doc_id: str, input_ids: Sequence[int], max_length: int) -> Example:
     """A pre-training document: every token scored; long documents keep their first tokens."""
-    ids = [int(x) for x in input_ids]
+    ids = _token_ids(doc_id, input_ids)
     if len(ids) < 2:
         raise DataError(f"document {doc_id!r} has {len(ids)} token(s); at least 2 are needed")
     if len(ids) > max_length:
@@ -45,7 +63,7 @@ def prompt_completion_example(
     row_id: str, prompt_ids: Sequence[int], completion_ids: Sequence[int], max_length: int
 ) -> Example:
     """Prompt tokens masked, completion tokens scored; over-long prompts lose their start."""
-    p, c = [int(x) for x in prompt_ids], [int(x) for x in completion_ids]
+    p, c = _token_ids(row_id, prompt_ids), _token_ids(row_id, completion_ids)
     if not c:
         raise DataError(f"row {row_id!r} has an empty completion: nothing to score")
     if len(c) >= max_length:
@@ -67,9 +85,9 @@ def tokenize_documents(
     """Tokenise pre-training documents (`id`, `text`)."""
     out = []
     for doc_id, text in zip(ids, texts, strict=True):
-        if text is None or not str(text).strip():
+        if not _text(doc_id, "text", text).strip():
             raise DataError(f"document {doc_id!r} is empty")
-        enc = tokenizer(str(text), add_special_tokens=True, truncation=False)["input_ids"]
+        enc = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"]
         if len(enc) > max_length:
             log.debug("document %s truncated from %d to %d tokens", doc_id, len(enc), max_length)
         out.append(document_example(doc_id, enc, max_length))
@@ -86,8 +104,10 @@ def tokenize_prompt_completion(
     """Tokenise (`prompt`, `completion`) rows; the boundary is exact as each is encoded alone."""
     out = []
     for row_id, prompt, completion in zip(ids, prompts, completions, strict=True):
-        p = tokenizer(str(prompt or ""), add_special_tokens=True)["input_ids"]
-        c = tokenizer(str(completion or ""), add_special_tokens=False)["input_ids"]
+        prompt_text = _text(row_id, "prompt", prompt)
+        completion_text = _text(row_id, "completion", completion)
+        p = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        c = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
         out.append(prompt_completion_example(row_id, p, c, max_length))
     return out
 

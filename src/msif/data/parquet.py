@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from msif.errors import DataError
 from msif.storage import gcs as storage
+from msif.storage.digest import file_hashes, object_content_id
 from msif.storage.uri import NotFoundError, StorageError, is_remote, split_gs
 
 _GLOB_CHARS = "*?["
@@ -47,6 +48,7 @@ class _File:
     rel: str  # name relative to the spec that found it; location-independent
     size: int
     generation: int | None
+    content: str | None  # gs:// objects: from the listing; local files: hashed on demand
     metadata: pq.FileMetaData = field(repr=False, compare=False)
 
     @property
@@ -74,30 +76,33 @@ def _match_parts(pattern: str, name: str) -> bool:
     )
 
 
-def _list_local(spec: str) -> list[tuple[str, str, int, None]]:
-    """(uri, rel, size, generation) of the files a local spec names."""
+_Listed = tuple[str, str, int, int | None, str | None]  # uri, rel, size, generation, content
+
+
+def _list_local(spec: str) -> list[_Listed]:
+    """(uri, rel, size, generation, content id) of the files a local spec names."""
     if _has_glob(spec):
         found = sorted(p for p in glob.glob(spec) if Path(p).is_file())
         if not found:
             raise NotFoundError(f"{spec}: no file matches this pattern")
-        return [(p, Path(p).name, Path(p).stat().st_size, None) for p in found]
+        return [(p, Path(p).name, Path(p).stat().st_size, None, None) for p in found]
     path = Path(spec)
     if path.is_file():
-        return [(spec, path.name, path.stat().st_size, None)]
+        return [(spec, path.name, path.stat().st_size, None, None)]
     if not path.is_dir():
         raise NotFoundError(f"{spec}: no such file or directory")
     out = []
     for p in path.rglob("*.parquet"):
         rel = p.relative_to(path).as_posix()
         if p.is_file() and not _hidden(rel):
-            out.append((str(p), rel, p.stat().st_size, None))
+            out.append((str(p), rel, p.stat().st_size, None, None))
     if not out:
         raise DataError(f"{spec} holds no Parquet files")
     return sorted(out)
 
 
-def _list_remote(spec: str) -> list[tuple[str, str, int, int | None]]:
-    """(uri, rel, size, generation) of the objects a gs:// spec names."""
+def _list_remote(spec: str) -> list[_Listed]:
+    """(uri, rel, size, generation, content id) of the objects a gs:// spec names."""
     bucket, key = split_gs(spec)
     if _has_glob(key):
         parts = key.split("/")
@@ -110,17 +115,17 @@ def _list_remote(spec: str) -> list[tuple[str, str, int, int | None]]:
         ]
         if not objects:
             raise NotFoundError(f"{spec}: no object matches this pattern")
-        return [(o.uri, o.uri.rsplit("/", 1)[-1], o.size, o.generation) for o in objects]
+        return [_listed(o, o.uri.rsplit("/", 1)[-1]) for o in objects]
     if key:
         obj = storage.stat(spec)
         if obj is not None:
-            return [(obj.uri, key.rsplit("/", 1)[-1], obj.size, obj.generation)]
+            return [_listed(obj, key.rsplit("/", 1)[-1])]
     objects = storage.list_objects(spec)
     if not objects:
         raise NotFoundError(f"{spec}: no such object or prefix")
     base = len(spec.rstrip("/")) + 1
     out = [
-        (o.uri, o.uri[base:], o.size, o.generation)
+        _listed(o, o.uri[base:])
         for o in objects
         if o.uri.endswith(".parquet") and not _hidden(o.uri[base:])
     ]
@@ -129,13 +134,17 @@ def _list_remote(spec: str) -> list[tuple[str, str, int, int | None]]:
     return out
 
 
-def _read_footer(entry: tuple[str, str, int, int | None]) -> _File:
-    uri, rel, size, generation = entry
+def _listed(obj: storage.ObjectInfo, rel: str) -> _Listed:
+    return (obj.uri, rel, obj.size, obj.generation, object_content_id(obj))
+
+
+def _read_footer(entry: _Listed) -> _File:
+    uri, rel, size, generation, content = entry
     try:
         meta = _remote_footer(uri, size, generation) if is_remote(uri) else (pq.read_metadata(uri))
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{uri} is not a readable Parquet file ({_first_line(exc)})") from None
-    return _File(uri, rel, size, generation, meta)
+    return _File(uri, rel, size, generation, content, meta)
 
 
 def _remote_footer(uri: str, size: int, generation: int | None) -> pq.FileMetaData:
@@ -171,6 +180,7 @@ class ParquetSource:
     schema: pa.Schema
     num_rows: int
     _entries: list[_File] = field(repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, uri_or_uris: str | os.PathLike | Sequence[str]) -> ParquetSource:
@@ -240,18 +250,42 @@ class ParquetSource:
                 yield from _file_batches(entry, first, columns, start, stop, batch_rows)
 
     def fingerprint(self) -> str:
-        """A stable hash of file names, sizes, row counts, generations and schema."""
-        doc = {
-            "schema": sorted(_field_types(self.schema).items()),
-            "files": [[e.rel, e.size, e.num_rows, e.generation] for e in self._entries],
-        }
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+        """A hash of the schema and each file's name, size, row count and content id.
+
+        Content ids are crc32c (storage.digest), so a rewrite under the same name, size and
+        row count changes the fingerprint, and the same files copied elsewhere, locally or to
+        gs://, keep it. Local files are hashed once per version (cached across processes).
+        """
+        if self._fingerprint is None:
+            files = [[e.rel, e.size, e.num_rows, _content(e)] for e in self._entries]
+            doc = {"schema": sorted(_field_types(self.schema).items()), "files": files}
+            digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+            self._fingerprint = digest[:16]
+        return self._fingerprint
+
+    def locate(self, row: int) -> tuple[str, int]:
+        """(file, row index within that file) of global row `row`, for messages."""
+        offset = 0
+        for entry in self._entries:
+            if row < offset + entry.num_rows:
+                return entry.uri, row - offset
+            offset += entry.num_rows
+        raise DataError(f"row {row} is outside {self.label}, which has {self.num_rows} rows")
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
         """Every row as one table (for small inputs only)."""
         cols = list(self.schema.names if columns is None else columns)
         batches = list(self.iter_batches(cols, batch_rows=1 << 16))
         return pa.Table.from_batches(batches, schema=_select(self.schema, cols))
+
+
+def _content(entry: _File) -> str:
+    if entry.content is not None:
+        return entry.content
+    hashes = file_hashes(entry.uri)
+    if hashes.size != entry.size:  # the footer read at open may belong to other bytes
+        raise DataError(f"{entry.uri} changed while it was being read ({entry.size} bytes before)")
+    return hashes.content_id
 
 
 def _common_schema(entries: list[_File], label: str) -> pa.Schema:
