@@ -33,7 +33,7 @@ def precondition_queries(
         queries: Parquet with id, prompt, completion.
         method: multi-stage (needs both factors), single-stage (ft factors) or gradient-dot.
         ft_factors: The fine-tune factors; leave unconnected for gradient-dot.
-        pt_factors: The pre-train factors; multi-stage only.
+        pt_factors: The pre-train factors: multi-stage; gradient-dot checks θ_pt by them.
         alpha: Proximity coefficient α, the fine-tune damping; <= 0: damping_factor × mean Λ_ft.
         damping_factor: λ = damping_factor × mean(Λ) per module.
         damping: An absolute λ instead; <= 0: use damping_factor.

@@ -26,6 +26,7 @@ from msif.config import (
     add_options,
     from_namespace,
 )
+from msif.errors import OptionError
 
 # The fact world's sequences are short and its model tiny: larger batches, shorter sequences.
 WORLD_MODEL_OPTIONS = {"max_length": 64, "batch_size": 16}
@@ -41,6 +42,10 @@ class JobSettings:
     precondition: PreconditionOptions = field(default_factory=PreconditionOptions)
     scoring: ScoreOptions = field(default_factory=ScoreOptions)
     ranking: RankOptions = field(default_factory=RankOptions)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_shards, bool) or self.num_shards < 1:
+            raise OptionError(f"--num-shards must be at least 1, not {self.num_shards!r}")
 
     def parameters(self, world: dict) -> dict:
         """Pipeline parameters: the world's files, these options, CPU placement."""
@@ -209,6 +214,7 @@ def build_world_paths(preset: str, seed: int | None, cache: str | None) -> dict:
 def run_command(args: argparse.Namespace) -> int:
     """`msif run`: the main job."""
     start = time.perf_counter()
+    settings_from(args, None)  # bad options fail now, not after the world is built
     world = build_world_paths(args.preset, args.world_seed, args.cache)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,9 @@ from msif.data.models import (
     load_model,
     position_limit,
     tokenizer_fingerprint,
+    tokenizer_identity,
 )
-from msif.errors import MsifError
+from msif.errors import MismatchError, MsifError
 from tests.support.mini_world import tokenizer_for
 from tests.support.tiny import tiny_model
 
@@ -74,6 +75,29 @@ def test_tokenizer_fingerprint_tells_vocabularies_apart(tmp_path):
     padded = _word_tokenizer({w: i for i, w in enumerate(words)})
     padded.pad_token = padded.eos_token  # padded positions are masked: same identity
     assert tokenizer_fingerprint(padded) == fp
+    # A fine-tune that appended tokens keeps its base's identity over the base's ids.
+    assert tokenizer_fingerprint(extra, len(tok)) == fp
+    assert tokenizer_fingerprint(swapped, len(tok)) != fp
+
+
+def test_the_fine_tune_tokenizer_may_append_tokens_but_not_change_any(tmp_path):
+    from msif.nodes.runtime import check_tokenizer
+
+    words = ["[UNK]", "[EOS]", "a", "b", "c"]
+    base = _word_tokenizer({w: i for i, w in enumerate(words)})
+    recorded = tokenizer_identity(base)
+    chat = _word_tokenizer({w: i for i, w in enumerate(words)})
+    chat.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    check_tokenizer(recorded, base, "the factors")
+    check_tokenizer(recorded, chat, "the factors", extends=True)
+    with pytest.raises(MismatchError, match="the factors used a tokenizer with another vocab"):
+        check_tokenizer(recorded, chat, "the factors")  # the same model must be the same
+    swapped = _word_tokenizer({w: i for i, w in enumerate(["[UNK]", "[EOS]", "b", "a", "c"])})
+    swapped.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    with pytest.raises(MismatchError, match="may only append tokens"):
+        check_tokenizer(recorded, swapped, "the factors", extends=True)
+    with pytest.raises(MismatchError):
+        check_tokenizer(tokenizer_identity(chat), base, "the queries", extends=True)
 
 
 # ----------------------------------------------------------------------------- load_model

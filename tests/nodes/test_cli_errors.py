@@ -225,7 +225,12 @@ TORCH_FULL = RuntimeError(
     "exc, code, line",
     [
         (MsifError("bad input\n  on two lines"), 1, "msif: error: bad input on two lines"),
-        (DISK_FULL, 1, "msif: error: /x/y: No space left on device"),
+        (
+            DISK_FULL,
+            1,
+            "msif: error: {out}: writing the output failed: /x/y: No space left on device; "
+            "nothing published",
+        ),
         (
             FileNotFoundError(errno.ENOENT, "No such file or directory", "/a", None, "/b"),
             1,
@@ -253,7 +258,7 @@ def test_failures_are_one_line_and_publish_nothing(tmp_path, capsys, command, ex
     out = tmp_path / "out"
     command(fail_with(exc, out))
     assert main([*BM25, str(out)]) == code
-    assert stderr_lines(capsys) == [line]
+    assert stderr_lines(capsys) == [line.format(out=out)]
     assert leftovers(tmp_path) == []
 
 

@@ -36,21 +36,11 @@ from msif.storage.publish import (
 )
 from msif.storage.uri import StorageError, check_output_distinct, join
 from msif.testing import Faults, fault_proxy
+from tests.storage.test_storage import _publish, _write
 
 OLD = {"a.bin": b"old a" * 100, "sub/b.json": b'{"old": 1}\n'}
 NEW = {"a.bin": b"new a" * 100, "c.txt": b"new c\n"}
 REFUSED = "exists and is not a complete msif output; refusing to replace it"
-
-
-def _write(root: Path, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-
-
-def _publish(uri: str, files: dict[str, bytes], metadata: dict | None = None) -> None:
-    with staged_output_dir(uri, metadata) as tmp:
-        _write(tmp, files)
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -188,7 +188,8 @@ def factors_stage(spec: dict, build_task_name: str) -> str:
 def test_methods_get_the_right_factors_models_and_reach_rank(ir):
     spec = ir["spec"]
     root = spec["root"]["dag"]["tasks"]
-    expected = {"multi-stage": {"ft", "pt"}, "single-stage": {"ft"}, "gradient-dot": set()}
+    # gradient-dot applies no factors; the pre-train ones name the model its corpus needs
+    expected = {"multi-stage": {"ft", "pt"}, "single-stage": {"ft"}, "gradient-dot": {"pt"}}
     score_model = {"multi-stage": "pt_model_uri", "single-stage": "ft_model_uri"}
     score_model["gradient-dot"] = "pt_model_uri"
     rank = root["rank"]

@@ -197,9 +197,15 @@ def save_tensors(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensor_path = directory / f"{stem}.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_path))
-    sidecar = {"kind": stem, "msif_version": __version__, "sha256": _sha256(tensor_path), **meta}
-    (directory / f"{stem}.json").write_text(json.dumps(sidecar, indent=1, sort_keys=True))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_path))
+        sidecar = {"kind": stem, "msif_version": __version__, "sha256": _sha256(tensor_path)}
+        sidecar.update(meta)
+        (directory / f"{stem}.json").write_text(json.dumps(sidecar, indent=1, sort_keys=True))
+    except (SafetensorError, OSError) as e:
+        # safetensors words a full disk as "I/O error: No space left on device (os error 28)"
+        reason = getattr(e, "strerror", None) or str(e).rsplit("I/O error: ", 1)[-1]
+        raise MsifError(f"{directory}: writing the {stem} artifact failed: {reason}") from None
 
 
 def load_tensors(directory: str | Path, stem: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -63,19 +63,28 @@ def effective_max_length(model, max_length: int) -> int:
     return limit
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer, size: int | None = None) -> str:
     """A hash of a tokenizer's identity: its vocabulary and how it encodes text.
 
     It covers every token → id (added and special tokens included), which ids are special,
     and the ids of a fixed probe text (splitting, normalisation, BOS/EOS insertion). The pad
-    token is not part of it: padded positions are masked.
+    token is not part of it: padded positions are masked. With size, only ids below it
+    count, so a fine-tune's tokenizer that appended tokens can be compared with its base's.
     """
-    vocab = sorted((i, t) for t, i in tokenizer.get_vocab().items())
+    size = len(tokenizer) if size is None else size
+    vocab = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i < size)
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    special = sorted(int(i) for i, tok in added.items() if getattr(tok, "special", False))
+    special = sorted(
+        int(i) for i, tok in added.items() if getattr(tok, "special", False) and int(i) < size
+    )
     probe = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
     doc = json.dumps({"vocab": vocab, "special": special, "probe": probe})
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What artifacts record of the tokenizer they were made with: its size and fingerprint."""
+    return {"size": len(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)}
 
 
 def load_model(

@@ -33,17 +33,15 @@ def run(corpus_uri: str, queries_uri: str, out_uri: str, options: Bm25Options) -
 
     from msif.attribution.topk import TopK
     from msif.data.parquet import ParquetSource, read_table
-    from msif.data.tables import require_queries
-    from msif.errors import DataError
+    from msif.data.tables import iter_texts, require_queries
     from msif.evaluation.bm25 import BM25Index
 
+    runtime.check_output(out_uri, corpus_uri, queries_uri)
     source = ParquetSource.open(corpus_uri)
-    if "text" not in source.schema.names or "id" not in source.schema.names:
-        raise DataError(f"BM25 needs `id` and `text` columns in {corpus_uri}")
     ids, texts = [], []
-    for b in source.iter_batches(["id", "text"]):
-        ids += [str(x) for x in b.column("id").to_pylist()]
-        texts += [str(x or "") for x in b.column("text").to_pylist()]
+    for batch_ids, batch_texts in iter_texts(source):
+        ids += batch_ids
+        texts += batch_texts
     table = read_table(queries_uri)
     require_queries(table, queries_uri)
     index = BM25Index.build(ids, texts)

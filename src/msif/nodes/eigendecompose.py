@@ -33,9 +33,12 @@ def run(partial_uris: Sequence[str], out_uri: str, options: EigenOptions | None 
     from msif.ekfac.eigenbasis import eigendecompose
 
     options = options or EigenOptions()
+    runtime.check_output(out_uri, partial_uris)
     parts = runtime.load_partials(partial_uris, CovarianceSums.load)
     runtime.check_shard_set([p.info for p in parts], "covariance partial sums")
     basis = eigendecompose(parts, dtype=DTYPES[options.factor_dtype])
-    basis.info.update({k: parts[0].info.get(k) for k in ("data", "data_fingerprint", "model")})
+    basis.info.update(
+        {k: parts[0].info.get(k) for k in ("data", "data_fingerprint", "model", "tokenizer")}
+    )
     with runtime.published(out_uri, {"node": NAME, "stage": basis.stage}) as tmp:
         basis.save(tmp)

@@ -48,6 +48,7 @@ def run(
     """Covariance partial sums of one data shard."""
     from msif.ekfac.covariance import fit_covariance
 
+    runtime.check_output(out_uri, model_uri, data_uri)
     model, data, info = runtime.stage_inputs(model_uri, data_uri, stage, shard, num_shards, options)
     cov = fit_covariance(
         model,

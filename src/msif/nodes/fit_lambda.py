@@ -56,10 +56,15 @@ def run(
     from msif.ekfac.lambdas import fit_lambda
 
     runtime.check_stage(stage)
+    runtime.check_output(out_uri, model_uri, data_uri, eigenbasis_uri)
     basis = Eigenbasis.load(runtime.input_dir(eigenbasis_uri))
     if basis.stage != stage:
         raise MismatchError(f"{eigenbasis_uri} is a {basis.stage!r} eigenbasis, not {stage!r}")
     model, data, info = runtime.stage_inputs(model_uri, data_uri, stage, shard, num_shards, options)
+    if basis.info.get("tokenizer") not in (None, info["tokenizer"]):
+        raise MismatchError(
+            f"{eigenbasis_uri} was fitted with a tokenizer of another vocabulary than {model_uri}'s"
+        )
     lam = fit_lambda(model, data, basis, seed=options.seed, progress=options.progress)
     lam.info.update(info)
     with runtime.published(out_uri, runtime.shard_meta(NAME, stage, shard, num_shards)) as tmp:

@@ -21,7 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="the fine-tuned model θ_ft")
     p.add_argument("--queries", required=True, help="Parquet with id, prompt, completion")
     p.add_argument("--ft-factors", help="fine-tune factors (multi-stage, single-stage)")
-    p.add_argument("--pt-factors", help="pre-train factors (multi-stage)")
+    p.add_argument(
+        "--pt-factors",
+        help="pre-train factors (multi-stage; gradient-dot: only to check the corpus model)",
+    )
     runtime.add_out_argument(p, "where the preconditioned queries go")
     add_options(p, PreconditionOptions)
     add_options(p, ModelOptions)
@@ -52,13 +55,14 @@ def run(
     """Precondition the queries' gradients at θ_ft for one method."""
     from msif.attribution.precondition import precondition_queries
     from msif.data.examples import batches, pad_id_of, tokenize_prompt_completion
-    from msif.data.models import load_model
+    from msif.data.models import tokenizer_identity
     from msif.data.parquet import read_table
     from msif.data.tables import require_queries
     from msif.ekfac.factors import Damping, Factors
 
     method = precondition.method
-    model, tokenizer = load_model(model_uri, device=options.device, dtype=options.dtype)
+    runtime.check_output(out_uri, model_uri, queries_uri, ft_factors_uri, pt_factors_uri)
+    model, tokenizer, options = runtime.load_stage_model(model_uri, options)
     table = read_table(queries_uri)
     require_queries(table, queries_uri)
     ids = [str(x) for x in table.column("id").to_pylist()]
@@ -74,11 +78,16 @@ def run(
         if ft_factors_uri and method != "gradient-dot"
         else None
     )
+    # Gradient-dot applies no pre-train factors, but their fingerprint names θ_pt for scoring.
     pt = (
         Factors.load(runtime.input_dir(pt_factors_uri), stage="pt")
-        if pt_factors_uri and method == "multi-stage"
+        if pt_factors_uri and method != "single-stage"
         else None
     )
+    if ft is not None:
+        runtime.check_tokenizer(ft.info.get("tokenizer"), tokenizer, ft_factors_uri)
+    if pt is not None:  # θ_ft's tokenizer may append tokens to θ_pt's, no more
+        runtime.check_tokenizer(pt.info.get("tokenizer"), tokenizer, pt_factors_uri, extends=True)
     queries = precondition_queries(
         model,
         batches(examples, options.batch_size, pad_id_of(tokenizer)),
@@ -97,6 +106,10 @@ def run(
             "queries": queries_uri,
             "queries_fingerprint": runtime.table_fingerprint(table),
             "model": model_uri,
+            "tokenizer": tokenizer_identity(tokenizer),
+            # what the corpus side must be tokenised with: θ_pt's when known
+            "corpus_tokenizer": (pt.info.get("tokenizer") if pt is not None else None)
+            or tokenizer_identity(tokenizer),
             "max_length": options.max_length,
         }
     )

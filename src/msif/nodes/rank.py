@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from msif.config import RankOptions, add_options, from_namespace
-from msif.errors import MismatchError, MsifError
+from msif.errors import DataError, MismatchError, MsifError
 from msif.nodes import runtime
 
 NAME = "rank"
@@ -63,6 +63,7 @@ def run(
     from msif.evaluation.metrics import evaluate_rankings
     from msif.evaluation.report import write_report
 
+    runtime.check_output(out_uri, score_uris, corpus_uri, queries_uri, factor_uris)
     queries = read_table(queries_uri)
     require_queries(queries, queries_uri)
     corpus_fp = ParquetSource.open(corpus_uri).fingerprint()
@@ -95,17 +96,41 @@ def run(
     return metrics
 
 
-def _load_shard_scores(uris: Sequence[str]) -> dict[str, list[tuple[dict, pa.Table]]]:
-    import pyarrow.parquet as pq
+SIDECAR_KEYS = ("method", "shard", "num_shards", "corpus_fingerprint", "queries_fingerprint")
 
+
+def _load_shard_scores(uris: Sequence[str]) -> dict[str, list[tuple[dict, pa.Table]]]:
     by_method: dict[str, list[tuple[dict, pa.Table]]] = {}
     for uri in uris:
         d = runtime.input_dir(uri)
         if not (d / "scores.json").is_file() or not (d / "scores.parquet").is_file():
             raise MsifError(f"{uri} is not a shard-scores directory")
-        info = json.loads((d / "scores.json").read_text())
-        by_method.setdefault(info["method"], []).append((info, pq.read_table(d / "scores.parquet")))
+        info = _sidecar(d / "scores.json", uri)
+        by_method.setdefault(info["method"], []).append((info, _scores(d / "scores.parquet", uri)))
     return by_method
+
+
+def _sidecar(path: Path, uri: str) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{uri}: scores.json is not JSON") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{uri}: scores.json is not a JSON object")
+    missing = [k for k in SIDECAR_KEYS if k not in info]
+    if missing:
+        raise DataError(f"{uri}: scores.json lacks {', '.join(missing)}")
+    return info
+
+
+def _scores(path: Path, uri: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    # Its columns and values are checked where the shards are merged (topk.merge_topk).
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{uri}: scores.parquet is not a readable Parquet file ({e})") from None
 
 
 def _check_scores(
@@ -125,17 +150,14 @@ def _check_scores(
 
 def _snippets(corpus_uri: str, wanted: set[str], limit: int = 600) -> dict[str, str]:
     from msif.data.parquet import ParquetSource
+    from msif.data.tables import iter_texts
 
     source = ParquetSource.open(corpus_uri)
     if "text" not in source.schema.names:
         return {}
     out = {}
-    for b in source.iter_batches(["id", "text"]):
-        for doc_id, text in zip(
-            b.column("id").to_pylist(), b.column("text").to_pylist(), strict=True
-        ):
-            if str(doc_id) in wanted:
-                out[str(doc_id)] = str(text or "")[:limit]
+    for ids, texts in iter_texts(source):
+        out.update({d: t[:limit] for d, t in zip(ids, texts, strict=True) if d in wanted})
     return out
 
 

@@ -114,6 +114,54 @@ def artifact_digest(uri: str) -> str:
     return inputs_key(files={k: v.get("sha256") for k, v in files.items()})
 
 
+def check_output(out_uri: str, *inputs: str | Sequence[str] | None) -> None:
+    """Refuse, before any work, an --out that is, holds or lies inside one of the node's
+    inputs, or that holds something other than an earlier msif output."""
+    from msif.storage.publish import check_output_replaceable
+    from msif.storage.uri import check_output_distinct
+
+    flat: list[str] = []
+    for item in inputs:
+        if isinstance(item, str):
+            flat.append(item)
+        elif item is not None:
+            flat += [str(x) for x in item]
+    check_output_distinct(out_uri, flat)
+    check_output_replaceable(out_uri)
+
+
+def load_stage_model(model_uri: str, opts: ModelOptions):
+    """(model, tokenizer, options) with --max-length clamped to the model's positions."""
+    import dataclasses
+
+    from msif.data.models import effective_max_length, load_model
+
+    model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
+    limit = effective_max_length(model, opts.max_length)
+    return model, tokenizer, dataclasses.replace(opts, max_length=limit)
+
+
+def check_tokenizer(recorded: dict | None, tokenizer, what: str, *, extends: bool = False) -> None:
+    """Refuse a tokenizer whose vocabulary differs from the one an artifact was made with.
+
+    Two tokenizers of equal size but other ids pass every shape check and give quietly wrong
+    scores, so vocabularies are compared by hash. extends: this tokenizer may append tokens
+    to the recorded one (a fine-tune that added chat or padding tokens to its base's).
+    """
+    from msif.data.models import tokenizer_fingerprint
+
+    if recorded is None:
+        return
+    size = int(recorded["size"])
+    fits = len(tokenizer) == size or (extends and len(tokenizer) > size)
+    if fits and tokenizer_fingerprint(tokenizer, size) == recorded["fingerprint"]:
+        return
+    raise MismatchError(
+        f"{what} used a tokenizer with another vocabulary than this model's: the pre-trained "
+        "and fine-tuned models must share one tokenizer (the fine-tune may only append tokens)"
+    )
+
+
 def input_dir(uri: str) -> Path:
     """A verified local copy of a published input artifact."""
     from msif.storage.cache import local_input_dir
@@ -141,11 +189,12 @@ def check_shard_set(infos: Sequence[dict], what: str) -> None:
         raise MismatchError(f"{what} come from different shardings or data")
     total = n.pop()
     seen = sorted(i.get("shard") for i in infos)
+    if len(seen) != len(set(seen)):
+        twice = next(s for s in seen if seen.count(s) > 1)
+        raise MsifError(f"{what}: shard {twice} was given twice")
     missing = sorted(set(range(total)) - set(seen))
     if missing:
         raise MsifError(f"{what}: shard {missing[0]} of {total} is missing")
-    if len(seen) != len(set(seen)):
-        raise MsifError(f"{what}: a shard was given twice")
 
 
 def load_partials(uris: Sequence[str], loader: Callable) -> list:
@@ -186,9 +235,12 @@ def stage_batches(
     examples, source, (start, stop) = shard_examples(
         model, tokenizer, data_uri, shard, num_shards, opts
     )
+    from msif.data.models import tokenizer_identity
+
     info = {
         "data": data_uri,
         "data_fingerprint": source.fingerprint(),
+        "tokenizer": tokenizer_identity(tokenizer),
         "shard": shard,
         "num_shards": num_shards,
         "rows": [start, stop],
@@ -202,10 +254,8 @@ def stage_inputs(
 ):
     """What fit-covariance and fit-lambda start from: the stage's model, one shard's batches
     and the facts their partial sums record."""
-    from msif.data.models import load_model
-
     check_stage(stage)
-    model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
+    model, tokenizer, opts = load_stage_model(model_uri, opts)
     data, info = stage_batches(model, tokenizer, data_uri, shard, num_shards, opts)
     return model, data, info
 

@@ -71,12 +71,14 @@ def run(
     from msif.attribution.scoring import iter_scores
     from msif.attribution.topk import TopK
     from msif.data.examples import batches, pad_id_of
-    from msif.data.models import load_model
     from msif.data.parquet import ParquetSource
+    from msif.storage.digest import model_digest
 
-    # A rerun after a lost pod skips a shard whose complete output came from the same inputs.
+    runtime.check_output(out_uri, model_uri, corpus_uri, preconditioned_uri)
+    # A rerun after a lost pod skips a shard whose complete output came from the same inputs:
+    # the same contents, not only the same names.
     key = runtime.inputs_key(
-        model=model_uri,
+        model=model_digest(model_uri),
         corpus=ParquetSource.open(corpus_uri).fingerprint(),
         queries=runtime.artifact_digest(preconditioned_uri),
         shard=shard,
@@ -87,7 +89,10 @@ def run(
     if runtime.already_complete(out_uri, key):
         return
     queries = PreconditionedQueries.load(runtime.input_dir(preconditioned_uri))
-    model, tokenizer = load_model(model_uri, device=options.device, dtype=options.dtype)
+    model, tokenizer, options = runtime.load_stage_model(model_uri, options)
+    runtime.check_tokenizer(
+        queries.info.get("corpus_tokenizer"), tokenizer, f"the queries of {preconditioned_uri}"
+    )
     examples, source, rows = runtime.shard_examples(
         model, tokenizer, corpus_uri, shard, num_shards, options, corpus=True
     )

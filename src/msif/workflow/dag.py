@@ -71,7 +71,10 @@ def _stage_tasks(stage: str) -> list[Task]:
 
 def _method_tasks(method: str) -> list[Task]:
     spec = METHOD_INFO[method]
-    factors = {f"{s}_factors": f"build-factors-{s}" for s in spec.stages}
+    # The corpus model's own factors come too: their fingerprint names the model the corpus
+    # must be scored with (gradient-dot applies no factors, but needs that check).
+    stages = dict.fromkeys((*spec.stages, spec.corpus_model))
+    factors = {f"{s}_factors": f"build-factors-{s}" for s in stages}
     queries = {"model": "ft_model_uri", "queries": "queries_uri"}
     corpus = {"model": f"{spec.corpus_model}_model_uri", "corpus": "corpus_uri"}
     return [
