@@ -1,6 +1,6 @@
 """Attribution quality on the fact world against damping and α (and per-method baselines).
 
-python -m benchmarks.sensitivity [--quick] [--preset default]
+python -m benchmarks.sensitivity [--quick] [--preset default] [--world-alpha 0 --alphas 1e-3 1e-2]
 
 Factors are fitted once per stage; each grid point re-preconditions the queries and rescores
 the whole corpus in memory, so MRR here is over the full ranking (no top-k cut).
@@ -22,9 +22,17 @@ from msif.evaluation.metrics import evaluate_rankings
 from msif.main_job import build_world_paths
 
 
-def load_world(preset: str, max_length: int = 64):
-    """Models, tokenised corpus / fine-tune pairs / queries and relevant ids of a fact world."""
-    w = build_world_paths(preset, None, None)
+def load_world(preset: str, max_length: int = 64, world_alpha: float | None = None):
+    """Models, tokenised corpus / fine-tune pairs / queries and relevant ids of a fact world.
+
+    world_alpha replaces the proximity coefficient the world is fine-tuned with (0: a plain
+    fine-tune, as most users have).
+    """
+    w = (
+        build_world_paths(preset, None, None)
+        if world_alpha is None
+        else _world(preset, world_alpha)
+    )
     pt, tok = load_model(w["pt_model"], device="cpu")
     ft, _ = load_model(w["ft_model"], device="cpu")
     corpus = pq.read_table(w["corpus"])
@@ -57,6 +65,16 @@ def load_world(preset: str, max_length: int = 64):
     return w, pt, ft, tok, docs, ft_rows, qs, relevant
 
 
+def _world(preset: str, alpha: float) -> dict:
+    import dataclasses
+
+    from msif.world import WorldConfig, build_world
+
+    paths = build_world(dataclasses.replace(WorldConfig.preset(preset), alpha=alpha))
+    w = {k: str(getattr(paths, k)) for k in ("corpus", "finetune", "queries", "pt_model")}
+    return {**w, "ft_model": str(paths.ft_model), "alpha": alpha, "accuracy": paths.accuracy}
+
+
 def fit(model, examples, stage, pad):
     """Factors of one stage, fitted in memory."""
     basis = msif.eigendecompose(msif.fit_covariance(model, batches(examples, 16, pad), stage=stage))
@@ -76,14 +94,20 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--preset", default="default")
+    p.add_argument(
+        "--world-alpha", type=float, help="fine-tune the world with this α (0: plain fine-tune)"
+    )
+    p.add_argument("--alphas", type=float, nargs="+", help="α grid (besides unset)")
     args = p.parse_args(argv)
     preset = "small" if args.quick else args.preset
-    w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(preset)
+    w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(preset, world_alpha=args.world_alpha)
     pad = tok.pad_token_id or 0
     fpt, fft = fit(pt, docs, "pt", pad), fit(ft, ft_rows, "ft", pad)
     qids, dids = [q.id for q in qs], [d.id for d in docs]
     factors_grid = [0.1, 1.0] if args.quick else [0.001, 0.01, 0.1, 1.0, 10.0]
     alphas = [None, w["alpha"] or 0.01] if args.quick else [None, 1e-4, w["alpha"] or 0.01]
+    if args.alphas:
+        alphas = [None, *args.alphas]
     print(f"world {preset}: {len(docs)} documents, {len(qs)} queries, accuracy {w['accuracy']}")
     print("| method | damping factor | α | MRR | recall@10 |\n|---|---:|---:|---:|---:|")
     start = time.perf_counter()

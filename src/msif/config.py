@@ -42,9 +42,10 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 # As α → 0 the proximity term vanishes and so does the score; damping_factor 0 leaves the
 # inverse undamped, and near-zero eigenvalues then give ~1e32 scores ranked at random.
+# For a plain fine-tune any α far above Λ_ft works alike (RESULTS.md, "Plain fine-tunes").
 _ALPHA_ADVICE = (
-    "; for a plain fine-tune without a proximity term: leave --alpha unset (damping relative "
-    "to Λ_ft) or give a small positive value"
+    "; for a plain fine-tune without a proximity term give a small positive damping such as "
+    "--alpha 1e-3 (any value from 1e-4 to 1 ranks alike)"
 )
 _DAMPING_FACTOR_ADVICE = (
     "; 0 leaves the inverse undamped (near-zero eigenvalues give ~1e32 scores, ranked at random)"

@@ -110,8 +110,8 @@ def test_option_messages_say_what_to_do():
     with pytest.raises(OptionError) as e:
         PreconditionOptions(alpha=-0.5)
     assert str(e.value) == (
-        "--alpha must be > 0, not -0.5; for a plain fine-tune without a proximity term: leave "
-        "--alpha unset (damping relative to Λ_ft) or give a small positive value"
+        "--alpha must be > 0, not -0.5; for a plain fine-tune without a proximity term give a "
+        "small positive damping such as --alpha 1e-3 (any value from 1e-4 to 1 ranks alike)"
     )
     with pytest.raises(OptionError, match=r"0 leaves the inverse undamped \(near-zero"):
         PreconditionOptions(damping_factor=0)
