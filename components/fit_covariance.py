@@ -21,6 +21,7 @@ def fit_covariance(
     include: list,
     exclude: list,
     split_heads: bool,
+    base_model: str = "",
 ):
     """Sums a aᵀ and g gᵀ (labels sampled from the model) over one shard: `msif fit-covariance`.
 
@@ -39,6 +40,9 @@ def fit_covariance(
         include: Track only block modules whose name matches one of these regexes.
         exclude: Do not track modules matching these regexes.
         split_heads: Split fused QKV projections into head-size blocks of G.
+        base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
+            the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
+            Unused for a full model.
 
     Returns:
         covariance: The shard's covariance partial sums (safetensors + JSON).
@@ -46,4 +50,5 @@ def fit_covariance(
     arguments = dict(locals())  # the signature is the CLI's: first, before any other name
     from msif.cli import run_subcommand
 
+    arguments.update(base_model=base_model or None)  # KFP strings cannot be None
     run_subcommand("fit-covariance", out=arguments.pop("covariance"), **arguments)

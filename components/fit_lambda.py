@@ -22,6 +22,7 @@ def fit_lambda(
     include: list,
     exclude: list,
     split_heads: bool,
+    base_model: str = "",
 ):
     """Sums (Q_Gᵀ DW_n Q_A)∘² over one shard's sequences: `msif fit-lambda`.
 
@@ -40,6 +41,9 @@ def fit_lambda(
         include: Module regexes, as for fit-covariance.
         exclude: Module regexes, as for fit-covariance.
         split_heads: As for fit-covariance.
+        base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
+            the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
+            Unused for a full model.
 
     Returns:
         lambda_sums: The shard's Λ partial sums (safetensors + JSON).
@@ -47,4 +51,5 @@ def fit_lambda(
     arguments = dict(locals())  # the signature is the CLI's: first, before any other name
     from msif.cli import run_subcommand
 
+    arguments.update(base_model=base_model or None)  # KFP strings cannot be None
     run_subcommand("fit-lambda", out=arguments.pop("lambda_sums"), **arguments)

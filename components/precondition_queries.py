@@ -25,6 +25,7 @@ def precondition_queries(
     split_heads: bool,
     ft_factors: Input[Artifact] = None,
     pt_factors: Input[Artifact] = None,
+    base_model: str = "",
 ):
     """Query gradients at θ_ft, preconditioned for one method: `msif precondition-queries`.
 
@@ -46,6 +47,9 @@ def precondition_queries(
         include: Module regexes, as for fit-covariance (without factors).
         exclude: Module regexes, as for fit-covariance.
         split_heads: As for fit-covariance.
+        base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
+            the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
+            Unused for a full model.
 
     Returns:
         preconditioned: Per module W_q (dense or U, S, V), query ids and the damping used.
@@ -55,4 +59,5 @@ def precondition_queries(
     from msif.config import none_if_not_positive
 
     arguments.update(alpha=none_if_not_positive(alpha), damping=none_if_not_positive(damping))
+    arguments.update(base_model=base_model or None)  # KFP strings cannot be None
     run_subcommand("precondition-queries", out=arguments.pop("preconditioned"), **arguments)

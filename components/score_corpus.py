@@ -25,6 +25,7 @@ def score_corpus(
     include: list,
     exclude: list,
     split_heads: bool,
+    base_model: str = "",
 ):
     """Scores one corpus shard and keeps its top-k per query: `msif score-corpus`.
 
@@ -46,6 +47,9 @@ def score_corpus(
         include: Must match the factors' modules (recorded only).
         exclude: As include.
         split_heads: As include.
+        base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
+            the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
+            Unused for a full model.
 
     Returns:
         scores: scores.parquet (top-k with per-token scores) and scores.json of the shard.
@@ -53,4 +57,5 @@ def score_corpus(
     arguments = dict(locals())  # the signature is the CLI's: first, before any other name
     from msif.cli import run_subcommand
 
+    arguments.update(base_model=base_model or None)  # KFP strings cannot be None
     run_subcommand("score-corpus", out=arguments.pop("scores"), **arguments)

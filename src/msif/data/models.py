@@ -1,7 +1,9 @@
 """Loading a user's model and tokenizer (local dir or gs:// prefix) through from_pretrained.
 
-Nothing here unpickles: weights are read from safetensors only (a folder with nothing but a
-pickle checkpoint is refused with how to convert it), and every failure to load is one line.
+A model is a save_pretrained folder or a PEFT adapter folder (LoRA and the like), which is
+merged into its base (msif.data.adapters). Nothing here unpickles: weights are read from
+safetensors only (a folder with nothing but a pickle checkpoint is refused with how to
+convert it), and every failure to load is one line.
 """
 
 from __future__ import annotations
@@ -88,16 +90,29 @@ def tokenizer_identity(tokenizer) -> dict:
 
 
 def load_model(
-    uri: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False
+    uri: str,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    base_model: str | None = None,
 ):
     """(model in eval mode, tokenizer) from a save_pretrained directory or gs:// prefix.
 
     Weights come from safetensors only; a checkpoint whose tensors do not match its config
     (missing, unexpected or differently shaped weights) is refused rather than filled in
     with random values.
+
+    A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) is loaded onto
+    its base and merged: the model returned is the base's architecture, with the base's
+    module names, and θ_pt + ΔW on the adapted modules. The base is base_model when given
+    (a folder or gs:// prefix), else the adapter config's base_model_name_or_path when that
+    is a local folder or a gs:// URI; the tokenizer is the adapter folder's if it has one,
+    else the base's. base_model is not used for a full model.
     """
     from transformers.utils import logging as hf_logging
 
+    from msif.data.adapters import is_adapter_dir
     from msif.storage.cache import fetch_model_dir
 
     hf_logging.disable_progress_bar()  # one bar per node is ours; theirs per load is noise
@@ -105,15 +120,44 @@ def load_model(
     if dtype not in DTYPES:
         raise MsifError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path = fetch_model_dir(uri)
-    _check_config(path, uri)
-    _refuse_pickle_only(path, uri)
-    model = _load_causal_lm(path, uri, DTYPES[dtype], trust_remote_code)
-    tokenizer = _load_tokenizer(path, uri, trust_remote_code)
+    if is_adapter_dir(path):
+        model, tokenizer = _load_adapter_model(
+            path, uri, base_model, DTYPES[dtype], trust_remote_code
+        )
+    else:
+        if base_model:
+            log.debug("%s is a full model: base model %s not used", uri, base_model)
+        _check_config(path, uri)
+        _refuse_pickle_only(path, uri)
+        model = _load_causal_lm(path, uri, DTYPES[dtype], trust_remote_code)
+        tokenizer = _load_tokenizer(path, uri, trust_remote_code)
     model.to(resolve_device(device)).eval()
     check_tokenizer(tokenizer, model)
     log.info(
         "loaded %s (%s, %d parameters)", uri, dtype, sum(p.numel() for p in model.parameters())
     )
+    return model, tokenizer
+
+
+def _load_adapter_model(
+    path: Path, uri: str, base_model: str | None, dtype: torch.dtype, trust_remote_code: bool
+):
+    """(merged model, tokenizer) of a PEFT adapter folder and its base."""
+    from msif.data import adapters
+
+    adapter = adapters.read_adapter(path, uri)
+    base_uri, base_path = adapters.resolve_base(adapter, base_model)
+    where = f"{base_uri} (the base of PEFT adapter {uri})"
+    _check_config(base_path, where)
+    _refuse_pickle_only(base_path, where)
+    # Merged in float32 (float64 when asked for), rounded to dtype once, after the merge.
+    base = _load_causal_lm(base_path, where, adapters.merge_dtype(dtype), trust_remote_code)
+    model = adapters.merge(base, adapter, base_uri).to(dtype)
+    if adapters.has_tokenizer(path):
+        tokenizer = _load_tokenizer(path, uri, trust_remote_code)
+    else:
+        tokenizer = _load_tokenizer(base_path, where, trust_remote_code)
+    log.info("merged PEFT adapter %s into its base %s", uri, base_uri)
     return model, tokenizer
 
 

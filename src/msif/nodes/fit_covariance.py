@@ -24,13 +24,21 @@ def add_parser(sub) -> None:
         required=True,
         help="corpus (id, text | input_ids) or fine-tune (prompt, completion)",
     )
+    runtime.add_base_model_argument(p)
     runtime.add_stage_argument(p)
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the partial sums go")
     add_options(p, ModelOptions)
     p.set_defaults(
         run=lambda a: run(
-            a.model, a.data, a.stage, a.shard, a.num_shards, a.out, from_namespace(ModelOptions, a)
+            a.model,
+            a.data,
+            a.stage,
+            a.shard,
+            a.num_shards,
+            a.out,
+            from_namespace(ModelOptions, a),
+            base_model_uri=a.base_model,
         )
     )
 
@@ -44,12 +52,16 @@ def run(
     num_shards: int,
     out_uri: str,
     options: ModelOptions,
+    *,
+    base_model_uri: str | None = None,
 ) -> None:
     """Covariance partial sums of one data shard."""
     from msif.ekfac.covariance import fit_covariance
 
-    runtime.check_output(out_uri, model_uri, data_uri)
-    model, data, info = runtime.stage_inputs(model_uri, data_uri, stage, shard, num_shards, options)
+    runtime.check_output(out_uri, model_uri, data_uri, base_model_uri)
+    model, data, info = runtime.stage_inputs(
+        model_uri, data_uri, stage, shard, num_shards, options, base_model_uri
+    )
     cov = fit_covariance(
         model,
         data,

@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--model", required=True, help="the stage's model: a directory or gs:// prefix")
     p.add_argument("--data", required=True, help="the stage's data, as for fit-covariance")
+    runtime.add_base_model_argument(p)
     runtime.add_stage_argument(p)
     p.add_argument("--eigenbasis", required=True, help="the stage's eigendecompose output")
     runtime.add_shard_arguments(p)
@@ -36,6 +37,7 @@ def add_parser(sub) -> None:
             a.num_shards,
             a.out,
             from_namespace(ModelOptions, a),
+            base_model_uri=a.base_model,
         )
     )
 
@@ -50,17 +52,21 @@ def run(
     num_shards: int,
     out_uri: str,
     options: ModelOptions,
+    *,
+    base_model_uri: str | None = None,
 ) -> None:
     """Λ partial sums of one data shard in a given eigenbasis."""
     from msif.ekfac.eigenbasis import Eigenbasis
     from msif.ekfac.lambdas import fit_lambda
 
     runtime.check_stage(stage)
-    runtime.check_output(out_uri, model_uri, data_uri, eigenbasis_uri)
+    runtime.check_output(out_uri, model_uri, data_uri, eigenbasis_uri, base_model_uri)
     basis = Eigenbasis.load(runtime.input_dir(eigenbasis_uri))
     if basis.stage != stage:
         raise MismatchError(f"{eigenbasis_uri} is a {basis.stage!r} eigenbasis, not {stage!r}")
-    model, data, info = runtime.stage_inputs(model_uri, data_uri, stage, shard, num_shards, options)
+    model, data, info = runtime.stage_inputs(
+        model_uri, data_uri, stage, shard, num_shards, options, base_model_uri
+    )
     if basis.info.get("tokenizer") not in (None, info["tokenizer"]):
         raise MismatchError(
             f"{eigenbasis_uri} was fitted with a tokenizer of another vocabulary than {model_uri}'s"

@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
         "(gradient-dot). Needs the fine-tuned model, and the factors --method names.",
     )
     p.add_argument("--model", required=True, help="the fine-tuned model θ_ft")
+    runtime.add_base_model_argument(p)
     p.add_argument("--queries", required=True, help="Parquet with id, prompt, completion")
     p.add_argument("--ft-factors", help="fine-tune factors (multi-stage, single-stage)")
     p.add_argument(
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
             from_namespace(PreconditionOptions, a),
             ft_factors_uri=a.ft_factors,
             pt_factors_uri=a.pt_factors,
+            base_model_uri=a.base_model,
         )
     )
 
@@ -51,6 +53,7 @@ def run(
     *,
     ft_factors_uri: str | None = None,
     pt_factors_uri: str | None = None,
+    base_model_uri: str | None = None,
 ) -> None:
     """Precondition the queries' gradients at θ_ft for one method."""
     from msif.attribution.precondition import precondition_queries
@@ -61,8 +64,10 @@ def run(
     from msif.ekfac.factors import Damping, Factors
 
     method = precondition.method
-    runtime.check_output(out_uri, model_uri, queries_uri, ft_factors_uri, pt_factors_uri)
-    model, tokenizer, options = runtime.load_stage_model(model_uri, options)
+    runtime.check_output(
+        out_uri, model_uri, queries_uri, ft_factors_uri, pt_factors_uri, base_model_uri
+    )
+    model, tokenizer, options = runtime.load_stage_model(model_uri, options, base_model_uri)
     table = read_table(queries_uri)
     require_queries(table, queries_uri)
     ids = [str(x) for x in table.column("id").to_pylist()]

@@ -130,15 +130,45 @@ def check_output(out_uri: str, *inputs: str | Sequence[str] | None) -> None:
     check_output_replaceable(out_uri)
 
 
-def load_stage_model(model_uri: str, opts: ModelOptions):
-    """(model, tokenizer, options) with --max-length clamped to the model's positions."""
+def add_base_model_argument(p: argparse.ArgumentParser) -> None:
+    """--base-model: the base a PEFT adapter given as --model is merged into."""
+    p.add_argument(
+        "--base-model",
+        help="when --model is a PEFT (LoRA) adapter folder: the base model it was trained on, "
+        "a directory or gs:// prefix (default: the adapter's base_model_name_or_path when that "
+        "is a folder or gs:// URI; the pipeline passes θ_pt); unused for a full model",
+    )
+
+
+def load_stage_model(model_uri: str, opts: ModelOptions, base_model_uri: str | None = None):
+    """(model, tokenizer, options) with --max-length clamped to the model's positions; a PEFT
+    adapter is merged into its base (base_model_uri, else the one its config names)."""
     import dataclasses
 
     from msif.data.models import effective_max_length, load_model
 
-    model, tokenizer = load_model(model_uri, device=opts.device, dtype=opts.dtype)
+    model, tokenizer = load_model(
+        model_uri, device=opts.device, dtype=opts.dtype, base_model=base_model_uri
+    )
     limit = effective_max_length(model, opts.max_length)
     return model, tokenizer, dataclasses.replace(opts, max_length=limit)
+
+
+def model_key(model_uri: str, base_model_uri: str | None = None) -> str:
+    """A model's content digest for rerun keys: its folder's, and for a PEFT adapter its
+    base's with it, so that a changed base is not answered from a stale output."""
+    from msif.data.adapters import base_of
+    from msif.storage.digest import model_digest
+    from msif.storage.uri import StorageError
+
+    digest = model_digest(model_uri)
+    base = base_of(model_uri, base_model_uri)
+    if base is None:
+        return digest
+    try:
+        return inputs_key(model=digest, base=model_digest(base))
+    except StorageError:  # an unreadable base: loading refuses it, with the reason
+        return digest
 
 
 def check_tokenizer(recorded: dict | None, tokenizer, what: str, *, extends: bool = False) -> None:
@@ -250,12 +280,18 @@ def stage_batches(
 
 
 def stage_inputs(
-    model_uri: str, data_uri: str, stage: str, shard: int, num_shards: int, opts: ModelOptions
+    model_uri: str,
+    data_uri: str,
+    stage: str,
+    shard: int,
+    num_shards: int,
+    opts: ModelOptions,
+    base_model_uri: str | None = None,
 ):
     """What fit-covariance and fit-lambda start from: the stage's model, one shard's batches
     and the facts their partial sums record."""
     check_stage(stage)
-    model, tokenizer, opts = load_stage_model(model_uri, opts)
+    model, tokenizer, opts = load_stage_model(model_uri, opts, base_model_uri)
     data, info = stage_batches(model, tokenizer, data_uri, shard, num_shards, opts)
     return model, data, info
 

@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--model", required=True, help="θ_pt (multi-stage, gradient-dot), θ_ft (single-stage)"
     )
+    runtime.add_base_model_argument(p)
     p.add_argument("--corpus", required=True, help="Parquet with id and text or input_ids")
     p.add_argument("--preconditioned", required=True, help="the precondition-queries output")
     runtime.add_shard_arguments(p)
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
             a.out,
             from_namespace(ModelOptions, a),
             from_namespace(ScoreOptions, a),
+            base_model_uri=a.base_model,
         )
     )
 
@@ -63,6 +65,8 @@ def run(
     out_uri: str,
     options: ModelOptions,
     scoring: ScoreOptions,
+    *,
+    base_model_uri: str | None = None,
 ) -> None:
     """Score one corpus shard against the preconditioned queries; keep the top-k per query."""
     import pyarrow.parquet as pq
@@ -72,13 +76,12 @@ def run(
     from msif.attribution.topk import TopK
     from msif.data.examples import batches, pad_id_of
     from msif.data.parquet import ParquetSource
-    from msif.storage.digest import model_digest
 
-    runtime.check_output(out_uri, model_uri, corpus_uri, preconditioned_uri)
+    runtime.check_output(out_uri, model_uri, corpus_uri, preconditioned_uri, base_model_uri)
     # A rerun after a lost pod skips a shard whose complete output came from the same inputs:
     # the same contents, not only the same names.
     key = runtime.inputs_key(
-        model=model_digest(model_uri),
+        model=runtime.model_key(model_uri, base_model_uri),
         corpus=ParquetSource.open(corpus_uri).fingerprint(),
         queries=runtime.artifact_digest(preconditioned_uri),
         shard=shard,
@@ -89,7 +92,7 @@ def run(
     if runtime.already_complete(out_uri, key):
         return
     queries = PreconditionedQueries.load(runtime.input_dir(preconditioned_uri))
-    model, tokenizer, options = runtime.load_stage_model(model_uri, options)
+    model, tokenizer, options = runtime.load_stage_model(model_uri, options, base_model_uri)
     runtime.check_tokenizer(
         queries.info.get("corpus_tokenizer"), tokenizer, f"the queries of {preconditioned_uri}"
     )

@@ -42,6 +42,9 @@ from msif.storage.uri import NotFoundError, StorageError, _safe_relative, is_rem
 log = logging.getLogger("msif")
 
 _READ_ATTEMPTS = 5  # how often an output replaced while being read is read again
+# What makes a folder a model: a save_pretrained config, or a PEFT adapter's config.
+MODEL_CONFIGS = ("config.json", "adapter_config.json")
+_NO_CONFIG = "{uri} is not a model directory: no config.json (nor a PEFT adapter_config.json)"
 
 
 def _matches_object(path: Path, obj: ObjectInfo) -> bool:
@@ -163,15 +166,17 @@ def _write_local(path: Path, data: bytes) -> None:
 def fetch_model_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     """A local directory for from_pretrained: a local model dir as is, or a gs:// copy.
 
-    The top-level objects of a gs:// prefix are mirrored into the cache; every file is
-    checked against the object's crc32c (or md5) and downloaded again when it does not match.
+    A model directory holds config.json (a save_pretrained model) or adapter_config.json
+    (a PEFT adapter, which msif.data.models merges into its base). The top-level objects of
+    a gs:// prefix are mirrored into the cache; every file is checked against the object's
+    crc32c (or md5) and downloaded again when it does not match.
     """
     if not is_remote(uri):
         path = Path(uri)
         if not path.is_dir():
             raise StorageError(f"{uri}: no such model directory")
-        if not (path / "config.json").is_file():
-            raise StorageError(f"{uri} is not a model directory: no config.json")
+        if not any((path / name).is_file() for name in MODEL_CONFIGS):
+            raise StorageError(_NO_CONFIG.format(uri=uri))
         return path
     everything = list_objects(uri)
     if not everything:
@@ -185,8 +190,8 @@ def fetch_model_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
             "%s: %d objects in subfolders are not downloaded", uri, len(everything) - len(objects)
         )
     rels = [_safe_relative(o.uri[base:], uri) for o in objects]
-    if "config.json" not in rels:
-        raise StorageError(f"{uri} is not a model directory: no config.json")
+    if not set(MODEL_CONFIGS) & set(rels):
+        raise StorageError(_NO_CONFIG.format(uri=uri))
     listing = json.dumps(
         [uri]
         + [[r, o.size, o.crc32c, o.md5, o.generation] for r, o in zip(rels, objects, strict=True)]

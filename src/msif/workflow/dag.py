@@ -21,6 +21,9 @@ GPU_NODES = frozenset({"fit-covariance", "fit-lambda", "precondition-queries", "
 # The data each stage's curvature is fitted on, at that stage's model.
 STAGE_DATA = {"pt": ("pt_model_uri", "corpus_uri"), "ft": ("ft_model_uri", "finetune_data_uri")}
 URI_PARAMETERS = ("pt_model_uri", "ft_model_uri", "corpus_uri", "finetune_data_uri", "queries_uri")
+# Every task that loads θ_ft gets θ_pt as `base_model`: a PEFT (LoRA) adapter given as
+# ft_model_uri is merged into it (a full fine-tuned model ignores it).
+FT_BASE = {"base_model": "pt_model_uri"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ def scores_input(method: str) -> str:
 def _stage_tasks(stage: str) -> list[Task]:
     model, data = STAGE_DATA[stage]
     uris, fixed = {"model": model, "data": data}, {"stage": stage}
+    if stage == "ft":
+        uris.update(FT_BASE)
     eigen = f"eigendecompose-{stage}"
     return [
         Task("fit-covariance", stage, True, uris, fixed),
@@ -75,8 +80,10 @@ def _method_tasks(method: str) -> list[Task]:
     # must be scored with (gradient-dot applies no factors, but needs that check).
     stages = dict.fromkeys((*spec.stages, spec.corpus_model))
     factors = {f"{s}_factors": f"build-factors-{s}" for s in stages}
-    queries = {"model": "ft_model_uri", "queries": "queries_uri"}
+    queries = {"model": "ft_model_uri", "queries": "queries_uri", **FT_BASE}
     corpus = {"model": f"{spec.corpus_model}_model_uri", "corpus": "corpus_uri"}
+    if spec.corpus_model == "ft":
+        corpus.update(FT_BASE)
     return [
         Task("precondition-queries", method, False, queries, {"method": method}, factors),
         Task(
