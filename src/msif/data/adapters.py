@@ -64,7 +64,7 @@ def read_adapter(path: Path, uri: str) -> Adapter:
     """The adapter of a folder: config parsed, type mergeable, weights from safetensors only,
     undamaged and finite. Every failure is one line."""
     where = f"cannot load the PEFT adapter {uri}"
-    _read_json(path / ADAPTER_CONFIG, where)
+    _check_peft_type(_read_json(path / ADAPTER_CONFIG, where), where)
     weights_file = path / ADAPTER_WEIGHTS
     if not weights_file.is_file():
         pickles = sorted(
@@ -90,7 +90,7 @@ def resolve_base(adapter: Adapter, base_model: str | None) -> tuple[str, Path]:
 
     recorded = adapter.recorded_base
     if base_model:
-        uri, named = base_model, "given"
+        uri, named = base_model, "given by --base-model"
         if recorded and recorded != base_model:
             log.info("%s: base %s (its config names %s)", adapter.uri, base_model, recorded)
     elif not recorded:
@@ -100,6 +100,11 @@ def resolve_base(adapter: Adapter, base_model: str | None) -> tuple[str, Path]:
         )
     elif is_remote(recorded) or Path(recorded).is_dir():
         uri, named = recorded, f"named in {ADAPTER_CONFIG}"
+    elif recorded.startswith(("/", "./", "../", "~")):
+        raise MsifError(
+            f"the PEFT adapter {adapter.uri} names its base {recorded!r}, which is no folder "
+            f"here (the adapter was saved elsewhere): {_ADVICE}"
+        )
     else:
         raise MsifError(
             f"the PEFT adapter {adapter.uri} names its base {recorded!r}, which is no local folder "
@@ -108,7 +113,7 @@ def resolve_base(adapter: Adapter, base_model: str | None) -> tuple[str, Path]:
     try:
         path = fetch_model_dir(uri)
     except StorageError as e:
-        hint = f"; {_ADVICE}" if named != "given" else ""
+        hint = "" if base_model else f"; {_ADVICE}"
         raise MsifError(
             f"cannot read the base of PEFT adapter {adapter.uri} ({named}): {e}{hint}"
         ) from None
@@ -191,6 +196,18 @@ def _check_fits(wanted: dict, weights: dict, where: str) -> None:
         raise MismatchError(
             f"{where}: weight {_short(k)} has shape {list(weights[k].shape)} in the adapter but "
             f"{list(wanted[k].shape)} on this base ({len(other)} weight(s) differ)"
+        )
+
+
+def _check_peft_type(doc: dict, where: str) -> None:
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    kind = doc.get("peft_type")
+    if not isinstance(kind, str) or kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise MsifError(
+            f"{where}: {ADAPTER_CONFIG} names peft_type {kind!r}, which peft {peft.__version__} "
+            "does not know"
         )
 
 
