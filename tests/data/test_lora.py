@@ -208,6 +208,36 @@ def test_tokenizer_is_the_adapters_when_it_has_one(lora, tokenizer, tmp_path):
     assert len(tok) == len(tokenizer) + 1 and "[NEW]" in tok.get_vocab()
 
 
+@pytest.mark.parametrize("kept", [None, ["embed_in", "lm_head"]], ids=["saved", "modules_to_save"])
+def test_an_adapter_that_appended_tokens_resizes_its_base(kept, tokenizer, tmp_path):
+    """A fine-tune that added tokens carries the resized embedding matrices (peft saves them
+    whole, or as modules_to_save) and its tokenizer: merged as peft merges it on a base
+    resized by hand."""
+    base = save_base(tmp_path / "base", "gpt_neox", tokenizer)
+    extended = tokenizer_for([WORDS])
+    extended.add_tokens([f"[NEW{i}]" for i in range(8)])  # 31 tokens > the base's 29 rows
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(extended))
+    config = LoraConfig(r=4, target_modules=TARGETS["gpt_neox"], modules_to_save=kept)
+    peft = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    peft.save_pretrained(tmp_path / "adapter")
+    extended.save_pretrained(tmp_path / "adapter")
+
+    got, tok = load_model(str(tmp_path / "adapter"), device="cpu")
+    assert len(tok) == len(extended) == got.get_input_embeddings().num_embeddings
+    by_hand = AutoModelForCausalLM.from_pretrained(base)
+    by_hand.resize_token_embeddings(len(extended))
+    want = PeftModel.from_pretrained(by_hand, tmp_path / "adapter").merge_and_unload()
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for key, value in want.state_dict().items():
+        assert torch.equal(got.state_dict()[key], value), key
+    assert [n for n, _ in got.named_modules()] == [n for n, _ in by_hand.named_modules()]
+
+
 # ----------------------------------------------------------------------------- (d): the nodes
 
 

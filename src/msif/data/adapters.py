@@ -152,9 +152,11 @@ def merge(base: torch.nn.Module, adapter: Adapter, base_uri: str) -> torch.nn.Mo
     weights θ_pt + ΔW where the adapter applies. The adapter must fit the base exactly: the
     modules it targets exist, and its weights have the shapes this base gives them."""
     from peft import PeftModel
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     where = f"the PEFT adapter {adapter.uri} does not fit the base {base_uri}"
+    _resize_vocabulary(base, adapter, where)
     try:
         with _quiet():
             wrapped = PeftModel(base, adapter.config)
@@ -162,13 +164,28 @@ def merge(base: torch.nn.Module, adapter: Adapter, base_uri: str) -> torch.nn.Mo
         raise MismatchError(f"{where}: {_first_line(e)}") from None
     with _quiet():
         wanted = get_peft_model_state_dict(wrapped, save_embedding_layers=False)
-    _check_fits(wanted, adapter.weights, where)
-    with _quiet():
-        result = set_peft_model_state_dict(wrapped, adapter.weights)
-    missing = [k for k in result.missing_keys if ".default." in k or k.endswith(".default")]
-    if missing or result.unexpected_keys:  # _check_fits makes this unreachable; kept as a net
-        first = (missing or result.unexpected_keys)[0]
-        raise MismatchError(f"{where}: peft did not load every weight (first: {first})")
+    _check_shapes(wanted, adapter.weights, where)
+    try:
+        with _quiet():
+            result = set_peft_model_state_dict(wrapped, dict(adapter.weights))
+    except RuntimeError as e:  # a size mismatch outside peft's own save format
+        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise MismatchError(f"{where}: {lines[0] if lines else _first_line(e)}") from None
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(adapter.config.peft_type, "")
+    missing = sorted(
+        k.replace(".default", "") for k in result.missing_keys if prefix in k and ".default" in k
+    )
+    if missing:
+        raise MismatchError(
+            f"{where}: the adapter lacks {len(missing)} weight(s) its config gives this base "
+            f"(first: {_short(missing[0])})"
+        )
+    extra = sorted(k for k in result.unexpected_keys if not _copy_of_loaded(k, adapter.weights))
+    if extra:
+        raise MismatchError(
+            f"{where}: the adapter holds {len(extra)} weight(s) with no place in this base "
+            f"(first: {_short(extra[0])})"
+        )
     try:
         with _quiet(), torch.no_grad():
             merged = wrapped.merge_and_unload()
@@ -177,20 +194,62 @@ def merge(base: torch.nn.Module, adapter: Adapter, base_uri: str) -> torch.nn.Mo
     return merged
 
 
-def _check_fits(wanted: dict, weights: dict, where: str) -> None:
-    missing = sorted(set(wanted) - set(weights))
-    if missing:
+def _copy_of_loaded(key: str, weights: dict) -> bool:
+    """Whether an adapter weight peft did not load is another format's copy of one it did:
+    peft saves a module kept whole (modules_to_save) as X.weight, and some versions also as
+    X.modules_to_save.weight and X.original_module.weight."""
+    for part in (".modules_to_save.", ".original_module."):
+        if part in key and key.replace(part, ".", 1) in weights:
+            return True
+    return False
+
+
+def _embedding_keys(base: torch.nn.Module) -> list[str]:
+    """Adapter-file keys of the base's input and output embedding matrices."""
+    pair = (base.get_input_embeddings(), base.get_output_embeddings())
+    embeddings = [m for m in pair if m is not None]
+    return [
+        f"{_PREFIX}{name}.weight"
+        for name, module in base.named_modules()
+        if any(module is m for m in embeddings)
+    ]
+
+
+def _resize_vocabulary(base: torch.nn.Module, adapter: Adapter, where: str) -> None:
+    """Give the base the vocabulary of a fine-tune that appended tokens: the number of rows
+    of the embedding matrices the adapter carries (saved whole or as modules_to_save)."""
+    rows, carried = set(), {}
+    modules = dict(base.named_modules())
+    for key in _embedding_keys(base):
+        stem = key[len(_PREFIX) : -len(".weight")]
+        weight = modules[stem].weight  # tied input and output embeddings share it
+        for suffix in (".weight", ".modules_to_save.weight", ".original_module.weight"):
+            tensor = adapter.weights.get(_PREFIX + stem + suffix)
+            if tensor is not None and tensor.dim() == 2:
+                rows.add(int(tensor.shape[0]))
+                carried[id(weight)] = True
+        carried.setdefault(id(weight), False)
+    if not rows:
+        return
+    if len(rows) > 1:
+        raise MismatchError(f"{where}: its embedding matrices have {sorted(rows)} rows")
+    (size,) = rows
+    if size == base.get_input_embeddings().num_embeddings:
+        return
+    if not all(carried.values()):
+        # Resizing would leave rows of the other matrix at random values.
         raise MismatchError(
-            f"{where}: the adapter lacks {len(missing)} weight(s) its config gives this base "
-            f"(first: {_short(missing[0])})"
+            f"{where}: it resizes the vocabulary to {size} tokens but carries only one of the "
+            "input and output embedding matrices"
         )
-    extra = sorted(set(weights) - set(wanted))
-    if extra:
-        raise MismatchError(
-            f"{where}: the adapter holds {len(extra)} weight(s) with no place in this base "
-            f"(first: {_short(extra[0])})"
-        )
-    other = [k for k in sorted(wanted) if tuple(wanted[k].shape) != tuple(weights[k].shape)]
+    log.info("%s: vocabulary resized to %d rows, as the adapter's", adapter.uri, size)
+    with _quiet():
+        base.resize_token_embeddings(size, mean_resizing=False)
+
+
+def _check_shapes(wanted: dict, weights: dict, where: str) -> None:
+    """The adapter's weights have the shapes this base gives them (in peft's save format)."""
+    other = [k for k in sorted(wanted) if k in weights and wanted[k].shape != weights[k].shape]
     if other:
         k = other[0]
         raise MismatchError(
