@@ -165,6 +165,12 @@ def test_merge_in_float32_then_rounded(lora):
         assert value.dtype == torch.bfloat16
         assert torch.equal(value, full.state_dict()[key].to(torch.bfloat16)), key
         torch.testing.assert_close(full.state_dict()[key].double(), want[key], rtol=1e-6, atol=1e-6)
+    # Buffers (rotary frequencies) stay as from_pretrained(dtype=bfloat16) leaves them.
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    buffers = dict(plain.named_buffers())
+    assert {k: v.dtype for k, v in half.named_buffers()} == {k: v.dtype for k, v in buffers.items()}
+    for key, value in half.named_buffers():
+        assert torch.equal(value, buffers[key]), key
 
 
 # ----------------------------------------------------------------------------- (c): gradients

@@ -152,13 +152,27 @@ def _load_adapter_model(
     _refuse_pickle_only(base_path, where)
     # Merged in float32 (float64 when asked for), rounded to dtype once, after the merge.
     base = _load_causal_lm(base_path, where, adapters.merge_dtype(dtype), trust_remote_code)
-    model = adapters.merge(base, adapter, base_uri).to(dtype)
+    model = _cast_parameters(adapters.merge(base, adapter, base_uri), dtype)
     if adapters.has_tokenizer(path):
         tokenizer = _load_tokenizer(path, uri, trust_remote_code)
     else:
         tokenizer = _load_tokenizer(base_path, where, trust_remote_code)
     log.info("merged PEFT adapter %s into its base %s", uri, base_uri)
     return model, tokenizer
+
+
+def _cast_parameters(model, dtype: torch.dtype):
+    """The weights in dtype as from_pretrained(dtype=...) leaves them: buffers (rotary
+    frequencies) and modules the model keeps in float32 stay as they are."""
+    if dtype == next(model.parameters()).dtype:
+        return model
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not keep & set(name.split(".")):
+            p.data = p.data.to(dtype)
+    model.config.dtype = dtype
+    return model
 
 
 def _check_config(path: Path, uri: str) -> None:
