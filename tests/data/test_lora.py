@@ -431,6 +431,27 @@ def test_dag_hands_theta_pt_to_every_node_that_loads_theta_ft():
     assert loads_ft == 6
 
 
+def test_compiled_pipeline_passes_pt_model_uri_as_base_model(tmp_path):
+    import yaml
+
+    from msif.workflow.cli import compile_pipeline
+
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
+    dags = [spec["root"]] + [c for c in spec["components"].values() if "dag" in c]
+    seen = []
+    for dag in dags:
+        for name, task in dag["dag"]["tasks"].items():
+            params = task.get("inputs", {}).get("parameters", {})
+            model = params.get("model", {}).get("componentInputParameter", "")
+            base = params.get("base_model", {}).get("componentInputParameter")
+            if model.endswith("ft_model_uri"):
+                seen.append(name)
+                assert base == model.replace("ft_model_uri", "pt_model_uri"), name
+            else:
+                assert base is None, name
+    assert len(seen) == 6, seen
+
+
 def test_components_pass_base_model_as_the_flag(monkeypatch, tmp_path):
     import msif.components as c
     from kfp.dsl import Artifact
