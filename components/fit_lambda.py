@@ -22,6 +22,9 @@ def fit_lambda(
     include: list,
     exclude: list,
     split_heads: bool,
+    split_heads_pattern: list,
+    embeddings: bool,
+    lm_head: bool,
 ):
     """Sums (Q_Gᵀ DW_n Q_A)∘² over one shard's sequences: `msif fit-lambda`.
 
@@ -40,6 +43,9 @@ def fit_lambda(
         include: Module regexes, as for fit-covariance.
         exclude: Module regexes, as for fit-covariance.
         split_heads: As for fit-covariance.
+        split_heads_pattern: As for fit-covariance.
+        embeddings: As for fit-covariance.
+        lm_head: As for fit-covariance.
 
     Returns:
         lambda_sums: The shard's Λ partial sums (safetensors + JSON).

@@ -23,6 +23,9 @@ def precondition_queries(
     include: list,
     exclude: list,
     split_heads: bool,
+    split_heads_pattern: list,
+    embeddings: bool,
+    lm_head: bool,
     ft_factors: Input[Artifact] = None,
     pt_factors: Input[Artifact] = None,
 ):
@@ -46,6 +49,9 @@ def precondition_queries(
         include: Module regexes, as for fit-covariance (without factors).
         exclude: Module regexes, as for fit-covariance.
         split_heads: As for fit-covariance.
+        split_heads_pattern: As for fit-covariance.
+        embeddings: As for fit-covariance.
+        lm_head: As for fit-covariance.
 
     Returns:
         preconditioned: Per module W_q (dense or U, S, V), query ids and the damping used.

@@ -25,6 +25,9 @@ def score_corpus(
     include: list,
     exclude: list,
     split_heads: bool,
+    split_heads_pattern: list,
+    embeddings: bool,
+    lm_head: bool,
 ):
     """Scores one corpus shard and keeps its top-k per query: `msif score-corpus`.
 
@@ -46,6 +49,9 @@ def score_corpus(
         include: Must match the factors' modules (recorded only).
         exclude: As include.
         split_heads: As include.
+        split_heads_pattern: As include.
+        embeddings: As include.
+        lm_head: As include.
 
     Returns:
         scores: scores.parquet (top-k with per-token scores) and scores.json of the shard.
