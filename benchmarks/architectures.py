@@ -268,6 +268,11 @@ def split_cell(specs) -> str:
     return ", ".join(cells) or "none"
 
 
+def heads_only(specs):
+    """The modules --split-heads splits (the others fit as they do unsplit)."""
+    return {n: s for n, s in specs.items() if re.search(HEAD_PATTERN, n)}
+
+
 def fmt(err: float, column: str) -> str:
     """A relative error cell: '2e-16', with ✗ when above the column's tolerance."""
     text = "0" if err == 0 else f"{err:.0e}"
@@ -303,7 +308,7 @@ def _measure(arch: str) -> dict[str, str]:
     split = split_cell(split_specs)
     split_exact = "—"
     if split != "none":
-        e = exactness(d, split_specs)
+        e = exactness(d, heads_only(split_specs))
         split_exact = f"Λ {fmt(e['lambda'], 'lambda')}, scores {fmt(e['scores'], 'scores')}"
     return {
         "architecture": arch,
@@ -342,7 +347,7 @@ def parse_table(text: str) -> dict[str, dict[str, str]]:
     """Rows of a table written by `table`, keyed by architecture."""
     rows = {}
     for line in text.splitlines():
-        if not line.startswith("| ") or line.startswith("| architecture"):
+        if not line.startswith("| ") or line.startswith(("| architecture", "| ---")):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
         if len(cells) == len(COLUMNS):
@@ -375,7 +380,7 @@ file against them (the whole file under `-m e2e`).
 - **embedding + head ∇**: the same gradient check with `--embeddings --lm-head`; a weight tied
   between them is compared as the sum of its two uses, the one gradient autograd has.
 - **split heads**: what `--split-heads` splits in one block, into how many head-size blocks of
-  G; **split exact**: Λ and scores with those splits, as above.
+  G; **split exact**: Λ and scores of those modules, split, as above.
 - **bf16 Spearman**: rank correlation of the multi-stage scores with both models in bfloat16
   against the same models in float32 (36 query-document pairs; per-batch statistics are
   computed in float32 either way).
