@@ -43,7 +43,8 @@ SEED = 11
 BATCH = 4
 # At most 3 padding positions per row: with 4 or more, a padding query of Gemma 2's 4-token
 # sliding window sees no key, and the autograd reference, which runs the padded mask, is NaN
-# (msif runs right-padded batches unmasked, tests/core/test_hooks.py checks it on such rows).
+# (msif runs right-padded batches unmasked; tests/core/test_architectures.py checks it on such
+# rows).
 MIN_LEN, MAX_LEN = 6, 9
 FOOTNOTE = (
     "LoRA adapters are not part of this table: tests/data/test_lora.py covers them. "
@@ -121,11 +122,8 @@ def gradient_error(model, examples, specs) -> float:
     names = {m: n for n, m in model.named_modules()}
     e, h = names.get(emb), names.get(head)
     if head is not None and head.weight is emb.weight and e in specs and h in specs:
-        got = {k: v for k, v in got.items() if k != e}
-        got[h] = got[h] + hooked_gradients(model, make_batches(examples, BATCH), {e: specs[e]})[
-            e
-        ].transpose(1, 2)
-        want = {k: v for k, v in want.items() if k != e}
+        got[h] = got[h] + got.pop(e).transpose(1, 2)
+        want.pop(e)
     return max(relative(got[k], want[k]) for k in got)
 
 

@@ -321,3 +321,40 @@ def test_relabelled_factors_are_caught_whatever_the_dtype():
     queries = make_batches(random_examples(2, seed=2, prompt=True), 2)
     with pytest.raises(MismatchError, match="fine-tuned model's own weights"):
         msif.precondition_queries(ft, queries, ["a", "b"], method="gradient-dot", pt_factors=pt)
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+
+def test_cli_tracks_embeddings_head_and_patterns_and_names_dtypes(tmp_path, capsys):
+    from msif.cli import main
+    from msif.ekfac.covariance import CovarianceSums
+    from tests.support.cli_helpers import COMMON
+    from tests.support.mini_world import build
+
+    w = build(tmp_path / "world")
+    data = ["--model", w["pt_model"], "--data", w["corpus"], "--stage", "pt", *COMMON]
+    flags = ["--embeddings", "--lm-head", "--split-heads", "--split-heads-pattern", "h_to_4h$"]
+    assert main(["fit-covariance", "--out", str(tmp_path / "cov"), *data, *flags]) == 0
+    cov = CovarianceSums.load(tmp_path / "cov")
+    assert {"gpt_neox.embed_in", "lm_head"} <= set(cov.specs)
+    split = {n.split(".")[-1]: s.num_blocks for n, s in cov.specs.items() if s.num_blocks > 1}
+    assert split == {"query_key_value": 6, "dense_h_to_4h": 4}  # 2 heads × 3; 32 / 8
+    assert cov.info["options"]["split_heads_pattern"] == ["h_to_4h$"]
+    bf16 = ["--dtype", "bfloat16"]
+    assert main(["fit-covariance", "--out", str(tmp_path / "c16"), *data, *bf16]) == 0
+    assert (
+        main(
+            ["eigendecompose", "--out", str(tmp_path / "e16"), "--partials", str(tmp_path / "c16")]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    lam = ["fit-lambda", "--out", str(tmp_path / "lam"), "--eigenbasis", str(tmp_path / "e16")]
+    assert main([*lam, *data]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msif: error: ") and "\n" not in err
+    assert "computed with the model in bfloat16, this model is float32: use the same --dtype" in err
+    bad = ["--split-heads-pattern", "no_such_module"]
+    assert main(["fit-covariance", "--out", str(tmp_path / "bad"), *data, *bad]) == 1
+    assert "matches no tracked module" in capsys.readouterr().err
