@@ -21,6 +21,9 @@ def fit_covariance(
     include: list,
     exclude: list,
     split_heads: bool,
+    split_heads_pattern: list,
+    embeddings: bool,
+    lm_head: bool,
     base_model: str = "",
 ):
     """Sums a aᵀ and g gᵀ (labels sampled from the model) over one shard: `msif fit-covariance`.
@@ -39,7 +42,11 @@ def fit_covariance(
         dtype: dtype the model is loaded in.
         include: Track only block modules whose name matches one of these regexes.
         exclude: Do not track modules matching these regexes.
-        split_heads: Split fused QKV projections into head-size blocks of G.
+        split_heads: Split every attention q/k/v projection (fused or separate)
+            into head-size blocks of G.
+        split_heads_pattern: Also split the tracked modules matching these regexes.
+        embeddings: Also track the input embedding.
+        lm_head: Also track the output head.
         base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
             the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
             Unused for a full model.

@@ -22,6 +22,9 @@ def fit_lambda(
     include: list,
     exclude: list,
     split_heads: bool,
+    split_heads_pattern: list,
+    embeddings: bool,
+    lm_head: bool,
     base_model: str = "",
 ):
     """Sums (Q_Gᵀ DW_n Q_A)∘² over one shard's sequences: `msif fit-lambda`.
@@ -41,6 +44,9 @@ def fit_lambda(
         include: Module regexes, as for fit-covariance.
         exclude: Module regexes, as for fit-covariance.
         split_heads: As for fit-covariance.
+        split_heads_pattern: As for fit-covariance.
+        embeddings: As for fit-covariance.
+        lm_head: As for fit-covariance.
         base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
             the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
             Unused for a full model.

@@ -23,6 +23,9 @@ def precondition_queries(
     include: list,
     exclude: list,
     split_heads: bool,
+    split_heads_pattern: list,
+    embeddings: bool,
+    lm_head: bool,
     ft_factors: Input[Artifact] = None,
     pt_factors: Input[Artifact] = None,
     base_model: str = "",
@@ -47,6 +50,9 @@ def precondition_queries(
         include: Module regexes, as for fit-covariance (without factors).
         exclude: Module regexes, as for fit-covariance.
         split_heads: As for fit-covariance.
+        split_heads_pattern: As for fit-covariance.
+        embeddings: As for fit-covariance.
+        lm_head: As for fit-covariance.
         base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
             the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
             Unused for a full model.

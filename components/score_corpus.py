@@ -25,6 +25,9 @@ def score_corpus(
     include: list,
     exclude: list,
     split_heads: bool,
+    split_heads_pattern: list,
+    embeddings: bool,
+    lm_head: bool,
     base_model: str = "",
 ):
     """Scores one corpus shard and keeps its top-k per query: `msif score-corpus`.
@@ -47,6 +50,9 @@ def score_corpus(
         include: Must match the factors' modules (recorded only).
         exclude: As include.
         split_heads: As include.
+        split_heads_pattern: As include.
+        embeddings: As include.
+        lm_head: As include.
         base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
             the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
             Unused for a full model.

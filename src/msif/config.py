@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from msif.attribution.precondition import METHODS
-from msif.core.modules import ModuleSelection
+from msif.core.modules import HEAD_PATTERN, ModuleSelection
 from msif.data.models import DTYPES
 from msif.data.tables import TableOptions
 from msif.errors import OptionError
@@ -106,7 +106,19 @@ class ModelOptions:
         (), "track only block modules whose name matches a REGEX", metavar="REGEX"
     )
     exclude: tuple[str, ...] = option((), "do not track modules matching a REGEX", metavar="REGEX")
-    split_heads: bool = option(False, "split fused QKV projections into head-size blocks of G")
+    split_heads: bool = option(
+        False,
+        "split every attention q/k/v projection, fused (query_key_value, c_attn, qkv_proj) or "
+        "separate (q_proj, k_proj, v_proj; k and v with their key/value heads), into "
+        "head-size blocks of G",
+    )
+    split_heads_pattern: tuple[str, ...] = option(
+        (), "split the tracked modules matching a REGEX into head-size blocks of G", metavar="REGEX"
+    )
+    embeddings: bool = option(
+        False, "also track the input embedding (vocabularies up to 16384 tokens)"
+    )
+    lm_head: bool = option(False, "also track the output head (lm_head)")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
@@ -118,11 +130,23 @@ class ModelOptions:
             raise OptionError(f"--device {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
         _patterns("include", self.include)
         _patterns("exclude", self.exclude)
+        _patterns("split_heads_pattern", self.split_heads_pattern)
 
     def selection(self) -> ModuleSelection:
-        """The module selection these options describe."""
+        """The module selection these options describe.
+
+        --split-heads and --split-heads-pattern add up: the attention projections and the
+        modules the regexes match.
+        """
+        split: bool | tuple[str, ...] = bool(self.split_heads)
+        if self.split_heads_pattern:
+            split = (HEAD_PATTERN,) * split + tuple(self.split_heads_pattern)
         return ModuleSelection(
-            tuple(self.include), tuple(self.exclude), split_heads=self.split_heads
+            tuple(self.include),
+            tuple(self.exclude),
+            embeddings=self.embeddings,
+            lm_head=self.lm_head,
+            split_heads=split,
         )
 
     def table(self) -> TableOptions:

@@ -9,11 +9,18 @@ import torch
 from torch import nn
 
 import msif
+from benchmarks import architectures as table
 from msif.attribution.precondition import rotate_tokens_first, summed_gradients
-from msif.core.modules import ModuleSelection
+from msif.core.modules import ModuleSelection, find_modules
 from msif.ekfac.factors import Damping, Factors, change_of_basis
 from tests.support.dense import dense_solve, kron_basis, per_example_gradients
-from tests.support.tiny import make_batches, perturbed, random_examples, tiny_model
+from tests.support.tiny import (
+    ARCHITECTURES,
+    make_batches,
+    perturbed,
+    random_examples,
+    tiny_model,
+)
 
 
 def fit_factors(model, data, stage, selection=None, seed=0):
@@ -254,3 +261,23 @@ def test_full_rank_queries_reproduce_full_scores(two_stage):
     assert not torch.allclose(approx, expected)
     corr = torch.corrcoef(torch.stack([approx.flatten(), expected.flatten()]))[0, 1]
     assert corr > 0.5  # a rank-1 query still tracks the full one
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_is_exact_in_float64(arch):
+    # The architecture table's checks (benchmarks/architectures.py) as assertions: hook
+    # gradients and covariance sums against autograd and plain hooks, Λ against the dense
+    # Fisher, multi-stage scores against dense solves, unsplit and with --split-heads.
+    d = table.setup(arch)
+    specs = find_modules(d.pt)
+    tol = table.TOLERANCE
+    assert table.gradient_error(d.pt, d.corpus, specs) <= tol["gradient"]
+    assert table.covariance_error(d.pt, d.corpus, specs) <= tol["covariance"]
+    split = table.heads_only(find_modules(d.pt, ModuleSelection(split_heads=True)))
+    assert any(s.num_blocks > 1 for s in split.values())
+    for tracked in (specs, split):
+        errors = table.exactness(d, tracked)
+        assert errors["lambda"] <= tol["lambda"], errors
+        assert errors["scores"] <= tol["scores"], errors
+    heads = find_modules(d.pt, ModuleSelection(embeddings=True, lm_head=True, include=("^$",)))
+    assert table.gradient_error(d.pt, d.corpus, heads) <= tol["gradient"]

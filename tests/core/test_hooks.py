@@ -11,7 +11,7 @@ from msif.core.modules import ModuleSelection, find_modules, matching_specs, res
 from msif.data.examples import collate
 from msif.errors import MismatchError
 from tests.support.dense import per_example_gradients
-from tests.support.tiny import make_batches, random_examples, tiny_model
+from tests.support.tiny import ARCHITECTURES, make_batches, random_examples, tiny_model
 
 
 def hooked_gradients(model, batches, specs, **kwargs):
@@ -23,49 +23,62 @@ def hooked_gradients(model, batches, specs, **kwargs):
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-@pytest.mark.parametrize(
-    "arch,expected",
-    [
-        (
-            "gpt_neox",
-            [
-                "attention.query_key_value",
-                "attention.dense",
-                "mlp.dense_h_to_4h",
-                "mlp.dense_4h_to_h",
-            ],
-        ),
-        ("gpt2", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
-        (
-            "llama",
-            [
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            ],
-        ),
-        (
-            "bloom",
-            [
-                "self_attention.query_key_value",
-                "self_attention.dense",
-                "mlp.dense_h_to_4h",
-                "mlp.dense_4h_to_h",
-            ],
-        ),
+LLAMA_LIKE = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+MLP_4H = ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
+# Per architecture: what one block's tracked modules are called (the last two name parts).
+TRACKED = {
+    "gpt_neox": ["attention.query_key_value", "attention.dense", *MLP_4H],
+    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    "llama": LLAMA_LIKE,
+    "llama_gqa": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "gemma": LLAMA_LIKE,
+    "gemma2": LLAMA_LIKE,
+    "phi": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.dense",
+        "mlp.fc1",
+        "mlp.fc2",
     ],
-)
+    "phi3": ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
+    "bloom": ["self_attention.query_key_value", "self_attention.dense", *MLP_4H],
+    "falcon": ["self_attention.query_key_value", "self_attention.dense", *MLP_4H],
+    "falcon_new": ["self_attention.query_key_value", "self_attention.dense", *MLP_4H],
+    "opt": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "0.fc1",
+        "0.fc2",
+    ],
+}
+
+
+def test_every_tiny_architecture_has_its_expected_modules():
+    assert set(TRACKED) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize(("arch", "expected"), TRACKED.items())
 def test_tracked_modules_and_hook_gradients_match_autograd(arch, expected):
     model = tiny_model(arch)
     specs = find_modules(model)
-    suffixes = sorted({".".join(n.split(".")[-2:]) for n in specs})
+    suffixes = sorted({".".join(n.split(".")[-2:]) for n in specs if ".0." in n})
     assert suffixes == sorted(expected)
     assert len(specs) == 2 * len(expected)
-    examples = random_examples(3, seed=9)
+    # Gemma 2's 4-token window: the padded-mask reference is NaN on rows with 4 or more pads.
+    examples = random_examples(3, seed=9, min_len=6 if arch == "gemma2" else 3)
     want = per_example_gradients(model, examples, specs)
     got = hooked_gradients(model, make_batches(examples, 3), specs)
     for k in specs:
@@ -107,16 +120,43 @@ def test_padding_contributes_nothing():
         torch.testing.assert_close(padded[k][0], alone[k][0], rtol=1e-10, atol=1e-12)
 
 
-def test_split_heads_on_fused_projections():
-    for arch, name in [
-        ("gpt_neox", "gpt_neox.layers.0.attention.query_key_value"),
-        ("gpt2", "transformer.h.0.attn.c_attn"),
-        ("bloom", "transformer.h.0.self_attention.query_key_value"),
-    ]:
-        specs = find_modules(tiny_model(arch), ModuleSelection(split_heads=True))
-        assert (specs[name].block_size, specs[name].num_blocks) == (8, 6)
-        others = [s for n, s in specs.items() if n != name and "layers.0" in n]
-        assert all(s.num_blocks == 1 for s in others)
+# Per architecture: (head size, {module of block 0: head blocks of G}) under split_heads=True.
+SPLITS = {
+    "gpt_neox": (8, {"attention.query_key_value": 6}),  # 2 heads × (q, k, v)
+    "gpt2": (8, {"attn.c_attn": 6}),
+    "bloom": (8, {"self_attention.query_key_value": 6}),
+    "llama": (8, {"self_attn.q_proj": 2, "self_attn.k_proj": 2, "self_attn.v_proj": 2}),
+    # Grouped-query attention: 4 query heads, 2 key/value heads, head size 4.
+    "llama_gqa": (4, {"self_attn.q_proj": 4, "self_attn.k_proj": 2, "self_attn.v_proj": 2}),
+    "qwen2": (4, {"self_attn.q_proj": 4, "self_attn.k_proj": 2, "self_attn.v_proj": 2}),
+    "mistral": (4, {"self_attn.q_proj": 4, "self_attn.k_proj": 2, "self_attn.v_proj": 2}),
+    "gemma2": (4, {"self_attn.q_proj": 4, "self_attn.k_proj": 2, "self_attn.v_proj": 2}),
+    # Multi-query: one key/value head, so k and v are one block each.
+    "gemma": (8, {"self_attn.q_proj": 2, "self_attn.k_proj": 1, "self_attn.v_proj": 1}),
+    "phi": (8, {"self_attn.q_proj": 2, "self_attn.k_proj": 2, "self_attn.v_proj": 2}),
+    "phi3": (4, {"self_attn.qkv_proj": 8}),  # 4 q + 2 k + 2 v heads, fused
+    "falcon": (8, {"self_attention.query_key_value": 4}),  # 2 q heads + 1 k + 1 v
+    "falcon_new": (4, {"self_attention.query_key_value": 8}),  # 2 groups × (2 q + k + v)
+    "opt": (8, {"self_attn.q_proj": 2, "self_attn.k_proj": 2, "self_attn.v_proj": 2}),
+}
+
+
+@pytest.mark.parametrize(("arch", "split"), SPLITS.items())
+def test_split_heads_splits_every_attention_projection_by_its_heads(arch, split):
+    head, blocks = split
+    model = tiny_model(arch)
+    specs = find_modules(model, ModuleSelection(split_heads=True))
+    first = {n.split(".0.", 1)[1]: s for n, s in specs.items() if ".0." in n}
+    got = {n: s.num_blocks for n, s in first.items() if n in blocks}
+    assert got == blocks
+    assert all(first[n].block_size == head for n in blocks)
+    # Output projections hold heads on their input side; MLPs hold none: neither is split.
+    assert all(s.num_blocks == 1 for n, s in first.items() if n not in blocks)
+    assert specs.keys() == find_modules(model).keys()
+
+
+def test_split_heads_covers_every_architecture():
+    assert set(SPLITS) == set(ARCHITECTURES)
 
 
 def test_resolve_refuses_and_matching_specs_leaves_out_the_same_modules():

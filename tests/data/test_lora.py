@@ -461,7 +461,8 @@ def test_components_pass_base_model_as_the_flag(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(msif.cli, "main", lambda argv: calls.append(argv) or 0)
     p = dict(max_length=32, batch_size=4, seed=0, device="cpu", dtype="float32")
-    p.update(include=[], exclude=[], split_heads=False)
+    p.update(include=[], exclude=[], split_heads=False, split_heads_pattern=[], embeddings=False)
+    p.update(lm_head=False)
     out = Artifact(name="cov", uri=str(tmp_path / "cov"), metadata={})
     c.fit_covariance.python_func("m", "d", "ft", 0, 1, covariance=out, **p)
     c.fit_covariance.python_func("m", "d", "ft", 0, 1, covariance=out, base_model="gs://b/pt", **p)

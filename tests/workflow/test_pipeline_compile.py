@@ -356,6 +356,9 @@ def test_runtime_parameters_and_defaults(ir):
         "include": [],
         "exclude": [],
         "split_heads": False,
+        "split_heads_pattern": [],
+        "embeddings": False,
+        "lm_head": False,
         "factor_dtype": "float32",
         "alpha": 0.0,
         "damping_factor": 0.1,
@@ -490,7 +493,8 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
     import msif.components as c
 
     p = dict(max_length=32, batch_size=4, seed=7, device="cpu", dtype="float64")
-    p.update(include=["mlp"], exclude=[], split_heads=True)
+    p.update(include=["mlp"], exclude=[], split_heads=True, split_heads_pattern=["fc$"])
+    p.update(embeddings=True, lm_head=False)
     cov = art(tmp_path, "cov")
     # Local runs hand ParallelFor items over as floats: 1.0 must become "1".
     c.fit_covariance.python_func("m", "d", "pt", 1.0, 2.0, covariance=cov, **p)
@@ -514,6 +518,7 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
     t = str(tmp_path)
     opts = ["--max-length", "32", "--batch-size", "4", "--seed", "7", "--device", "cpu"]
     opts += ["--dtype", "float64", "--include", "mlp", "--split-heads"]
+    opts += ["--split-heads-pattern", "fc$", "--embeddings"]
     pq_ = ["--damping-factor", "0.1", "--query-rank", "8"]
     assert fake_cli.calls == [
         ["fit-covariance", "--out", f"{t}/cov", "--model", "m", "--data", "d", "--stage", "pt",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from msif.core.artifact import Artifact, module_specs, per_module
-from msif.core.fingerprint import check_fingerprint, model_fingerprint
+from msif.core.fingerprint import check_fingerprint, model_fingerprint, same_model
 from msif.core.hooks import hooked_batches
 from msif.core.linalg import low_rank, rotate_output
 from msif.core.modules import ModuleSelection, ModuleSpec, find_modules
@@ -215,6 +215,7 @@ def precondition_queries(
             w = pt_factors.from_eigenbasis(name, pt_factors.divide(name, w, lam))
         elif "ft" in recipe.stages:
             w = ft_factors.from_eigenbasis(name, w)
+        _check_finite_queries(name, w, ids)
         if rank:
             out.lowrank[name] = low_rank(w, rank)
         else:
@@ -228,11 +229,21 @@ def precondition_queries(
     return out
 
 
+def _check_finite_queries(name: str, w: torch.Tensor, ids: Sequence[str]) -> None:
+    # The query gradients were checked per batch; this catches what the inverses make of them.
+    ok = torch.isfinite(w.reshape(w.shape[0], -1)).all(dim=1)
+    if not bool(ok.all()):
+        q = int((~ok).nonzero()[0, 0])
+        raise MsifError(
+            f"non-finite preconditioned gradient (NaN or inf) of query {ids[q]!r} in module "
+            f"{name!r}: the factors are not finite or the damping is too small"
+        )
+
+
 def _check_not_fine_tuned(model: nn.Module, pt_factors: Factors) -> None:
     # θ_pt = θ_ft over every tracked module means these are not pre-training factors: most
     # likely fine-tune factors relabelled, which would silently score the wrong curvature.
-    same = model_fingerprint(model, pt_factors.specs)
-    if same == pt_factors.fingerprint:
+    if same_model(model_fingerprint(model, pt_factors.specs), pt_factors.fingerprint):
         raise MismatchError(
             "the pre-train factors were computed with the fine-tuned model's own weights "
             "(θ_pt = θ_ft on every tracked module): pass the factors of the pre-trained model"

@@ -13,7 +13,7 @@ from msif.core.artifact import specs_from_meta
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
 from msif.core.hooks import HookedBatch, hooked_batches
 from msif.core.modules import ModuleSpec, matching_specs
-from msif.errors import MismatchError
+from msif.errors import MismatchError, MsifError
 
 PATHS = ("auto", "materialise", "per-token")
 # Intermediate tensors of the per-token contraction are chunked over queries to this size.
@@ -120,9 +120,24 @@ def _score_batch(hb: HookedBatch, queries, per_token, path, dense_cache, paths_u
             s = s.sum(-1)
         total = s if total is None else total + s
     ids = hb.batch.get("ids")
+    _check_finite_scores(total, ids, queries)
     if per_token:
         return BatchScores(total.sum(-1), total, ids)
     return BatchScores(total, None, ids)
+
+
+def _check_finite_scores(total: torch.Tensor, ids, queries: PreconditionedQueries) -> None:
+    # One reduction and one sync per batch; a and g were checked by the hooked loop, so a
+    # non-finite score comes from the queries' W_q or a float32 overflow.
+    if bool(torch.isfinite(total).all()):
+        return
+    bad = ~torch.isfinite(total.reshape(total.shape[0], total.shape[1], -1)).all(-1)
+    q, n = (int(x) for x in bad.nonzero()[0])
+    doc = repr(ids[n]) if ids is not None and n < len(ids) else f"{n} of its batch"
+    raise MsifError(
+        f"non-finite score (NaN or inf) of document {doc} on query {queries.query_ids[q]!r}: "
+        "the preconditioned queries or the model overflow"
+    )
 
 
 def scoring_modules(model: nn.Module, queries: PreconditionedQueries):

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from msif.core.fingerprint import dtype_advice, same_model
 from msif.core.modules import ModuleSpec
 from msif.errors import MismatchError, MsifError
 from msif.version import __version__
@@ -165,12 +166,29 @@ class PartialSums(Artifact):
         )
 
 
+def check_finite_sums(sums: dict[str, dict[str, torch.Tensor]], what: str) -> None:
+    """Refuse partial sums holding NaN or inf (a float64 overflow), naming the module.
+
+    The hooked loop refuses non-finite a and g per batch, naming the row; sums of finite
+    values can still overflow. One reduction per module, once per pass.
+    """
+    for field_name, per in sums.items():
+        for name, t in per.items():
+            if not bool(torch.isfinite(t).all()):
+                raise MsifError(
+                    f"{what} ({field_name}) of module {name!r} are not finite: the model's "
+                    "activations or gradients overflow float64 sums"
+                )
+
+
 def check_compatible(a, b, what: str) -> None:
     """Refuse to combine artifacts fitted with other modules, models, stages or seeds."""
     if a.specs != b.specs:
         raise MismatchError(f"cannot combine {what}: they track different modules")
-    if a.fingerprint != b.fingerprint:
-        raise MismatchError(f"cannot combine {what}: they come from different models")
+    if not same_model(a.fingerprint, b.fingerprint):
+        advice = dtype_advice(a.fingerprint, b.fingerprint, "one of them")
+        detail = f" ({advice})" if advice else ""
+        raise MismatchError(f"cannot combine {what}: they come from different models{detail}")
     if a.stage != b.stage or a.seed != b.seed:
         raise MismatchError(f"cannot combine {what}: stage or seed differs")
 

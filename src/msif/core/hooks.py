@@ -3,7 +3,7 @@ and the one hooked loop over batches (forward, backward, per-module a and g) eve
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,31 +12,90 @@ import torch
 from torch import nn
 
 from msif.core.device import model_device, to_device, work_dtype
-from msif.core.loss import sample_labels, sequence_losses
+from msif.core.loss import IGNORE, sample_labels, sequence_losses
 from msif.core.modules import ModuleSpec, resolve
 from msif.core.progress import progress_bar
+from msif.errors import MismatchError, MsifError
 
 
 @dataclass
 class Capture:
-    """Per-module activations a (B, T, in') and output gradients g (B, T, out) of one batch."""
+    """Per-module activations a (B, T, in') and output gradients g (B, T, out) of one batch.
+
+    batch_shape is the (B, T) of the batch in flight: a module that sees the batch flattened
+    to (B·T, d) (OPT's fc1 and fc2) gets its a and g viewed back as (B, T, d) with it.
+    """
 
     specs: dict[str, ModuleSpec]
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch_shape: tuple[int, int] | None = None
 
     def clear(self) -> None:
         """Drop the tensors of the previous batch."""
         self.activations.clear()
         self.gradients.clear()
 
+    def per_token(self, name: str, x: torch.Tensor, what: str) -> torch.Tensor:
+        """x (B, T, d), or x (B·T, d) viewed as (B, T, d), of the batch in flight."""
+        if self.batch_shape is None:
+            return x
+        b, t = self.batch_shape
+        if x.dim() == 2 and x.shape[0] == b * t:
+            # Row n·T + t of a row-major flattening is token t of sequence n.
+            return x.reshape(b, t, x.shape[-1])
+        if x.dim() == 3 and tuple(x.shape[:2]) == (b, t):
+            return x
+        raise MsifError(
+            f"cannot track module {name!r}: its {what} has shape {tuple(x.shape)}, neither "
+            f"(batch, tokens, features) nor (batch·tokens, features) for a batch of {b}×{t}"
+        )
 
-def _input_matrix(spec: ModuleSpec, inputs: tuple, dtype: torch.dtype) -> torch.Tensor:
+
+def embedding_scale(name: str, module: nn.Module) -> torch.Tensor | float:
+    """The constant an embedding multiplies its looked-up rows by (1 for nn.Embedding).
+
+    Gemma's and Gemma 2's embeddings return weight[ids] · √hidden (`embed_scale`): the module
+    is then a linear map of scaled one-hot vectors, and a must carry the scale for
+    Σ_t g_t a_tᵀ to be the weight's gradient. Another forward override is refused.
+    """
+    if type(module).forward is nn.Embedding.forward:
+        return 1.0
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale.detach().to(module.weight.dtype)
+    if isinstance(scale, int | float) and not isinstance(scale, bool):
+        return float(scale)
+    raise MsifError(
+        f"cannot track embedding {name!r}: {type(module).__name__} overrides the lookup "
+        "and has no scalar embed_scale, so its weight gradient is not known"
+    )
+
+
+def _check_lookup(name: str, module: nn.Module, ids, output, scale) -> None:
+    # The scale is read from an attribute: check once that the output is what it implies.
+    want = torch.nn.functional.embedding(ids, module.weight) * scale
+    if not torch.allclose(output.detach(), want.to(output.dtype), rtol=1e-3, atol=0.0):
+        raise MsifError(
+            f"cannot track embedding {name!r}: its output is not its weight's rows times "
+            "embed_scale, so its weight gradient is not known"
+        )
+
+
+def _input_matrix(
+    cap: Capture, name: str, mod: nn.Module, inputs: tuple, dtype: torch.dtype, scale=1.0
+) -> torch.Tensor:
+    spec = cap.specs[name]
     x = inputs[0]
     if spec.kind == "embedding":
-        # An embedding is a linear map of one-hot token vectors.
+        # An embedding is a linear map of one-hot token vectors (times its scale).
         x = torch.nn.functional.one_hot(x, spec.in_features).to(dtype)
-    x = x.detach()
+        if not (isinstance(scale, float) and scale == 1.0):
+            x = x * scale
+        if mod.padding_idx is not None:
+            # nn.Embedding gives its padding row no gradient (OPT pads with a real token id).
+            x[..., mod.padding_idx] = 0
+    x = cap.per_token(name, x.detach(), "input")
     if spec.has_bias:
         x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
     return x
@@ -49,17 +108,22 @@ def capture(model: nn.Module, specs: dict[str, ModuleSpec]) -> Iterator[Capture]
     cap = Capture(specs)
     # Registered first so a tracked embedding sees an output that already needs a gradient.
     handles = [_make_inputs_require_grad(model)]
+    checked: set[str] = set()
     for name, module in modules.items():
         spec = specs[name]
+        scale = embedding_scale(name, module) if spec.kind == "embedding" else 1.0
 
-        def forward_hook(mod, inputs, output, name=name, spec=spec):
+        def forward_hook(mod, inputs, output, name=name, spec=spec, scale=scale):
             if name in cap.activations:
                 raise RuntimeError(f"module {name!r} ran twice in one forward pass")
-            cap.activations[name] = _input_matrix(spec, inputs, output.dtype)
+            if spec.kind == "embedding" and name not in checked:
+                _check_lookup(name, mod, inputs[0], output, scale)
+                checked.add(name)
+            cap.activations[name] = _input_matrix(cap, name, mod, inputs, output.dtype, scale)
             if output.requires_grad:
 
                 def grad_hook(grad, name=name):
-                    cap.gradients[name] = grad.detach()
+                    cap.gradients[name] = cap.per_token(name, grad.detach(), "output gradient")
 
                 output.register_hook(grad_hook)
 
@@ -110,16 +174,97 @@ def activations_and_gradients(cap: Capture, name: str) -> tuple[torch.Tensor, to
     return a, g
 
 
+def model_attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask the model is run with: all ones when every row is right-padded.
+
+    In a causal model a real token precedes every padding position of its row, so it never
+    attends to one: the mask changes nothing for real tokens. It does for the padding rows
+    themselves: a sliding window (Gemma 2, Mistral) leaves a padding query with no key to
+    attend to, and eager attention that adds float64's most negative value, then casts to a
+    float32 softmax, turns that row into NaN, which 0·NaN spreads to every real token of the
+    sequence in the next layer. Unmasked, padding rows stay finite; their loss is ignored, so
+    their g is exactly 0 and they add nothing to any sum. Other masks (left padding, gaps) are
+    passed as given.
+    """
+    m = mask.bool()
+    if m.numel() == 0 or not bool(m[:, 0].all()) or bool((m[:, 1:] & ~m[:, :-1]).any()):
+        return mask
+    return torch.ones_like(mask)
+
+
+def _row_name(batch: Mapping, row: int) -> str:
+    ids = batch.get("ids")
+    if isinstance(ids, Sequence) and not isinstance(ids, str) and row < len(ids):
+        return repr(ids[row])
+    return f"{row} of its batch"
+
+
+def check_token_ids(batch: Mapping, input_ids: torch.Tensor, vocab: int) -> None:
+    """Refuse input ids outside the embedding, naming the first row that has one."""
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if not bool(bad.any()):
+        return
+    row = int(bad.any(dim=1).nonzero()[0, 0])
+    token = int(input_ids[row][bad[row]][0])
+    raise MismatchError(
+        f"row {_row_name(batch, row)} has token id {token} outside the model's vocabulary "
+        f"of {vocab}"
+    )
+
+
+def _check_labels(batch: Mapping, labels: torch.Tensor, vocab: int) -> None:
+    bad = (labels != IGNORE) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        raise MismatchError(
+            f"row {_row_name(batch, row)} has label {int(labels[row][bad[row]][0])} outside "
+            f"the model's output vocabulary of {vocab}"
+        )
+
+
+def check_finite(cap: Capture, batch: Mapping) -> None:
+    """Refuse a batch whose captured a or g hold NaN or inf, naming the first such row.
+
+    One reduction per tensor and one host sync per batch; rows are looked up only on failure.
+    """
+    tensors = [
+        (what, name, t)
+        for what, d in (("activations", cap.activations), ("gradients", cap.gradients))
+        for name, t in d.items()
+    ]
+    if not tensors:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for _, _, t in tensors])
+    if bool(flags.all()):
+        return
+    what, name, t = next(x for x, ok in zip(tensors, flags.tolist(), strict=True) if not ok)
+    row = int((~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).nonzero()[0, 0])
+    raise MsifError(
+        f"non-finite {what} (NaN or inf) of module {name!r} on row {_row_name(batch, row)} in "
+        f"{str(t.dtype).removeprefix('torch.')}: the model overflows or is undefined there; "
+        "try another --dtype"
+    )
+
+
 def gradient_pass(
     model: nn.Module, batch: Mapping, cap: Capture, *, sample: bool = False, seed: int = 0
 ) -> torch.Tensor:
-    """Fill cap with a and g for the batch; return the labels the loss used (true or sampled)."""
+    """Fill cap with a and g for the batch; return the labels the loss used (true or sampled).
+
+    Refuses token ids outside the embedding (MismatchError) and non-finite a or g (MsifError),
+    each naming the row.
+    """
     cap.clear()
+    check_token_ids(batch, batch["input_ids"], model.get_input_embeddings().num_embeddings)
     batch = to_device(batch, model_device(model))
+    cap.batch_shape = tuple(batch["input_ids"].shape)
     out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=model_attention_mask(batch["attention_mask"]),
+        use_cache=False,
     )
     labels = batch["labels"]
+    _check_labels(batch, labels, out.logits.shape[-1])
     if sample:
         labels = sample_labels(
             out.logits.detach(), batch["input_ids"], labels, batch["attention_mask"], seed
@@ -127,6 +272,7 @@ def gradient_pass(
     losses = sequence_losses(out.logits, labels)
     if losses.requires_grad:
         losses.sum().backward()
+    check_finite(cap, batch)
     return labels
 
 

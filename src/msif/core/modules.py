@@ -14,6 +14,13 @@ from msif.errors import MismatchError, MsifError
 
 # Fused attention projections whose output side holds q, k and v for every head.
 FUSED_QKV_SUFFIXES = ("query_key_value", "c_attn", "qkv_proj", "Wqkv")
+# Separate projections, one per role, each with its heads side by side on the output (k and v
+# have num_key_value_heads heads under grouped-query attention, of the same head size).
+SEPARATE_QKV_SUFFIXES = ("q_proj", "k_proj", "v_proj")
+# What split_heads=True splits: every attention projection whose output holds whole heads.
+# Output projections (o_proj, dense, c_proj) hold heads on their input side: not split.
+HEAD_SUFFIXES = FUSED_QKV_SUFFIXES + SEPARATE_QKV_SUFFIXES
+HEAD_PATTERN = r"(?:^|\.)(?:" + "|".join(map(re.escape, HEAD_SUFFIXES)) + ")$"
 # An embedding tracked as a linear map of one-hot tokens needs a vocab x vocab covariance.
 MAX_EMBEDDING_VOCAB = 16384
 _IN_BLOCK = re.compile(r"\.\d+\.")
@@ -63,7 +70,8 @@ class ModuleSelection:
     exclude: tuple[str, ...] = ()
     embeddings: bool = False
     lm_head: bool = False
-    # True splits every fused QKV projection into head-size blocks; a tuple names regexes.
+    # True splits every q/k/v projection (fused or separate, HEAD_SUFFIXES) into head-size
+    # blocks of G; a tuple names the modules to split by regex instead.
     split_heads: bool | tuple[str, ...] = False
     extra: tuple[str, ...] = field(default=())  # exact module names to add regardless
 
@@ -116,7 +124,7 @@ def head_size_of(model: nn.Module) -> int | None:
 
 def _wants_split(name: str, selection: ModuleSelection) -> bool:
     if selection.split_heads is True:
-        return name.endswith(FUSED_QKV_SUFFIXES)
+        return re.search(HEAD_PATTERN, name) is not None
     if isinstance(selection.split_heads, tuple):
         return any(re.search(p, name) for p in selection.split_heads)
     return False
@@ -175,8 +183,25 @@ def find_modules(
         specs[name] = ModuleSpec(name, kind, n_in, n_out, bias, block)
     if not specs:
         raise MsifError("no module matched the selection: check --include/--exclude patterns")
+    _check_split(specs, sel)
     _warn_tied(model, specs)
     return specs
+
+
+def _check_split(specs: dict[str, ModuleSpec], sel: ModuleSelection) -> None:
+    # A split that splits nothing is refused (a pattern) or logged (the default set), so that
+    # asking for heads never silently fits unsplit factors.
+    if isinstance(sel.split_heads, tuple):
+        for pattern in sel.split_heads:
+            if pattern != HEAD_PATTERN and not any(re.search(pattern, n) for n in specs):
+                raise MsifError(
+                    f"--split-heads-pattern {pattern!r} matches no tracked module: the tracked "
+                    f"ones are named like {next(iter(specs))!r}"
+                )
+    if sel.split_heads and not any(s.num_blocks > 1 for s in specs.values()):
+        logging.getLogger("msif").warning(
+            "split heads: no tracked module holds more than one head, nothing was split"
+        )
 
 
 def _warn_tied(model: nn.Module, specs: dict[str, ModuleSpec]) -> None:

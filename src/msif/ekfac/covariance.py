@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from msif.core.artifact import PartialSums, module_specs, per_module
+from msif.core.artifact import PartialSums, check_finite_sums, module_specs, per_module
 from msif.core.device import sums_device
 from msif.core.fingerprint import model_fingerprint
 from msif.core.hooks import hooked_batches
@@ -94,4 +94,5 @@ def fit_covariance(
         cov.num_sequences += int(hb.batch["input_ids"].shape[0])
     cov.activation = {k: v.cpu() for k, v in cov.activation.items()}
     cov.gradient = {k: v.cpu() for k, v in cov.gradient.items()}
+    check_finite_sums({"A": cov.activation, "G": cov.gradient}, "covariance sums")
     return cov

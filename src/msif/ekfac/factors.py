@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from msif.core.artifact import Artifact, module_specs, per_module
-from msif.core.fingerprint import check_fingerprint, model_fingerprint
+from msif.core.fingerprint import check_fingerprint, model_fingerprint, same_model
 from msif.core.linalg import rotate_rows
 from msif.core.modules import ModuleSpec
 from msif.ekfac.eigenbasis import Eigenbasis
@@ -56,7 +56,7 @@ class Factors(Artifact):
         lam = lambda_sums if isinstance(lambda_sums, LambdaSums) else reduce_lambda(lambda_sums)
         if lam.info.get("eigenbasis") != eigenbasis_id(eigenbasis):
             raise MismatchError("Λ sums were fitted in another eigenbasis")
-        if lam.specs != eigenbasis.specs or lam.fingerprint != eigenbasis.fingerprint:
+        if lam.specs != eigenbasis.specs or not same_model(lam.fingerprint, eigenbasis.fingerprint):
             raise MismatchError("Λ sums and eigenbasis track different modules or models")
         if lam.num_sequences == 0:
             raise MsifError("Λ sums hold no sequences: the data had nothing to fit")

@@ -10,7 +10,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from msif.core.artifact import PartialSums, module_specs, per_module, reduce_partials
+from msif.core.artifact import (
+    PartialSums,
+    check_finite_sums,
+    module_specs,
+    per_module,
+    reduce_partials,
+)
 from msif.core.device import model_device, sums_device, work_dtype
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
 from msif.core.hooks import hooked_batches
@@ -107,6 +113,7 @@ def fit_lambda(
         result.num_tokens += int((hb.labels != IGNORE).sum())
         result.num_sequences += int(hb.batch["input_ids"].shape[0])
     result.sums = {k: v.cpu() for k, v in result.sums.items()}
+    check_finite_sums({"Λ": result.sums}, "Λ sums")
     return result
 
 
