@@ -23,6 +23,13 @@ def precondition_queries(
     include: list,
     exclude: list,
     split_heads: bool,
+    text_column: str,
+    id_column: str,
+    prompt_column: str,
+    completion_column: str,
+    messages_column: str,
+    split: str,
+    append_eos: str,
     ft_factors: Input[Artifact] = None,
     pt_factors: Input[Artifact] = None,
 ):
@@ -30,7 +37,7 @@ def precondition_queries(
 
     Args:
         model: The fine-tuned model θ_ft.
-        queries: Parquet with id, prompt, completion.
+        queries: The queries: id, prompt + completion or messages (any input format).
         method: multi-stage (needs both factors), single-stage (ft factors) or gradient-dot.
         ft_factors: The fine-tune factors; leave unconnected for gradient-dot.
         pt_factors: The pre-train factors: multi-stage; gradient-dot checks θ_pt by them.
@@ -46,6 +53,14 @@ def precondition_queries(
         include: Module regexes, as for fit-covariance (without factors).
         exclude: Module regexes, as for fit-covariance.
         split_heads: As for fit-covariance.
+        text_column: Corpus column of the documents' text.
+        id_column: Column of row ids; absent (default name): rows are named row-N.
+        prompt_column: Column of the prompts (fine-tune data, queries).
+        completion_column: Column of the completions, the scored tokens.
+        messages_column: Column of chat conversations (lists of {role, content}), rendered
+            with the tokenizer's chat template; only assistant turns are scored.
+        split: Split of a datasets DatasetDict folder; empty: its only split, else train.
+        append_eos: on, off or auto: end documents and completions with EOS (scored).
 
     Returns:
         preconditioned: Per module W_q (dense or U, S, V), query ids and the damping used.

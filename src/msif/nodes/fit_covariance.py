@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msif.config import ModelOptions, add_options, from_namespace
+from msif.config import DataOptions, ModelOptions, add_options, from_namespace
 from msif.nodes import runtime
 
 NAME = "fit-covariance"
@@ -28,9 +28,17 @@ def add_parser(sub) -> None:
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the partial sums go")
     add_options(p, ModelOptions)
+    add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
-            a.model, a.data, a.stage, a.shard, a.num_shards, a.out, from_namespace(ModelOptions, a)
+            a.model,
+            a.data,
+            a.stage,
+            a.shard,
+            a.num_shards,
+            a.out,
+            from_namespace(ModelOptions, a),
+            from_namespace(DataOptions, a),
         )
     )
 
@@ -44,15 +52,19 @@ def run(
     num_shards: int,
     out_uri: str,
     options: ModelOptions,
+    data: DataOptions | None = None,
 ) -> None:
     """Covariance partial sums of one data shard."""
     from msif.ekfac.covariance import fit_covariance
 
     runtime.check_output(out_uri, model_uri, data_uri)
-    model, data, info = runtime.stage_inputs(model_uri, data_uri, stage, shard, num_shards, options)
+    data = data or DataOptions()
+    model, batches, info = runtime.stage_inputs(
+        model_uri, data_uri, stage, shard, num_shards, options, data
+    )
     cov = fit_covariance(
         model,
-        data,
+        batches,
         stage=stage,
         modules=options.selection(),
         seed=options.seed,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msif.config import ModelOptions, add_options, from_namespace
+from msif.config import DataOptions, ModelOptions, add_options, from_namespace
 from msif.errors import MismatchError
 from msif.nodes import runtime
 
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the Λ partial sums go")
     add_options(p, ModelOptions)
+    add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
             a.model,
@@ -36,6 +37,7 @@ def add_parser(sub) -> None:
             a.num_shards,
             a.out,
             from_namespace(ModelOptions, a),
+            from_namespace(DataOptions, a),
         )
     )
 
@@ -50,6 +52,7 @@ def run(
     num_shards: int,
     out_uri: str,
     options: ModelOptions,
+    data: DataOptions | None = None,
 ) -> None:
     """Λ partial sums of one data shard in a given eigenbasis."""
     from msif.ekfac.eigenbasis import Eigenbasis
@@ -60,12 +63,15 @@ def run(
     basis = Eigenbasis.load(runtime.input_dir(eigenbasis_uri))
     if basis.stage != stage:
         raise MismatchError(f"{eigenbasis_uri} is a {basis.stage!r} eigenbasis, not {stage!r}")
-    model, data, info = runtime.stage_inputs(model_uri, data_uri, stage, shard, num_shards, options)
+    data = data or DataOptions()
+    model, batches, info = runtime.stage_inputs(
+        model_uri, data_uri, stage, shard, num_shards, options, data
+    )
     if basis.info.get("tokenizer") not in (None, info["tokenizer"]):
         raise MismatchError(
             f"{eigenbasis_uri} was fitted with a tokenizer of another vocabulary than {model_uri}'s"
         )
-    lam = fit_lambda(model, data, basis, seed=options.seed, progress=options.progress)
+    lam = fit_lambda(model, batches, basis, seed=options.seed, progress=options.progress)
     lam.info.update(info)
     with runtime.published(out_uri, runtime.shard_meta(NAME, stage, shard, num_shards)) as tmp:
         lam.save(tmp)

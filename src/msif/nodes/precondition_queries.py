@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from msif.config import ModelOptions, PreconditionOptions, add_options, from_namespace
+from msif.config import (
+    DataOptions,
+    ModelOptions,
+    PreconditionOptions,
+    add_options,
+    from_namespace,
+)
 from msif.nodes import runtime
 
 NAME = "precondition-queries"
@@ -19,7 +25,11 @@ def add_parser(sub) -> None:
         "(gradient-dot). Needs the fine-tuned model, and the factors --method names.",
     )
     p.add_argument("--model", required=True, help="the fine-tuned model θ_ft")
-    p.add_argument("--queries", required=True, help="Parquet with id, prompt, completion")
+    p.add_argument(
+        "--queries",
+        required=True,
+        help="queries: id, prompt, completion or messages (Parquet, datasets folder, JSON Lines)",
+    )
     p.add_argument("--ft-factors", help="fine-tune factors (multi-stage, single-stage)")
     p.add_argument(
         "--pt-factors",
@@ -28,6 +38,7 @@ def add_parser(sub) -> None:
     runtime.add_out_argument(p, "where the preconditioned queries go")
     add_options(p, PreconditionOptions)
     add_options(p, ModelOptions)
+    add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
             a.model,
@@ -37,6 +48,7 @@ def add_parser(sub) -> None:
             from_namespace(PreconditionOptions, a),
             ft_factors_uri=a.ft_factors,
             pt_factors_uri=a.pt_factors,
+            data=from_namespace(DataOptions, a),
         )
     )
 
@@ -51,28 +63,21 @@ def run(
     *,
     ft_factors_uri: str | None = None,
     pt_factors_uri: str | None = None,
+    data: DataOptions | None = None,
 ) -> None:
     """Precondition the queries' gradients at θ_ft for one method."""
     from msif.attribution.precondition import precondition_queries
-    from msif.data.examples import batches, pad_id_of, tokenize_prompt_completion
+    from msif.data.examples import batches, pad_id_of
     from msif.data.models import tokenizer_identity
-    from msif.data.parquet import read_table
-    from msif.data.tables import require_queries
     from msif.ekfac.factors import Damping, Factors
 
     method = precondition.method
     runtime.check_output(out_uri, model_uri, queries_uri, ft_factors_uri, pt_factors_uri)
+    data = data or DataOptions()
     model, tokenizer, options = runtime.load_stage_model(model_uri, options)
-    table = read_table(queries_uri)
-    require_queries(table, queries_uri)
-    ids = [str(x) for x in table.column("id").to_pylist()]
-    examples = tokenize_prompt_completion(
-        tokenizer,
-        ids,
-        table.column("prompt").to_pylist(),
-        table.column("completion").to_pylist(),
-        options.max_length,
-    )
+    table = runtime.read_queries(queries_uri, data, options.max_length)
+    ids = table.ids
+    examples = table.examples(tokenizer, options.max_length)
     ft = (
         Factors.load(runtime.input_dir(ft_factors_uri), model=model, stage="ft")
         if ft_factors_uri and method != "gradient-dot"
@@ -104,7 +109,8 @@ def run(
     queries.info.update(
         {
             "queries": queries_uri,
-            "queries_fingerprint": runtime.table_fingerprint(table),
+            "queries_fingerprint": runtime.table_fingerprint(table.canonical()),
+            "data_options": data.recorded(),
             "model": model_uri,
             "tokenizer": tokenizer_identity(tokenizer),
             # what the corpus side must be tokenised with: θ_pt's when known

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from msif.config import ModelOptions, ScoreOptions, add_options, from_namespace
+from msif.config import DataOptions, ModelOptions, ScoreOptions, add_options, from_namespace
 from msif.data.examples import Example
 from msif.nodes import runtime
 
@@ -33,12 +33,17 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--model", required=True, help="θ_pt (multi-stage, gradient-dot), θ_ft (single-stage)"
     )
-    p.add_argument("--corpus", required=True, help="Parquet with id and text or input_ids")
+    p.add_argument(
+        "--corpus",
+        required=True,
+        help="id and text or input_ids (Parquet, datasets folder, JSON Lines)",
+    )
     p.add_argument("--preconditioned", required=True, help="the precondition-queries output")
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the shard's scores go")
     add_options(p, ScoreOptions)
     add_options(p, ModelOptions)
+    add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
             a.model,
@@ -49,6 +54,7 @@ def add_parser(sub) -> None:
             a.out,
             from_namespace(ModelOptions, a),
             from_namespace(ScoreOptions, a),
+            from_namespace(DataOptions, a),
         )
     )
 
@@ -63,6 +69,7 @@ def run(
     out_uri: str,
     options: ModelOptions,
     scoring: ScoreOptions,
+    data: DataOptions | None = None,
 ) -> None:
     """Score one corpus shard against the preconditioned queries; keep the top-k per query."""
     import pyarrow.parquet as pq
@@ -71,20 +78,21 @@ def run(
     from msif.attribution.scoring import iter_scores
     from msif.attribution.topk import TopK
     from msif.data.examples import batches, pad_id_of
-    from msif.data.parquet import ParquetSource
     from msif.storage.digest import model_digest
 
     runtime.check_output(out_uri, model_uri, corpus_uri, preconditioned_uri)
+    data = data or DataOptions()
     # A rerun after a lost pod skips a shard whose complete output came from the same inputs:
     # the same contents, not only the same names.
     key = runtime.inputs_key(
         model=model_digest(model_uri),
-        corpus=ParquetSource.open(corpus_uri).fingerprint(),
+        corpus=runtime.open_table(corpus_uri, data).fingerprint(),
         queries=runtime.artifact_digest(preconditioned_uri),
         shard=shard,
         num_shards=num_shards,
         scoring=vars(scoring),
         options=options.recorded(),
+        data=data.recorded(),
     )
     if runtime.already_complete(out_uri, key):
         return
@@ -94,7 +102,7 @@ def run(
         queries.info.get("corpus_tokenizer"), tokenizer, f"the queries of {preconditioned_uri}"
     )
     examples, source, rows = runtime.shard_examples(
-        model, tokenizer, corpus_uri, shard, num_shards, options, corpus=True
+        model, tokenizer, corpus_uri, shard, num_shards, options, data, corpus=True
     )
     pending: list[Example] = []
     topk = TopK(scoring.top_k, queries.num_queries)
@@ -147,6 +155,7 @@ def run(
             "alpha": queries.info.get("alpha"),
             "rank": queries.rank,
             "model": model_uri,
+            "data_options": data.recorded(),
         }
         runtime.write_json(tmp / "scores.json", info)
     log.info("scored %d documents of shard %d/%d (%s)", num_docs, shard, num_shards, queries.method)
