@@ -56,9 +56,11 @@ def appends_eos(tokenizer) -> bool:
 def eos_to_append(tokenizer, mode: str) -> int | None:
     """The token that ends every document and completion msif tokenises, or None.
 
-    on: the tokenizer's EOS (DataError if it has none); off: none; auto: its EOS when the
-    tokenizer appends EOS itself (`appends_eos`), else none, so msif adds what the
-    tokenizer's own encoding of a document would end with and nothing else.
+    on: the tokenizer's EOS (DataError if it has none); off: none (and documents lose the
+    EOS a tokenizer appends itself); auto: its EOS when the tokenizer appends EOS itself
+    (`appends_eos`), else none: documents end as the tokenizer's own encoding ends them, and
+    completions, encoded without special tokens, end alike. Pre-tokenised `input_ids` and
+    chat rows (whose template writes the end of each turn) are left as they are.
     """
     if mode not in EOS_MODES:
         raise DataError(f"--append-eos {mode!r} is not one of {', '.join(EOS_MODES)}")
@@ -130,16 +132,25 @@ def tokenize_documents(
     max_length: int,
     *,
     eos_id: int | None = None,
+    strip_eos: bool = False,
     column: str = "text",
 ) -> list[Example]:
-    """Tokenise pre-training documents (`id`, `text`), each ended with eos_id when given
-    (unless the tokenizer already ended it so); the EOS token is scored like the others."""
+    """Tokenise pre-training documents (`id`, `text`) with the tokenizer's special tokens.
+
+    eos_id: end each document with it (unless the tokenizer already did); strip_eos: remove
+    the EOS a tokenizer that appends one put there (`--append-eos off`). An EOS is scored
+    like every other token of a document.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    strip = strip_eos and appends_eos(tokenizer)
     out = []
     for doc_id, text in zip(ids, texts, strict=True):
         if not _text(doc_id, column, text).strip():
             raise DataError(f"document {doc_id!r} is empty")
-        enc = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"]
-        enc = _ended(list(enc), eos_id)
+        enc = list(tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+        if strip and enc and enc[-1] == eos:
+            enc = enc[:-1]
+        enc = _ended(enc, eos_id)
         if len(enc) > max_length:
             log.debug("document %s truncated from %d to %d tokens", doc_id, len(enc), max_length)
         out.append(document_example(doc_id, enc, max_length))

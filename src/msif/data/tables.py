@@ -12,7 +12,10 @@ on, defaulting to the role's name), `input_ids` and `relevant_ids`. Kinds of tab
 Rows without an id column are named `row-<N>`, N their 0-based index in the whole table (its
 files in listed order): unique by construction, the same in every shard and rerun and for a
 copy of the table elsewhere, and it says where the row is. A hash of the row's content would
-survive reordering but gives duplicate documents, which real corpora hold, the same id.
+survive reordering but gives duplicate documents, which real corpora hold, the same id. That
+applies to a corpus or queries without the default `id` column (an `--id-column` they lack is
+an error) and to fine-tune data without the id column (one `--id-column` serves every table,
+and fine-tune rows need no ids).
 
 Column types are checked once per source, from its Arrow schema and before any row is read:
 a float `text` or `input_ids` would otherwise be stringified or truncated and tokenised.
@@ -204,7 +207,8 @@ def table_kind(schema: pa.Schema, uri: str, opts: TableOptions = DEFAULT) -> str
             f"`input_ids` (corpus), {_named(opts, 'prompt')} + {_named(opts, 'completion')} or "
             f"{_named(opts, 'messages')} (fine-tune data, queries)"
         )
-    _require_id(schema.names, uri, opts)
+    if kind == "corpus":  # fine-tune rows need no ids: one --id-column serves every table
+        _require_id(schema.names, uri, opts)
     check_column_types(schema, uri, COLUMNS[kind], opts)
     return kind
 
@@ -338,6 +342,7 @@ def batch_examples(
         batch.column(opts.text_column).to_pylist(),
         opts.max_length,
         eos_id=eos_to_append(tokenizer, opts.append_eos),
+        strip_eos=opts.append_eos == "off",
         column=opts.text_column,
     )
 
