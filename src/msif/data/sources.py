@@ -183,7 +183,9 @@ def open_source(uri_or_uris: str | os.PathLike | Sequence[str], split: str = "")
         raise DataError("no input table given")
     formats = {spec_format(s) for s in specs}
     if len(formats) > 1:
-        raise DataError(f"{specs[0]} (+{len(specs) - 1} more) mix formats ({', '.join(formats)})")
+        raise DataError(
+            f"{specs[0]} (+{len(specs) - 1} more) mix formats ({', '.join(sorted(formats))})"
+        )
     fmt = formats.pop()
     if fmt == "parquet":
         return ParquetSource.open(specs if len(specs) > 1 else specs[0])
