@@ -6,13 +6,30 @@ from msif.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def bm25(corpus: str, queries: str, scores: Output[Dataset], top_k: int):
+def bm25(
+    corpus: str,
+    queries: str,
+    scores: Output[Dataset],
+    top_k: int,
+    text_column: str,
+    id_column: str,
+    prompt_column: str,
+    completion_column: str,
+    messages_column: str,
+    split: str,
+):
     """BM25 of the corpus text against each query's prompt and completion: `msif bm25`.
 
     Args:
-        corpus: Parquet with id and text.
-        queries: Parquet with id, prompt, completion.
+        corpus: The corpus: id and text (Parquet, datasets folder or JSON Lines).
+        queries: The queries: id, prompt + completion or messages.
         top_k: Documents kept per query.
+        text_column: Corpus column of the documents' text.
+        id_column: Column of row ids; absent (default name): rows are named row-N.
+        prompt_column: Column of the queries' prompts.
+        completion_column: Column of the queries' completions.
+        messages_column: Column of chat queries (lists of {role, content}).
+        split: Split of a datasets DatasetDict folder; empty: its only split, else train.
 
     Returns:
         scores: scores.parquet and scores.json, as one shard of score-corpus.

@@ -24,6 +24,13 @@ def fit_covariance(
     split_heads_pattern: list,
     embeddings: bool,
     lm_head: bool,
+    text_column: str,
+    id_column: str,
+    prompt_column: str,
+    completion_column: str,
+    messages_column: str,
+    split: str,
+    append_eos: str,
     base_model: str = "",
 ):
     """Sums a aᵀ and g gᵀ (labels sampled from the model) over one shard: `msif fit-covariance`.
@@ -31,7 +38,8 @@ def fit_covariance(
     Args:
         model: The stage's model (θ_pt for stage pt, θ_ft for ft): a save_pretrained directory
             or gs:// prefix.
-        data: The stage's Parquet data: the corpus (pt) or the fine-tuning pairs (ft).
+        data: The stage's data: the corpus (pt) or the fine-tuning data (ft): Parquet, a
+            datasets save_to_disk folder or JSON Lines.
         stage: pt or ft.
         shard: Index of this shard.
         num_shards: Number of shards the data is split into.
@@ -47,6 +55,14 @@ def fit_covariance(
         split_heads_pattern: Also split the tracked modules matching these regexes.
         embeddings: Also track the input embedding.
         lm_head: Also track the output head.
+        text_column: Corpus column of the documents' text.
+        id_column: Column of row ids; absent (default name): rows are named row-N.
+        prompt_column: Column of the prompts (fine-tune data, queries).
+        completion_column: Column of the completions, the scored tokens.
+        messages_column: Column of chat conversations (lists of {role, content}), rendered
+            with the tokenizer's chat template; only assistant turns are scored.
+        split: Split of a datasets DatasetDict folder; empty: its only split, else train.
+        append_eos: on, off or auto: end documents and completions with EOS (scored).
         base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
             the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
             Unused for a full model.

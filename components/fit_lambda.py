@@ -25,13 +25,20 @@ def fit_lambda(
     split_heads_pattern: list,
     embeddings: bool,
     lm_head: bool,
+    text_column: str,
+    id_column: str,
+    prompt_column: str,
+    completion_column: str,
+    messages_column: str,
+    split: str,
+    append_eos: str,
     base_model: str = "",
 ):
     """Sums (Q_Gᵀ DW_n Q_A)∘² over one shard's sequences: `msif fit-lambda`.
 
     Args:
         model: The stage's model, as for fit-covariance.
-        data: The stage's Parquet data, as for fit-covariance.
+        data: The stage's data, as for fit-covariance.
         stage: pt or ft.
         eigenbasis: The stage's eigendecompose output.
         shard: Index of this shard.
@@ -47,6 +54,14 @@ def fit_lambda(
         split_heads_pattern: As for fit-covariance.
         embeddings: As for fit-covariance.
         lm_head: As for fit-covariance.
+        text_column: Corpus column of the documents' text.
+        id_column: Column of row ids; absent (default name): rows are named row-N.
+        prompt_column: Column of the prompts (fine-tune data, queries).
+        completion_column: Column of the completions, the scored tokens.
+        messages_column: Column of chat conversations (lists of {role, content}), rendered
+            with the tokenizer's chat template; only assistant turns are scored.
+        split: Split of a datasets DatasetDict folder; empty: its only split, else train.
+        append_eos: on, off or auto: end documents and completions with EOS (scored).
         base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
             the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
             Unused for a full model.

@@ -26,6 +26,13 @@ def precondition_queries(
     split_heads_pattern: list,
     embeddings: bool,
     lm_head: bool,
+    text_column: str,
+    id_column: str,
+    prompt_column: str,
+    completion_column: str,
+    messages_column: str,
+    split: str,
+    append_eos: str,
     ft_factors: Input[Artifact] = None,
     pt_factors: Input[Artifact] = None,
     base_model: str = "",
@@ -34,7 +41,7 @@ def precondition_queries(
 
     Args:
         model: The fine-tuned model θ_ft.
-        queries: Parquet with id, prompt, completion.
+        queries: The queries: id, prompt + completion or messages (any input format).
         method: multi-stage (needs both factors), single-stage (ft factors) or gradient-dot.
         ft_factors: The fine-tune factors; leave unconnected for gradient-dot.
         pt_factors: The pre-train factors: multi-stage; gradient-dot checks θ_pt by them.
@@ -53,6 +60,14 @@ def precondition_queries(
         split_heads_pattern: As for fit-covariance.
         embeddings: As for fit-covariance.
         lm_head: As for fit-covariance.
+        text_column: Corpus column of the documents' text.
+        id_column: Column of row ids; absent (default name): rows are named row-N.
+        prompt_column: Column of the prompts (fine-tune data, queries).
+        completion_column: Column of the completions, the scored tokens.
+        messages_column: Column of chat conversations (lists of {role, content}), rendered
+            with the tokenizer's chat template; only assistant turns are scored.
+        split: Split of a datasets DatasetDict folder; empty: its only split, else train.
+        append_eos: on, off or auto: end documents and completions with EOS (scored).
         base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
             the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
             Unused for a full model.

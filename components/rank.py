@@ -21,6 +21,12 @@ def rank(
     report_html: Output[HTML],
     top_k: int,
     report_k: int,
+    text_column: str,
+    id_column: str,
+    prompt_column: str,
+    completion_column: str,
+    messages_column: str,
+    split: str,
 ):
     """Merges every shard's top-k per method and evaluates them: `msif rank`.
 
@@ -35,6 +41,12 @@ def rank(
         ft_factors: Fine-tune factors (likewise).
         top_k: Documents kept per query and method.
         report_k: Documents per query shown in the report.
+        text_column: Corpus column of the documents' text (snippets).
+        id_column: Column of row ids; absent (default name): rows are named row-N.
+        prompt_column: Column of the queries' prompts.
+        completion_column: Column of the queries' completions.
+        messages_column: Column of chat queries (lists of {role, content}).
+        split: Split of a datasets DatasetDict folder; empty: its only split, else train.
 
     Returns:
         ranking: ranking.parquet, metrics.json, report.md and report.html.
@@ -61,6 +73,12 @@ def rank(
         factors=[pt_factors, ft_factors],
         top_k=top_k,
         report_k=report_k,
+        text_column=text_column,
+        id_column=id_column,
+        prompt_column=prompt_column,
+        completion_column=completion_column,
+        messages_column=messages_column,
+        split=split,
         out=ranking,
     )
     # Read back through its manifest: verified, and local even when published to gs://.

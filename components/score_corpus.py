@@ -28,13 +28,20 @@ def score_corpus(
     split_heads_pattern: list,
     embeddings: bool,
     lm_head: bool,
+    text_column: str,
+    id_column: str,
+    prompt_column: str,
+    completion_column: str,
+    messages_column: str,
+    split: str,
+    append_eos: str,
     base_model: str = "",
 ):
     """Scores one corpus shard and keeps its top-k per query: `msif score-corpus`.
 
     Args:
         model: θ_pt for multi-stage and gradient-dot queries, θ_ft for single-stage.
-        corpus: Parquet with id and text (or input_ids), streamed by row group.
+        corpus: The corpus: id and text (or input_ids), in any input format, streamed.
         preconditioned: The precondition-queries output.
         shard: Index of this shard.
         num_shards: Number of shards.
@@ -53,6 +60,14 @@ def score_corpus(
         split_heads_pattern: As include.
         embeddings: As include.
         lm_head: As include.
+        text_column: Corpus column of the documents' text.
+        id_column: Column of row ids; absent (default name): rows are named row-N.
+        prompt_column: Column of the prompts (fine-tune data, queries).
+        completion_column: Column of the completions, the scored tokens.
+        messages_column: Column of chat conversations (lists of {role, content}), rendered
+            with the tokenizer's chat template; only assistant turns are scored.
+        split: Split of a datasets DatasetDict folder; empty: its only split, else train.
+        append_eos: on, off or auto: end documents and completions with EOS (scored).
         base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
             the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
             Unused for a full model.

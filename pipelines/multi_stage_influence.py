@@ -31,7 +31,14 @@ from kfp.dsl import PipelineTask
 from kfp.dsl.pipeline_channel import PipelineParameterChannel
 from msif.components import COMPONENTS
 
-from msif.config import EigenOptions, ModelOptions, PreconditionOptions, RankOptions, ScoreOptions
+from msif.config import (
+    DataOptions,
+    EigenOptions,
+    ModelOptions,
+    PreconditionOptions,
+    RankOptions,
+    ScoreOptions,
+)
 from msif.workflow.dag import Task, arguments, tasks
 
 PIPELINE_NAME = "multi-stage-influence"
@@ -40,7 +47,7 @@ GPU_TAINT_KEY = "nvidia.com/gpu"
 PART_OF_LABEL = ("app.kubernetes.io/part-of", "msif")
 # The defaults of the option parameters: msif.config's, written nowhere else.
 _M, _E, _P = ModelOptions(), EigenOptions(), PreconditionOptions()
-_S, _R = ScoreOptions(), RankOptions()
+_S, _R, _D = ScoreOptions(), RankOptions(), DataOptions()
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,13 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         full: bool = _S.full,
         contraction: str = _S.contraction,
         report_k: int = _R.report_k,
+        text_column: str = _D.text_column,
+        id_column: str = _D.id_column,
+        prompt_column: str = _D.prompt_column,
+        completion_column: str = _D.completion_column,
+        messages_column: str = _D.messages_column,
+        split: str = _D.split,
+        append_eos: str = _D.append_eos,
         accelerator_type: str = d.accelerator_type,
         accelerator_count: int = d.accelerator_count,
         gpu_node_selector: dict = default_selector,
@@ -204,7 +218,8 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         gpu_memory_request: str = d.gpu_memory_request,
     ):
         """alpha, damping <= 0: unset (α = damping_factor × mean Λ_ft; λ relative);
-        query_rank 0: dense queries. The other options are msif.config's, by the same name."""
+        query_rank 0: dense queries; split "": a DatasetDict's only split, else train. The other
+        options are msif.config's, by the same name (the column options apply to every table)."""
         params = dict(locals())  # first: every parameter, by name, for the DAG's tasks
         gpu = _Gpu(
             accelerator_type,

@@ -24,6 +24,7 @@ from typing import Any
 
 from msif.attribution.precondition import METHODS
 from msif.core.modules import HEAD_PATTERN, ModuleSelection
+from msif.data.examples import EOS_MODES
 from msif.data.models import DTYPES
 from msif.data.tables import TableOptions
 from msif.errors import OptionError
@@ -250,6 +251,75 @@ class RankOptions:
         _integer("report_k", self.report_k, 1)
 
 
+_COLUMN_FIELDS = (
+    "id_column",
+    "text_column",
+    "prompt_column",
+    "completion_column",
+    "messages_column",
+)
+_SPLIT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which columns of the input tables msif reads, which split, and how rows end."""
+
+    text_column: str = option("text", "corpus column of the documents' text")
+    id_column: str = option(
+        "id",
+        "column of row ids (corpus, queries); when the default is absent, rows are named "
+        "row-N by their 0-based index in the table",
+    )
+    prompt_column: str = option("prompt", "column of the prompts (fine-tune data, queries)")
+    completion_column: str = option(
+        "completion", "column of the completions, the scored tokens (fine-tune data, queries)"
+    )
+    messages_column: str = option(
+        "messages",
+        "column of chat conversations, lists of {role, content}: rendered with the "
+        "tokenizer's chat template, only assistant turns scored (a query's last one)",
+    )
+    split: str = option(
+        "",
+        "split of a datasets DatasetDict folder (save_to_disk); empty: its only split, else "
+        "train. Other inputs ignore it",
+        metavar="NAME",
+    )
+    append_eos: str = option(
+        "auto",
+        "end documents and completions msif tokenises with the EOS token, which is scored: "
+        "on, off, or auto (when the tokenizer appends EOS itself)",
+        choices=EOS_MODES,
+    )
+
+    def __post_init__(self) -> None:
+        for name in _COLUMN_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise OptionError(f"{_flag(name)} must be a column name, not {value!r}")
+        seen: dict[str, str] = {}
+        for name in _COLUMN_FIELDS:
+            column = getattr(self, name)
+            if column in seen:
+                raise OptionError(f"{_flag(seen[column])} and {_flag(name)} both name {column!r}")
+            seen[column] = name
+        if not isinstance(self.split, str) or (self.split and not _SPLIT.fullmatch(self.split)):
+            raise OptionError(f"--split {self.split!r} is not a split name")
+        _one_of("append_eos", self.append_eos, EOS_MODES)
+
+    def table(self, max_length: int) -> TableOptions:
+        """Tokenisation options with these columns."""
+        return TableOptions(
+            max_length=max_length,
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "split"},
+        )
+
+    def recorded(self) -> dict:
+        """The options artifacts record (all of them change what is read)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 OPTION_CLASSES = (
     ModelOptions,
     EigenOptions,
@@ -257,6 +327,7 @@ OPTION_CLASSES = (
     ScoreOptions,
     Bm25Options,
     RankOptions,
+    DataOptions,
 )
 
 

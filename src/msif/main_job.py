@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from msif.config import (
+    DataOptions,
     EigenOptions,
     ModelOptions,
     PreconditionOptions,
@@ -42,6 +43,7 @@ class JobSettings:
     precondition: PreconditionOptions = field(default_factory=PreconditionOptions)
     scoring: ScoreOptions = field(default_factory=ScoreOptions)
     ranking: RankOptions = field(default_factory=RankOptions)
+    data: DataOptions = field(default_factory=DataOptions)  # the fact world's own columns
 
     def __post_init__(self) -> None:
         if isinstance(self.num_shards, bool) or self.num_shards < 1:
@@ -59,7 +61,7 @@ class JobSettings:
             "queries_uri": str(world["queries"]),
             "num_shards": self.num_shards,
             **option_parameters(
-                self.model, self.eigen, self.precondition, self.scoring, self.ranking
+                self.model, self.eigen, self.precondition, self.scoring, self.ranking, self.data
             ),
             "accelerator_count": 0,
             "gpu_node_selector": {},

@@ -100,7 +100,7 @@ def test_column_types_are_refused_from_the_schema(case, tmp_path):
     [
         ({"id": pa.array([1.0]), "text": pa.array(["a b"])}, "`id` is double"),
         ({"id": pa.array(["d"]), "text": pa.array([3.0])}, "`text` is double"),
-        ({"id": pa.array(["d"]), "input_ids": pa.array([[1]])}, "expected `id` + `text`"),
+        ({"id": pa.array(["d"]), "input_ids": pa.array([[1]])}, "expected `text` (--text-column)"),
     ],
 )
 def test_require_corpus(columns, message, tmp_path):

@@ -197,7 +197,7 @@ def test_bad_inputs_give_one_line_errors(world, pipeline, tmp_path, capsys):
         )
         == 1
     )
-    assert "expected `id` + `text`" in one_line_error(capsys)
+    assert "expected `text` (--text-column) or `input_ids`" in one_line_error(capsys)
     empty = tmp_path / "empty.parquet"
     pq.write_table(
         pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), empty

@@ -163,7 +163,7 @@ case(
     G,
     "corpus without `id`/`text`",
     lambda c: W.fit_covariance(c, c.table("t", {"name": ["a"], "body": ["w1 w2"]})),
-    "expected `id` + `text`",
+    "expected `text` (--text-column) or `input_ids` (corpus)",
 )
 case(
     "table-empty",
@@ -671,7 +671,7 @@ case(
     G,
     "bm25 on a corpus of input_ids only",
     lambda c: W.bm25(c, corpus=W.corpus_with(c, "t", text=None, input_ids=[[3, 4], [5, 6]])),
-    "expected `id` + `text`",
+    "expected `text` (--text-column)",
 )
 case(
     "bm25-text-list",
@@ -1029,3 +1029,237 @@ def _same_as_fresh_score(c: Ctx, corpus: str) -> None:
     assert main([str(a) for a in [*W.score(c, corpus), "--out", fresh]]) == 0
     got, want = (pq.read_table(p / "scores.parquet") for p in (c.out, fresh))
     assert got.equals(want), "the rerun kept scores of the old corpus"
+
+
+# ----------------------------------------------------------------------------- formats, chat
+
+G = "Input formats, columns and chat"
+_TURNS = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+
+
+def _jsonl(c: Ctx, name: str, rows: list) -> str:
+    path = c.tmp / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _corpus_as(c: Ctx, fmt: str) -> str:
+    """The world's corpus as a datasets folder or JSON Lines (same rows, same columns)."""
+    from tests.data.formats import save_dataset
+
+    table = pq.read_table(c.w["corpus"])
+    if fmt == "datasets":
+        return save_dataset(table, c.tmp / "corpus-ds", files=2, batch_rows=3)
+    return _jsonl(c, "corpus.jsonl", table.to_pylist())
+
+
+def _dataset_dict(c: Ctx, splits: tuple[str, ...]) -> str:
+    from tests.data.formats import save_dataset_dict
+
+    table = pq.read_table(c.w["corpus"])
+    return save_dataset_dict({s: table for s in splits}, c.tmp / "dd")
+
+
+def _cut_arrow(c: Ctx) -> str:
+    folder = Path(_corpus_as(c, "datasets"))
+    data = folder / "data-00001-of-00002.arrow"
+    data.write_bytes(data.read_bytes()[:200])
+    return str(folder)
+
+
+def _same_sums_as_the_pipeline(c: Ctx) -> None:
+    from safetensors.torch import load_file
+
+    got = load_file(c.out / "covariance.safetensors")
+    want = load_file(Path(c.p["cov_pt"][0]) / "covariance.safetensors")
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in got)
+
+
+def _row_ids_scored(c: Ctx) -> None:
+    ids = set(pq.read_table(c.out / "scores.parquet").column("doc_id").to_pylist())
+    assert ids == {"row-0", "row-1"}, ids
+
+
+def _chat_ft(c: Ctx, messages) -> str:
+    return _jsonl(c, "chat.jsonl", [{"messages": messages}, {"messages": _TURNS}])
+
+
+def _with_template(c: Ctx, argv: list) -> list:
+    """argv with θ_ft replaced by a copy whose tokenizer has a chat template."""
+    from transformers import AutoTokenizer
+
+    dest = c.copy(c.w["ft_model"], "chat_model")
+    tok = AutoTokenizer.from_pretrained(dest)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} [EOS] {% endfor %}"
+    tok.save_pretrained(dest)
+    return [str(dest) if a == c.w["ft_model"] else a for a in argv]
+
+
+case(
+    "datasets-folder",
+    G,
+    "the corpus as a `datasets` save_to_disk folder (2 Arrow files), shard 0 of 2",
+    lambda c: W.fit_covariance(c, _corpus_as(c, "datasets"), None, "--num-shards", "2"),
+    handled="read like the Parquet corpus: the pipeline's shard-0 sums, bit for bit",
+    check=_same_sums_as_the_pipeline,
+)
+case(
+    "jsonl-corpus",
+    G,
+    "the corpus as JSON Lines, shard 0 of 2",
+    lambda c: W.fit_covariance(c, _corpus_as(c, "jsonl"), None, "--num-shards", "2"),
+    handled="read like the Parquet corpus: the pipeline's shard-0 sums, bit for bit",
+    check=_same_sums_as_the_pipeline,
+)
+case(
+    "jsonl-no-ids",
+    G,
+    "bm25 on a JSON Lines corpus without an `id` column",
+    lambda c: W.bm25(c, corpus=_jsonl(c, "t.jsonl", [{"text": "w1 w2"}, {"text": "w3 w4"}])),
+    handled="documents named row-0, row-1 by their index in the table",
+    check=_row_ids_scored,
+)
+case(
+    "jsonl-array",
+    G,
+    "a `.json` file holding one JSON array",
+    lambda c: W.fit_covariance(c, _write(c, "t.json", b'[{"id": "d0", "text": "w1 w2"}]')),
+    "holds a JSON array; msif reads JSON Lines",
+)
+case(
+    "jsonl-broken-line",
+    G,
+    "a JSON Lines corpus whose second line is cut",
+    lambda c: W.fit_covariance(
+        c, _write(c, "t.jsonl", b'{"id": "d0", "text": "w1 w2"}\n{"id": "d1", "te\n')
+    ),
+    "line 2 is not valid JSON",
+)
+case(
+    "jsonl-not-object",
+    G,
+    "a JSON Lines line that is a list",
+    lambda c: W.fit_covariance(c, _write(c, "t.jsonl", b'{"id": "d0", "text": "w1"}\n[1, 2]\n')),
+    "line 2 (row 1) is a JSON list, not an object",
+)
+case(
+    "jsonl-type-changes",
+    G,
+    "`text` a string in the first 1000 rows, a number later",
+    lambda c: W.fit_covariance(
+        c,
+        _jsonl(
+            c,
+            "t.jsonl",
+            [{"id": f"d{i}", "text": "w1 w2"} for i in range(1000)] + [{"id": "x", "text": 5}],
+        ),
+    ),
+    "line 1001 (row 1000): `text` is an integer but the first rows make it string",
+)
+case(
+    "dict-no-split",
+    G,
+    "a DatasetDict of splits a and b, no --split",
+    lambda c: W.fit_covariance(c, _dataset_dict(c, ("a", "b"))),
+    "has splits [a, b]; choose one with --split",
+)
+case(
+    "dict-unknown-split",
+    G,
+    "a DatasetDict without the --split asked for",
+    lambda c: W.fit_covariance(c, _dataset_dict(c, ("train", "test")), None, "--split", "valid"),
+    "no split 'valid' (--split)",
+)
+case(
+    "arrow-truncated",
+    G,
+    "a datasets folder with a cut Arrow file",
+    lambda c: W.fit_covariance(c, _cut_arrow(c)),
+    "is not a readable Arrow file",
+)
+case(
+    "text-column-missing",
+    G,
+    "--text-column naming no column of the corpus",
+    lambda c: W.fit_covariance(c, None, None, "--text-column", "body"),
+    "expected `body` (--text-column) or `input_ids` (corpus)",
+)
+case(
+    "id-column-missing",
+    G,
+    "--id-column naming no column of the corpus",
+    lambda c: W.fit_covariance(c, None, None, "--id-column", "key"),
+    "has no id column `key` (--id-column)",
+)
+case(
+    "completion-column-missing",
+    G,
+    "--completion-column naming no column of the queries",
+    lambda c: W.precondition(c, None, "--completion-column", "answer"),
+    "lack column(s) answer (--completion-column)",
+)
+case(
+    "messages-string",
+    G,
+    "fine-tune `messages` holding JSON strings, not lists",
+    lambda c: W.fit_covariance_ft(c, _jsonl(c, "t.jsonl", [{"messages": json.dumps(_TURNS)}])),
+    "column `messages` is string; expected list of {role, content} strings",
+)
+case(
+    "messages-unknown-role",
+    G,
+    "a conversation with a `human` turn",
+    lambda c: _with_template(
+        c, W.fit_covariance_ft(c, _chat_ft(c, [{"role": "human", "content": "w1"}, *_TURNS]))
+    ),
+    "message 0 has role 'human'; expected one of system, user, assistant, tool",
+)
+case(
+    "messages-no-assistant",
+    G,
+    "a conversation without an assistant turn",
+    lambda c: _with_template(c, W.fit_covariance_ft(c, _chat_ft(c, _TURNS[:1]))),
+    "has no assistant turn: nothing to score",
+)
+case(
+    "messages-null-content",
+    G,
+    "a message whose content is null",
+    lambda c: _with_template(
+        c, W.fit_covariance_ft(c, _chat_ft(c, [{"role": "user", "content": None}, _TURNS[1]]))
+    ),
+    "message 0 (user) has no content",
+)
+case(
+    "chat-without-template",
+    G,
+    "chat fine-tune data with a tokenizer that has no chat template",
+    lambda c: W.fit_covariance_ft(c, _chat_ft(c, _TURNS)),
+    "the tokenizer has no chat template",
+)
+case(
+    "chat-query-no-assistant",
+    G,
+    "chat queries, one without an assistant turn",
+    lambda c: W.precondition(
+        c,
+        _jsonl(
+            c, "q.jsonl", [{"id": "a", "messages": _TURNS}, {"id": "b", "messages": _TURNS[:1]}]
+        ),
+    ),
+    "row 'b': `messages` has no assistant turn",
+)
+for flag, value, expect in [
+    ("--append-eos", "maybe", "invalid choice: 'maybe'"),
+    ("--split", "../x", "--split '../x' is not a split name"),
+    ("--text-column", "", "--text-column must be a column name"),
+    ("--completion-column", "prompt", "--prompt-column and --completion-column both name"),
+]:
+    case(
+        f"option{flag}={value or 'empty'}",
+        G,
+        f"fit-covariance {flag} {value!r}",
+        lambda c, f=flag, v=value: W.fit_covariance(c, None, None, f, v),
+        expect,
+        code=2,
+    )

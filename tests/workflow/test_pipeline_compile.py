@@ -369,6 +369,13 @@ def test_runtime_parameters_and_defaults(ir):
         "full": False,
         "contraction": "auto",
         "report_k": 5,
+        "text_column": "text",
+        "id_column": "id",
+        "prompt_column": "prompt",
+        "completion_column": "completion",
+        "messages_column": "messages",
+        "split": "",
+        "append_eos": "auto",
         "accelerator_type": "nvidia.com/gpu",
         "accelerator_count": 1,
         "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
@@ -495,6 +502,9 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
     p = dict(max_length=32, batch_size=4, seed=7, device="cpu", dtype="float64")
     p.update(include=["mlp"], exclude=[], split_heads=True, split_heads_pattern=["fc$"])
     p.update(embeddings=True, lm_head=False)
+    columns = dict(text_column="body", id_column="id", prompt_column="prompt")
+    columns.update(completion_column="completion", messages_column="messages", split="")
+    p.update(columns, append_eos="on")
     cov = art(tmp_path, "cov")
     # Local runs hand ParallelFor items over as floats: 1.0 must become "1".
     c.fit_covariance.python_func("m", "d", "pt", 1.0, 2.0, covariance=cov, **p)
@@ -514,11 +524,15 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
     sc = art(tmp_path, "sc")
     scoring = dict(top_k=5, explain_k=2, full=False, contraction="per-token")
     c.score_corpus.python_func("pt", "corpus", pre, 1.0, 2, sc, **scoring, **p)
-    c.bm25.python_func("corpus", "q", sc, 5)
+    c.bm25.python_func("corpus", "q", sc, 5, **columns)
     t = str(tmp_path)
     opts = ["--max-length", "32", "--batch-size", "4", "--seed", "7", "--device", "cpu"]
     opts += ["--dtype", "float64", "--include", "mlp", "--split-heads"]
     opts += ["--split-heads-pattern", "fc$", "--embeddings"]
+    cols = ["--text-column", "body", "--id-column", "id", "--prompt-column", "prompt"]
+    cols += ["--completion-column", "completion", "--messages-column", "messages"]
+    cols += ["--split", ""]
+    opts += [*cols, "--append-eos", "on"]
     pq_ = ["--damping-factor", "0.1", "--query-rank", "8"]
     assert fake_cli.calls == [
         ["fit-covariance", "--out", f"{t}/cov", "--model", "m", "--data", "d", "--stage", "pt",
@@ -536,7 +550,8 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
         ["score-corpus", "--out", f"{t}/sc", "--model", "pt", "--corpus", "corpus",
          "--preconditioned", f"{t}/pre", "--shard", "1", "--num-shards", "2", "--top-k", "5",
          "--explain-k", "2", "--contraction", "per-token", *opts],
-        ["bm25", "--out", f"{t}/sc", "--corpus", "corpus", "--queries", "q", "--top-k", "5"],
+        ["bm25", "--out", f"{t}/sc", "--corpus", "corpus", "--queries", "q", "--top-k", "5",
+         *cols],
     ]  # fmt: skip
     for argv in fake_cli.calls:  # every argv the components build parses
         build_parser().parse_args(argv)
@@ -553,6 +568,10 @@ def test_a_component_argument_the_cli_lacks_is_refused(fake_cli, tmp_path):
     assert fake_cli.calls == []
 
 
+DEFAULT_COLUMNS = dict(text_column="text", id_column="id", prompt_column="prompt")
+DEFAULT_COLUMNS.update(completion_column="completion", messages_column="messages", split="")
+
+
 def test_rank_component_fills_the_ui_artifacts(fake_cli, tmp_path):
     import msif.components as c
     from kfp.dsl import HTML, Markdown, Metrics
@@ -563,12 +582,15 @@ def test_rank_component_fills_the_ui_artifacts(fake_cli, tmp_path):
     c.rank.python_func(
         "corpus", "q", *scores, art(tmp_path, "bm25"), art(tmp_path, "ptf"),
         art(tmp_path, "ftf"), ranking, metrics, report, html, top_k=5, report_k=3,
+        **DEFAULT_COLUMNS,
     )  # fmt: skip
     t = str(tmp_path)
     shards = [f"{t}/{m}{i}" for m in ("ms", "ss", "gd") for i in range(2)] + [f"{t}/bm25"]
     assert fake_cli.calls == [
         ["rank", "--scores", *shards, "--corpus", "corpus", "--queries", "q",
          "--factors", f"{t}/ptf", f"{t}/ftf", "--top-k", "5", "--report-k", "3",
+         "--text-column", "text", "--id-column", "id", "--prompt-column", "prompt",
+         "--completion-column", "completion", "--messages-column", "messages", "--split", "",
          "--out", f"{t}/ranking"],
     ]  # fmt: skip
     assert metrics.metadata == {
@@ -588,7 +610,7 @@ def test_component_failure_raises(fake_cli, tmp_path):
 
     fake_cli.rc = 1
     with pytest.raises(RuntimeError, match="msif bm25 failed with exit code 1"):
-        c.bm25.python_func("corpus", "q", art(tmp_path, "sc"), 5)
+        c.bm25.python_func("corpus", "q", art(tmp_path, "sc"), 5, **DEFAULT_COLUMNS)
 
 
 def test_local_parameters_are_checked(tmp_path):

@@ -32,6 +32,52 @@ def pad_id_of(tokenizer) -> int:
     return 0 if pad is None else int(pad)
 
 
+EOS_MODES = ("auto", "on", "off")
+_PROBE = "msif probe"
+
+
+def appends_eos(tokenizer) -> bool:
+    """Whether the tokenizer ends what it encodes with its EOS token itself.
+
+    True when it says so (`add_eos_token`, as Llama and Gemma tokenizers have) or when its
+    post-processor does it: a probe text encoded with special tokens ends with EOS and
+    encoded without them does not.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return False
+    if getattr(tokenizer, "add_eos_token", False) is True:
+        return True
+    with_special = tokenizer(_PROBE, add_special_tokens=True)["input_ids"]
+    without = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    return bool(with_special) and with_special[-1] == eos and (not without or without[-1] != eos)
+
+
+def eos_to_append(tokenizer, mode: str) -> int | None:
+    """The token that ends every document and completion msif tokenises, or None.
+
+    on: the tokenizer's EOS (DataError if it has none); off: none (and documents lose the
+    EOS a tokenizer appends itself); auto: its EOS when the tokenizer appends EOS itself
+    (`appends_eos`), else none: documents end as the tokenizer's own encoding ends them, and
+    completions, encoded without special tokens, end alike. Pre-tokenised `input_ids` and
+    chat rows (whose template writes the end of each turn) are left as they are.
+    """
+    if mode not in EOS_MODES:
+        raise DataError(f"--append-eos {mode!r} is not one of {', '.join(EOS_MODES)}")
+    if mode == "off":
+        return None
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if mode == "on":
+        if eos is None:
+            raise DataError("--append-eos on: the tokenizer has no EOS token")
+        return int(eos)
+    return int(eos) if appends_eos(tokenizer) else None
+
+
+def _ended(ids: list[int], eos_id: int | None) -> list[int]:
+    return ids + [eos_id] if eos_id is not None and (not ids or ids[-1] != eos_id) else ids
+
+
 def _token_ids(row_id: str, values: Sequence[int]) -> list[int]:
     # operator.index, not int(): a float id would be truncated into another token.
     try:
@@ -80,14 +126,31 @@ def prompt_completion_example(
 
 
 def tokenize_documents(
-    tokenizer, ids: Sequence[str], texts: Sequence[str], max_length: int
+    tokenizer,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    max_length: int,
+    *,
+    eos_id: int | None = None,
+    strip_eos: bool = False,
+    column: str = "text",
 ) -> list[Example]:
-    """Tokenise pre-training documents (`id`, `text`)."""
+    """Tokenise pre-training documents (`id`, `text`) with the tokenizer's special tokens.
+
+    eos_id: end each document with it (unless the tokenizer already did); strip_eos: remove
+    the EOS a tokenizer that appends one put there (`--append-eos off`). An EOS is scored
+    like every other token of a document.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    strip = strip_eos and appends_eos(tokenizer)
     out = []
     for doc_id, text in zip(ids, texts, strict=True):
-        if not _text(doc_id, "text", text).strip():
+        if not _text(doc_id, column, text).strip():
             raise DataError(f"document {doc_id!r} is empty")
-        enc = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"]
+        enc = list(tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+        if strip and enc and enc[-1] == eos:
+            enc = enc[:-1]
+        enc = _ended(enc, eos_id)
         if len(enc) > max_length:
             log.debug("document %s truncated from %d to %d tokens", doc_id, len(enc), max_length)
         out.append(document_example(doc_id, enc, max_length))
@@ -100,15 +163,27 @@ def tokenize_prompt_completion(
     prompts: Sequence[str],
     completions: Sequence[str],
     max_length: int,
+    *,
+    eos_id: int | None = None,
+    columns: tuple[str, str] = ("prompt", "completion"),
 ) -> list[Example]:
-    """Tokenise (`prompt`, `completion`) rows; the boundary is exact as each is encoded alone."""
+    """Tokenise (`prompt`, `completion`) rows; the boundary is exact as each is encoded alone.
+
+    The prompt is encoded with special tokens (a BOS), less the EOS a tokenizer that appends
+    one would end it with: the completion follows it. A non-empty completion is ended with
+    eos_id when given; that EOS is scored, as the completion's last token.
+    """
+    strip = appends_eos(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
     out = []
     for row_id, prompt, completion in zip(ids, prompts, completions, strict=True):
-        prompt_text = _text(row_id, "prompt", prompt)
-        completion_text = _text(row_id, "completion", completion)
-        p = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-        c = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-        out.append(prompt_completion_example(row_id, p, c, max_length))
+        prompt_text = _text(row_id, columns[0], prompt)
+        completion_text = _text(row_id, columns[1], completion)
+        p = list(tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
+        if strip and p and p[-1] == eos:
+            p = p[:-1]
+        c = list(tokenizer(completion_text, add_special_tokens=False)["input_ids"])
+        out.append(prompt_completion_example(row_id, p, _ended(c, eos_id) if c else c, max_length))
     return out
 
 

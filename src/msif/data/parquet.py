@@ -13,8 +13,6 @@ without an active exception").
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import hashlib
 import json
 import os
@@ -23,17 +21,18 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from msif.data.listing import Listed as _Listed
+from msif.data.listing import list_local, list_remote
 from msif.errors import DataError
 from msif.storage import gcs as storage
-from msif.storage.digest import file_hashes, object_content_id
-from msif.storage.uri import NotFoundError, StorageError, is_remote, split_gs
+from msif.storage.digest import file_hashes
+from msif.storage.uri import StorageError, is_remote
 
-_GLOB_CHARS = "*?["
 _FOOTER_THREADS = 8
 _FOOTER_GUESS = 64 << 10  # one ranged read usually holds the whole footer
 _PAD = 100  # parquet-mr before PARQUET-816 understated chunk sizes; pyarrow pads alike
@@ -59,83 +58,22 @@ class _File:
         return [self.metadata.row_group(i).num_rows for i in range(self.metadata.num_row_groups)]
 
 
-def _hidden(rel: str) -> bool:
-    # Writers put side files (_SUCCESS, _common_metadata, .crc) next to the data.
-    return any(part.startswith(("_", ".")) for part in PurePosixPath(rel).parts)
+def is_parquet_name(name: str) -> bool:
+    """A directory's files that are Parquet."""
+    return name.endswith(".parquet")
 
 
-def _has_glob(text: str) -> bool:
-    return any(c in text for c in _GLOB_CHARS)
-
-
-def _match_parts(pattern: str, name: str) -> bool:
-    # `*` must not cross a `/`, as in a shell glob.
-    pp, np_ = pattern.split("/"), name.split("/")
-    return len(pp) == len(np_) and all(
-        fnmatch.fnmatchcase(n, p) for p, n in zip(pp, np_, strict=True)
-    )
-
-
-_Listed = tuple[str, str, int, int | None, str | None]  # uri, rel, size, generation, content
+_NO_PARQUET = "holds no Parquet files"
 
 
 def _list_local(spec: str) -> list[_Listed]:
     """(uri, rel, size, generation, content id) of the files a local spec names."""
-    if _has_glob(spec):
-        found = sorted(p for p in glob.glob(spec) if Path(p).is_file())
-        if not found:
-            raise NotFoundError(f"{spec}: no file matches this pattern")
-        return [(p, Path(p).name, Path(p).stat().st_size, None, None) for p in found]
-    path = Path(spec)
-    if path.is_file():
-        return [(spec, path.name, path.stat().st_size, None, None)]
-    if not path.is_dir():
-        raise NotFoundError(f"{spec}: no such file or directory")
-    out = []
-    for p in path.rglob("*.parquet"):
-        rel = p.relative_to(path).as_posix()
-        if p.is_file() and not _hidden(rel):
-            out.append((str(p), rel, p.stat().st_size, None, None))
-    if not out:
-        raise DataError(f"{spec} holds no Parquet files")
-    return sorted(out)
+    return list_local(spec, is_parquet_name, _NO_PARQUET)
 
 
 def _list_remote(spec: str) -> list[_Listed]:
     """(uri, rel, size, generation, content id) of the objects a gs:// spec names."""
-    bucket, key = split_gs(spec)
-    if _has_glob(key):
-        parts = key.split("/")
-        static = "/".join(parts[: next(i for i, p in enumerate(parts) if _has_glob(p))])
-        root = f"gs://{bucket}/{static}" if static else f"gs://{bucket}"
-        objects = [
-            o
-            for o in storage.list_objects(root)
-            if _match_parts(key, o.uri[len(f"gs://{bucket}/") :])
-        ]
-        if not objects:
-            raise NotFoundError(f"{spec}: no object matches this pattern")
-        return [_listed(o, o.uri.rsplit("/", 1)[-1]) for o in objects]
-    if key:
-        obj = storage.stat(spec)
-        if obj is not None:
-            return [_listed(obj, key.rsplit("/", 1)[-1])]
-    objects = storage.list_objects(spec)
-    if not objects:
-        raise NotFoundError(f"{spec}: no such object or prefix")
-    base = len(spec.rstrip("/")) + 1
-    out = [
-        _listed(o, o.uri[base:])
-        for o in objects
-        if o.uri.endswith(".parquet") and not _hidden(o.uri[base:])
-    ]
-    if not out:
-        raise DataError(f"{spec} holds no Parquet files")
-    return out
-
-
-def _listed(obj: storage.ObjectInfo, rel: str) -> _Listed:
-    return (obj.uri, rel, obj.size, obj.generation, object_content_id(obj))
+    return list_remote(spec, is_parquet_name, _NO_PARQUET)
 
 
 def _read_footer(entry: _Listed) -> _File:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from msif.config import Bm25Options, add_options, from_namespace
+from msif.config import Bm25Options, DataOptions, add_options, from_namespace
 from msif.nodes import runtime
 
 NAME = "bm25"
+# Text nodes tokenise nothing: --append-eos does not apply.
+TEXT_ONLY = ("append_eos",)
 
 
 def add_parser(sub) -> None:
@@ -19,35 +21,50 @@ def add_parser(sub) -> None:
         "Score the corpus text against each query's prompt and completion with BM25; the\n"
         "output has the score-corpus format (shard 0 of 1). Needs no model and no factors.",
     )
-    p.add_argument("--corpus", required=True, help="Parquet with id and text")
-    p.add_argument("--queries", required=True, help="Parquet with id, prompt, completion")
+    p.add_argument("--corpus", required=True, help="the corpus: id and text")
+    p.add_argument("--queries", required=True, help="queries: id, prompt, completion or messages")
     runtime.add_out_argument(p, "where the scores go")
     add_options(p, Bm25Options)
-    p.set_defaults(run=lambda a: run(a.corpus, a.queries, a.out, from_namespace(Bm25Options, a)))
+    add_options(p, DataOptions, skip=TEXT_ONLY)
+    p.set_defaults(
+        run=lambda a: run(
+            a.corpus,
+            a.queries,
+            a.out,
+            from_namespace(Bm25Options, a),
+            from_namespace(DataOptions, a),
+        )
+    )
 
 
 @runtime.timed
-def run(corpus_uri: str, queries_uri: str, out_uri: str, options: Bm25Options) -> None:
+def run(
+    corpus_uri: str,
+    queries_uri: str,
+    out_uri: str,
+    options: Bm25Options,
+    data: DataOptions | None = None,
+) -> None:
     """BM25 baseline over the corpus text, written in the shard-scores format (shard 0 of 1)."""
     import pyarrow.parquet as pq
 
     from msif.attribution.topk import TopK
-    from msif.data.parquet import ParquetSource, read_table
-    from msif.data.tables import iter_texts, require_queries
+    from msif.data.tables import iter_texts
     from msif.evaluation.bm25 import BM25Index
 
     runtime.check_output(out_uri, corpus_uri, queries_uri)
-    source = ParquetSource.open(corpus_uri)
+    data = data or DataOptions()
+    source = runtime.open_table(corpus_uri, data)
     ids, texts = [], []
-    for batch_ids, batch_texts in iter_texts(source):
+    for batch_ids, batch_texts in iter_texts(source, opts=data.table(512)):
         ids += batch_ids
         texts += batch_texts
-    table = read_table(queries_uri)
-    require_queries(table, queries_uri)
+    table = runtime.read_queries(queries_uri, data)
     index = BM25Index.build(ids, texts)
-    qids = [str(x) for x in table.column("id").to_pylist()]
-    prompts, completions = table.column("prompt").to_pylist(), table.column("completion")
-    texts_q = [f"{p} {c}" for p, c in zip(prompts, completions.to_pylist(), strict=True)]
+    qids = table.ids
+    # The query text is the prompt and the completion (a chat query: its whole conversation).
+    prompts, completions = table.texts()
+    texts_q = [f"{p} {c}" for p, c in zip(prompts, completions, strict=True)]
     topk = TopK(options.top_k, len(qids))
     topk.update(np.stack([index.score(t) for t in texts_q]), ids)
     meta = {"node": NAME, "method": "bm25", "shard": 0, "num_shards": 1}
@@ -57,7 +74,7 @@ def run(corpus_uri: str, queries_uri: str, out_uri: str, options: Bm25Options) -
             **meta,
             "corpus": corpus_uri,
             "corpus_fingerprint": source.fingerprint(),
-            "queries_fingerprint": runtime.table_fingerprint(table),
+            "queries_fingerprint": runtime.table_fingerprint(table.canonical()),
             "num_docs": len(ids),
             "top_k": options.top_k,
             "modules": [],

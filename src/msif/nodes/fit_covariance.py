@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msif.config import ModelOptions, add_options, from_namespace
+from msif.config import DataOptions, ModelOptions, add_options, from_namespace
 from msif.nodes import runtime
 
 NAME = "fit-covariance"
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the partial sums go")
     add_options(p, ModelOptions)
+    add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
             a.model,
@@ -38,6 +39,7 @@ def add_parser(sub) -> None:
             a.num_shards,
             a.out,
             from_namespace(ModelOptions, a),
+            from_namespace(DataOptions, a),
             base_model_uri=a.base_model,
         )
     )
@@ -52,6 +54,7 @@ def run(
     num_shards: int,
     out_uri: str,
     options: ModelOptions,
+    data: DataOptions | None = None,
     *,
     base_model_uri: str | None = None,
 ) -> None:
@@ -59,12 +62,13 @@ def run(
     from msif.ekfac.covariance import fit_covariance
 
     runtime.check_output(out_uri, model_uri, data_uri, base_model_uri)
-    model, data, info = runtime.stage_inputs(
-        model_uri, data_uri, stage, shard, num_shards, options, base_model_uri
+    data = data or DataOptions()
+    model, batches, info = runtime.stage_inputs(
+        model_uri, data_uri, stage, shard, num_shards, options, data, base_model_uri
     )
     cov = fit_covariance(
         model,
-        data,
+        batches,
         stage=stage,
         modules=options.selection(),
         seed=options.seed,

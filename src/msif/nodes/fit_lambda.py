@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msif.config import ModelOptions, add_options, from_namespace
+from msif.config import DataOptions, ModelOptions, add_options, from_namespace
 from msif.errors import MismatchError
 from msif.nodes import runtime
 
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the Λ partial sums go")
     add_options(p, ModelOptions)
+    add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
             a.model,
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
             a.num_shards,
             a.out,
             from_namespace(ModelOptions, a),
+            from_namespace(DataOptions, a),
             base_model_uri=a.base_model,
         )
     )
@@ -52,6 +54,7 @@ def run(
     num_shards: int,
     out_uri: str,
     options: ModelOptions,
+    data: DataOptions | None = None,
     *,
     base_model_uri: str | None = None,
 ) -> None:
@@ -64,14 +67,15 @@ def run(
     basis = Eigenbasis.load(runtime.input_dir(eigenbasis_uri))
     if basis.stage != stage:
         raise MismatchError(f"{eigenbasis_uri} is a {basis.stage!r} eigenbasis, not {stage!r}")
-    model, data, info = runtime.stage_inputs(
-        model_uri, data_uri, stage, shard, num_shards, options, base_model_uri
+    data = data or DataOptions()
+    model, batches, info = runtime.stage_inputs(
+        model_uri, data_uri, stage, shard, num_shards, options, data, base_model_uri
     )
     if basis.info.get("tokenizer") not in (None, info["tokenizer"]):
         raise MismatchError(
             f"{eigenbasis_uri} was fitted with a tokenizer of another vocabulary than {model_uri}'s"
         )
-    lam = fit_lambda(model, data, basis, seed=options.seed, progress=options.progress)
+    lam = fit_lambda(model, batches, basis, seed=options.seed, progress=options.progress)
     lam.info.update(info)
     with runtime.published(out_uri, runtime.shard_meta(NAME, stage, shard, num_shards)) as tmp:
         lam.save(tmp)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from msif.config import ModelOptions, PreconditionOptions, add_options, from_namespace
+from msif.config import (
+    DataOptions,
+    ModelOptions,
+    PreconditionOptions,
+    add_options,
+    from_namespace,
+)
 from msif.nodes import runtime
 
 NAME = "precondition-queries"
@@ -20,7 +26,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--model", required=True, help="the fine-tuned model θ_ft")
     runtime.add_base_model_argument(p)
-    p.add_argument("--queries", required=True, help="Parquet with id, prompt, completion")
+    p.add_argument(
+        "--queries",
+        required=True,
+        help="queries: id, prompt, completion or messages (Parquet, datasets folder, JSON Lines)",
+    )
     p.add_argument("--ft-factors", help="fine-tune factors (multi-stage, single-stage)")
     p.add_argument(
         "--pt-factors",
@@ -29,6 +39,7 @@ def add_parser(sub) -> None:
     runtime.add_out_argument(p, "where the preconditioned queries go")
     add_options(p, PreconditionOptions)
     add_options(p, ModelOptions)
+    add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
             a.model,
@@ -38,6 +49,7 @@ def add_parser(sub) -> None:
             from_namespace(PreconditionOptions, a),
             ft_factors_uri=a.ft_factors,
             pt_factors_uri=a.pt_factors,
+            data=from_namespace(DataOptions, a),
             base_model_uri=a.base_model,
         )
     )
@@ -53,31 +65,24 @@ def run(
     *,
     ft_factors_uri: str | None = None,
     pt_factors_uri: str | None = None,
+    data: DataOptions | None = None,
     base_model_uri: str | None = None,
 ) -> None:
     """Precondition the queries' gradients at θ_ft for one method."""
     from msif.attribution.precondition import precondition_queries
-    from msif.data.examples import batches, pad_id_of, tokenize_prompt_completion
+    from msif.data.examples import batches, pad_id_of
     from msif.data.models import tokenizer_identity
-    from msif.data.parquet import read_table
-    from msif.data.tables import require_queries
     from msif.ekfac.factors import Damping, Factors
 
     method = precondition.method
     runtime.check_output(
         out_uri, model_uri, queries_uri, ft_factors_uri, pt_factors_uri, base_model_uri
     )
+    data = data or DataOptions()
     model, tokenizer, options = runtime.load_stage_model(model_uri, options, base_model_uri)
-    table = read_table(queries_uri)
-    require_queries(table, queries_uri)
-    ids = [str(x) for x in table.column("id").to_pylist()]
-    examples = tokenize_prompt_completion(
-        tokenizer,
-        ids,
-        table.column("prompt").to_pylist(),
-        table.column("completion").to_pylist(),
-        options.max_length,
-    )
+    table = runtime.read_queries(queries_uri, data, options.max_length)
+    ids = table.ids
+    examples = table.examples(tokenizer, options.max_length)
     ft = (
         Factors.load(runtime.input_dir(ft_factors_uri), model=model, stage="ft")
         if ft_factors_uri and method != "gradient-dot"
@@ -109,7 +114,8 @@ def run(
     queries.info.update(
         {
             "queries": queries_uri,
-            "queries_fingerprint": runtime.table_fingerprint(table),
+            "queries_fingerprint": runtime.table_fingerprint(table.canonical()),
+            "data_options": data.recorded(),
             "model": model_uri,
             "tokenizer": tokenizer_identity(tokenizer),
             # what the corpus side must be tokenised with: θ_pt's when known

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from msif.config import RankOptions, add_options, from_namespace
+from msif.config import DataOptions, RankOptions, add_options, from_namespace
 from msif.errors import DataError, MismatchError, MsifError
 from msif.nodes import runtime
 
@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--factors", nargs="*", default=[], help="factors whose Λ spectra to plot")
     runtime.add_out_argument(p, "where the ranking and report go")
     add_options(p, RankOptions)
+    add_options(p, DataOptions, skip=("append_eos",))  # rank tokenises nothing
     p.set_defaults(
         run=lambda a: run(
             a.scores,
@@ -40,6 +41,7 @@ def add_parser(sub) -> None:
             a.out,
             from_namespace(RankOptions, a),
             factor_uris=a.factors,
+            data=from_namespace(DataOptions, a),
         )
     )
 
@@ -53,30 +55,32 @@ def run(
     options: RankOptions,
     *,
     factor_uris: Sequence[str] = (),
+    data: DataOptions | None = None,
 ) -> dict:
     """Merge shard scores per method, evaluate against relevant_ids, write report + metrics."""
     import pyarrow.parquet as pq
 
     from msif.attribution.topk import merge_topk
-    from msif.data.parquet import ParquetSource, read_table
-    from msif.data.tables import require_queries
     from msif.evaluation.metrics import evaluate_rankings
     from msif.evaluation.report import write_report
 
     runtime.check_output(out_uri, score_uris, corpus_uri, queries_uri, factor_uris)
-    queries = read_table(queries_uri)
-    require_queries(queries, queries_uri)
-    corpus_fp = ParquetSource.open(corpus_uri).fingerprint()
+    data = data or DataOptions()
+    read = runtime.read_queries(queries_uri, data)
+    queries = read.view()  # id, prompt, completion (text), relevant_ids
+    queries_fp = runtime.table_fingerprint(read.canonical())
+    corpus = runtime.open_table(corpus_uri, data)
+    corpus_fp = corpus.fingerprint()
     merged, run_info = {}, {"methods": {}}
     for method, shards in sorted(_load_shard_scores(score_uris).items()):
-        _check_scores(method, shards, corpus_fp, runtime.table_fingerprint(queries))
+        _check_scores(method, shards, corpus_fp, queries_fp)
         merged[method] = merge_topk([t for _, t in shards], options.top_k)
         info = shards[0][0]
         run_info["methods"][method] = {
             k: info.get(k)
             for k in ("modules", "left_out", "damping", "alpha", "rank", "model", "num_shards")
         }
-    ranking = _ranking_table(merged, queries, corpus_uri)
+    ranking = _ranking_table(merged, queries, corpus, data)
     relevant = _relevant(queries)
     metrics = {"methods": {}, "top_k": options.top_k}
     for method, table in merged.items():
@@ -148,15 +152,13 @@ def _check_scores(
     )
 
 
-def _snippets(corpus_uri: str, wanted: set[str], limit: int = 600) -> dict[str, str]:
-    from msif.data.parquet import ParquetSource
+def _snippets(source, data: DataOptions, wanted: set[str], limit: int = 600) -> dict[str, str]:
     from msif.data.tables import iter_texts
 
-    source = ParquetSource.open(corpus_uri)
-    if "text" not in source.schema.names:
+    if data.text_column not in source.schema.names:
         return {}
     out = {}
-    for ids, texts in iter_texts(source):
+    for ids, texts in iter_texts(source, opts=data.table(512)):
         out.update({d: t[:limit] for d, t in zip(ids, texts, strict=True) if d in wanted})
     return out
 
@@ -186,11 +188,13 @@ def _relevant(queries: pa.Table) -> dict[str, list[str]]:
     }
 
 
-def _ranking_table(merged: dict[str, pa.Table], queries: pa.Table, corpus_uri: str) -> pa.Table:
+def _ranking_table(
+    merged: dict[str, pa.Table], queries: pa.Table, corpus, data: DataOptions
+) -> pa.Table:
     from msif.attribution.topk import RANKING_SCHEMA
 
     wanted = {d for t in merged.values() for d in t.column("doc_id").to_pylist()}
-    texts = _snippets(corpus_uri, wanted)
+    texts = _snippets(corpus, data, wanted)
     relevant = {q: set(r) for q, r in _relevant(queries).items()}
     parts = []
     for method, t in sorted(merged.items()):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from msif.config import STAGES, ModelOptions
+from msif.config import STAGES, DataOptions, ModelOptions
 from msif.data.examples import batches, pad_id_of
 from msif.data.tables import iter_examples, table_kind
 from msif.errors import DataError, MismatchError, MsifError
@@ -215,7 +215,9 @@ def check_shard_set(infos: Sequence[dict], what: str) -> None:
     """Refuse an incomplete or mixed set of shards: reducing it would give wrong results."""
     n = {i.get("num_shards") for i in infos}
     fps = {i.get("data_fingerprint") for i in infos}
-    if len(n) != 1 or len(fps) != 1:
+    # Other columns of the same files are other data (absent: an output that reads none).
+    read = {json.dumps(i.get("data_options"), sort_keys=True) for i in infos}
+    if len(n) != 1 or len(fps) != 1 or len(read) != 1:
         raise MismatchError(f"{what} come from different shardings or data")
     total = n.pop()
     seen = sorted(i.get("shard") for i in infos)
@@ -234,6 +236,20 @@ def load_partials(uris: Sequence[str], loader: Callable) -> list:
     return [loader(input_dir(u)) for u in uris]
 
 
+def open_table(uri: str, data: DataOptions):
+    """The input table a node reads (Parquet, a datasets folder, JSON Lines; msif.data.sources)."""
+    from msif.data.sources import open_source
+
+    return open_source(uri, data.split)
+
+
+def read_queries(uri: str, data: DataOptions, max_length: int = 512):
+    """The checked queries table (msif.data.tables.Queries) of a node."""
+    from msif.data.tables import read_queries as read
+
+    return read(uri, data.table(max_length), data.split)
+
+
 def shard_examples(
     model,
     tokenizer,
@@ -241,29 +257,38 @@ def shard_examples(
     shard: int,
     num_shards: int,
     opts: ModelOptions,
+    data: DataOptions,
     *,
     corpus: bool = False,
 ):
     """Examples of one shard of a table, with its source and row range."""
-    from msif.data.parquet import ParquetSource
-
     check_shard(shard, num_shards)
-    source = ParquetSource.open(uri)
-    kind = table_kind(source.schema, uri)
+    source = open_table(uri, data)
+    table = data.table(opts.max_length)
+    kind = table_kind(source.schema, uri, table)
     if corpus and kind != "corpus":
-        raise DataError(f"{uri} is not a corpus: it needs `id` and `text` or `input_ids`")
+        raise DataError(
+            f"{uri} is not a corpus: it needs a text column `{data.text_column}` "
+            "(--text-column) or `input_ids`"
+        )
     start, stop = source.shard_range(shard, num_shards)
     vocab = model.get_input_embeddings().num_embeddings
-    examples = iter_examples(source, tokenizer, kind, opts.table(), vocab, start, stop)
+    examples = iter_examples(source, tokenizer, kind, table, vocab, start, stop)
     return examples, source, (start, stop)
 
 
 def stage_batches(
-    model, tokenizer, data_uri: str, shard: int, num_shards: int, opts: ModelOptions
+    model,
+    tokenizer,
+    data_uri: str,
+    shard: int,
+    num_shards: int,
+    opts: ModelOptions,
+    data: DataOptions,
 ) -> tuple[Iterator[dict], dict]:
     """Batches of one shard of a stage's data, with the facts its partial sums record."""
     examples, source, (start, stop) = shard_examples(
-        model, tokenizer, data_uri, shard, num_shards, opts
+        model, tokenizer, data_uri, shard, num_shards, opts, data
     )
     from msif.data.models import tokenizer_identity
 
@@ -275,6 +300,7 @@ def stage_batches(
         "num_shards": num_shards,
         "rows": [start, stop],
         "options": opts.recorded(),
+        "data_options": data.recorded(),
     }
     return batches(examples, opts.batch_size, pad_id_of(tokenizer)), info
 
@@ -286,14 +312,15 @@ def stage_inputs(
     shard: int,
     num_shards: int,
     opts: ModelOptions,
+    data: DataOptions,
     base_model_uri: str | None = None,
 ):
     """What fit-covariance and fit-lambda start from: the stage's model, one shard's batches
     and the facts their partial sums record."""
     check_stage(stage)
     model, tokenizer, opts = load_stage_model(model_uri, opts, base_model_uri)
-    data, info = stage_batches(model, tokenizer, data_uri, shard, num_shards, opts)
-    return model, data, info
+    batches_, info = stage_batches(model, tokenizer, data_uri, shard, num_shards, opts, data)
+    return model, batches_, info
 
 
 def shard_meta(node: str, stage: str, shard: int, num_shards: int) -> dict:

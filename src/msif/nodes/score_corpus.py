@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from msif.config import ModelOptions, ScoreOptions, add_options, from_namespace
+from msif.config import DataOptions, ModelOptions, ScoreOptions, add_options, from_namespace
 from msif.data.examples import Example
 from msif.nodes import runtime
 
@@ -34,12 +34,17 @@ def add_parser(sub) -> None:
         "--model", required=True, help="θ_pt (multi-stage, gradient-dot), θ_ft (single-stage)"
     )
     runtime.add_base_model_argument(p)
-    p.add_argument("--corpus", required=True, help="Parquet with id and text or input_ids")
+    p.add_argument(
+        "--corpus",
+        required=True,
+        help="id and text or input_ids (Parquet, datasets folder, JSON Lines)",
+    )
     p.add_argument("--preconditioned", required=True, help="the precondition-queries output")
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the shard's scores go")
     add_options(p, ScoreOptions)
     add_options(p, ModelOptions)
+    add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
             a.model,
@@ -50,6 +55,7 @@ def add_parser(sub) -> None:
             a.out,
             from_namespace(ModelOptions, a),
             from_namespace(ScoreOptions, a),
+            from_namespace(DataOptions, a),
             base_model_uri=a.base_model,
         )
     )
@@ -65,6 +71,7 @@ def run(
     out_uri: str,
     options: ModelOptions,
     scoring: ScoreOptions,
+    data: DataOptions | None = None,
     *,
     base_model_uri: str | None = None,
 ) -> None:
@@ -75,19 +82,20 @@ def run(
     from msif.attribution.scoring import iter_scores
     from msif.attribution.topk import TopK
     from msif.data.examples import batches, pad_id_of
-    from msif.data.parquet import ParquetSource
 
     runtime.check_output(out_uri, model_uri, corpus_uri, preconditioned_uri, base_model_uri)
+    data = data or DataOptions()
     # A rerun after a lost pod skips a shard whose complete output came from the same inputs:
     # the same contents, not only the same names.
     key = runtime.inputs_key(
         model=runtime.model_key(model_uri, base_model_uri),
-        corpus=ParquetSource.open(corpus_uri).fingerprint(),
+        corpus=runtime.open_table(corpus_uri, data).fingerprint(),
         queries=runtime.artifact_digest(preconditioned_uri),
         shard=shard,
         num_shards=num_shards,
         scoring=vars(scoring),
         options=options.recorded(),
+        data=data.recorded(),
     )
     if runtime.already_complete(out_uri, key):
         return
@@ -97,7 +105,7 @@ def run(
         queries.info.get("corpus_tokenizer"), tokenizer, f"the queries of {preconditioned_uri}"
     )
     examples, source, rows = runtime.shard_examples(
-        model, tokenizer, corpus_uri, shard, num_shards, options, corpus=True
+        model, tokenizer, corpus_uri, shard, num_shards, options, data, corpus=True
     )
     pending: list[Example] = []
     topk = TopK(scoring.top_k, queries.num_queries)
@@ -150,6 +158,7 @@ def run(
             "alpha": queries.info.get("alpha"),
             "rank": queries.rank,
             "model": model_uri,
+            "data_options": data.recorded(),
         }
         runtime.write_json(tmp / "scores.json", info)
     log.info("scored %d documents of shard %d/%d (%s)", num_docs, shard, num_shards, queries.method)
