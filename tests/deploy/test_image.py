@@ -113,10 +113,13 @@ def test_installs_pinned_requirements_then_msif_without_dependencies():
     assert any("pip install --no-deps ." in r and "pip check" in r for r in runs)
 
 
+TEST_TOOLS = {"gcp-storage-emulator", "datasets"}
+
+
 def test_requirements_agree_with_constraints():
     required = pins(REQUIREMENTS)
     for name, version in pins(ROOT / "constraints.txt").items():
-        if name == "gcp-storage-emulator":  # a test tool, not part of the image
+        if name in TEST_TOOLS:  # test tools, not part of the image
             assert name not in required
             continue
         assert required.get(name) == version, f"{name}: image {required.get(name)}, CI {version}"
