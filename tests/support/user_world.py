@@ -42,7 +42,7 @@ def build_user_world(root: Path, seed: int = 0) -> dict[str, str]:
     root.mkdir(parents=True, exist_ok=True)
     docs = [_sentence(rng, rng.randint(4, 10)) for _ in range(12)]
     pq.write_table(
-        pa.table({"doc": [f"d{i}" for i in range(12)], "body": docs}), root / "corpus.parquet"
+        pa.table({"id": [f"d{i}" for i in range(12)], "body": docs}), root / "corpus.parquet"
     )
     tok = tokenizer_for(docs + [" ".join(WORDS + ROLES)])
     tok.chat_template = CHAT_TEMPLATE
@@ -70,7 +70,7 @@ def build_user_world(root: Path, seed: int = 0) -> dict[str, str]:
     for name, n in (("finetune", 8), ("queries", 3)):
         rows = {"messages": [_chat(rng) for _ in range(n)]}
         if name == "queries":
-            rows["qid"] = [f"q{i}" for i in range(n)]
+            rows["id"] = [f"q{i}" for i in range(n)]
             rows["relevant_ids"] = [["d1"], ["d2", "d5"], []]
         datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(root / name)
     return {
