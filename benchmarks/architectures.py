@@ -47,8 +47,12 @@ BATCH = 4
 # rows).
 MIN_LEN, MAX_LEN = 6, 9
 FOOTNOTE = (
-    "LoRA adapters are not part of this table: tests/data/test_lora.py covers them. "
-    "Every other cell is computed by `python -m benchmarks.architectures`."
+    "LoRA: a rank-2 adapter on every tracked module (random non-zero B), saved with peft and "
+    "loaded through msif's `load_model(adapter, base_model=base)` in float64: the largest "
+    "relative error of the merged weights against base + s·BA computed by hand, and whether "
+    "the merged model tracks exactly the base's modules. tests/data/test_lora.py checks "
+    "gradients and scores of merged models against autograd. "
+    "Every cell is computed by `python -m benchmarks.architectures`."
 )
 COLUMNS = (
     "architecture",
@@ -321,8 +325,50 @@ def _measure(arch: str) -> dict[str, str]:
         "split heads": split,
         "split exact": split_exact,
         "bf16 Spearman": f"{bf16_spearman(arch):.3f}",
-        "LoRA¹": "—",
+        "LoRA¹": lora_cell(arch, d.pt, specs),
     }
+
+
+def lora_cell(arch: str, base: torch.nn.Module, specs) -> str:
+    """Merge error of a LoRA adapter through msif, and whether the module names are kept."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from msif.data.models import load_model
+    from tests.support.mini_world import tokenizer_for
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name in specs})
+    torch.manual_seed(SEED)
+    lora = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=targets)
+    )
+    expected = {}
+    for name, module in lora.named_modules():
+        if hasattr(module, "lora_B") and "default" in getattr(module, "lora_B", {}):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+            delta = module.lora_B["default"].weight @ module.lora_A["default"].weight
+            delta = delta * module.scaling["default"]
+            if getattr(module, "fan_in_fan_out", False):
+                delta = delta.T
+            key = name.removeprefix("base_model.model.")
+            expected[key] = module.base_layer.weight.detach() + delta.detach()
+    with tempfile.TemporaryDirectory() as tmp:
+        base.save_pretrained(Path(tmp) / "base")
+        tokenizer_for(["a b c d e"]).save_pretrained(Path(tmp) / "base")
+        lora.save_pretrained(Path(tmp) / "adapter")
+        merged, _ = load_model(
+            str(Path(tmp) / "adapter"),
+            base_model=str(Path(tmp) / "base"),
+            dtype="float64",
+            device="cpu",
+        )
+    weights = dict(merged.named_modules())
+    err = max(relative(weights[k].weight.detach(), v) for k, v in expected.items())
+    names = "kept" if set(find_modules(merged)) == set(specs) else "differ"
+    return f"merge {fmt(err, 'gradient')}, {len(expected)} modules, names {names}"
 
 
 def bf16_spearman(arch: str) -> float:
