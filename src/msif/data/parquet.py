@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from msif.data.listing import Listed as _Listed
 from msif.data.listing import list_local, list_remote
+from msif.data.rows import checked_request, shard_rows
 from msif.errors import DataError
 from msif.storage import gcs as storage
 from msif.storage.digest import file_hashes
@@ -159,28 +160,15 @@ class ParquetSource:
 
     def shard_range(self, shard: int, num_shards: int) -> tuple[int, int]:
         """The contiguous global row range [start, stop) of one of num_shards shards."""
-        if num_shards < 1 or not 0 <= shard < num_shards:
-            raise DataError(f"shard {shard} of {num_shards} is not a valid shard index")
-        return shard * self.num_rows // num_shards, (shard + 1) * self.num_rows // num_shards
+        return shard_rows(self.num_rows, shard, num_shards)
 
     def iter_batches(
         self, columns: Sequence[str], start: int = 0, stop: int | None = None, batch_rows: int = 256
     ) -> Iterator[pa.RecordBatch]:
         """Record batches (at most batch_rows rows) of rows [start, stop), in order."""
-        stop = self.num_rows if stop is None else stop
-        columns = list(columns)
-        if not columns:
-            raise DataError(f"no columns asked for from {self.label}")
-        missing = [c for c in columns if c not in self.schema.names]
-        if missing:
-            raise DataError(f"{self.label} has no column(s) {', '.join(missing)}")
-        if not 0 <= start <= stop <= self.num_rows:
-            raise DataError(
-                f"row range [{start}, {stop}) is outside {self.label}, which has "
-                f"{self.num_rows} rows"
-            )
-        if batch_rows < 1:
-            raise DataError("batch_rows must be at least 1")
+        columns, stop = checked_request(
+            self.label, self.schema.names, self.num_rows, columns, start, stop, batch_rows
+        )
         offset = 0
         for entry in self._entries:
             first, offset = offset, offset + entry.num_rows
