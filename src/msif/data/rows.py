@@ -1,8 +1,10 @@
-"""Row ranges every table source shares: the rows of a shard, and checked batch requests."""
+"""What every table source shares: shard row ranges, checked batch requests, row lookup."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import pyarrow as pa
 
 from msif.errors import DataError
 
@@ -38,3 +40,20 @@ def checked_request(
     if batch_rows < 1:
         raise DataError("batch_rows must be at least 1")
     return columns, stop
+
+
+def locate_row(label: str, files: Sequence[tuple[str, int]], row: int) -> tuple[str, int]:
+    """(file, row index within that file) of global row `row` of files [(uri, rows), …]."""
+    offset = 0
+    for uri, num_rows in files:
+        if row < offset + num_rows:
+            return uri, row - offset
+        offset += num_rows
+    raise DataError(f"row {row} is outside {label}, which has {offset} rows")
+
+
+def read_all(source, columns: Sequence[str] | None = None) -> pa.Table:
+    """Every row of a table source as one table (for small inputs only)."""
+    cols = list(source.schema.names if columns is None else columns)
+    batches = list(source.iter_batches(cols, batch_rows=1 << 16))
+    return pa.Table.from_batches(batches, schema=pa.schema([source.schema.field(c) for c in cols]))

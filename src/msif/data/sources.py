@@ -50,7 +50,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from msif.data.listing import Listed, has_glob, hidden, list_local, list_remote, listed
-from msif.data.rows import checked_request, shard_rows
+from msif.data.rows import checked_request, locate_row, read_all, shard_rows
 from msif.errors import DataError
 from msif.storage import gcs as storage
 from msif.storage.digest import file_hashes
@@ -291,19 +291,11 @@ class _RowSource:
 
     def locate(self, row: int) -> tuple[str, int]:
         """(file, row index within that file) of global row `row`, for messages."""
-        offset = 0
-        for entry in self._entries:
-            if row < offset + entry.num_rows:
-                return entry.uri, row - offset
-            offset += entry.num_rows
-        raise DataError(f"row {row} is outside {self.label}, which has {self.num_rows} rows")
+        return locate_row(self.label, [(e.uri, e.num_rows) for e in self._entries], row)
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
         """Every row as one table (for small inputs only)."""
-        cols = list(self.schema.names if columns is None else columns)
-        batches = list(self.iter_batches(cols, batch_rows=1 << 16))
-        schema = pa.schema([self.schema.field(c) for c in cols])
-        return pa.Table.from_batches(batches, schema=schema)
+        return read_all(self, columns)
 
     def fingerprint(self) -> str:
         """A hash of the format, the schema and each data file's name, size, rows and content."""
