@@ -7,7 +7,8 @@
 # It starts no daemon itself. For cpu it first makes the Debian base image CPU_BASE_IMAGE
 # (default msif-base:bookworm) when the daemon lacks it: debootstrap --variant=minbase
 # bookworm, then docker import (needs root and debootstrap; ~35 s). Environment:
-#   DOCKER        docker client (default: docker; a 20.10+ client with BuildKit built in)
+#   DOCKER        docker client (default: the first `docker` on PATH with buildx, or a
+#                 20.10-22.x client, which has BuildKit built in)
 #   PIP_CERT_FILE CA bundle pip needs inside the build (default: pip's `cert` setting, else
 #                 /etc/ssl/certs/ca-certificates.crt); passed as a build secret, in no layer
 #   TORCH_WHEEL   the CPU torch wheel (default: the torch-2.13.0+cpu wheel in pip's find-links)
@@ -18,7 +19,19 @@ variant=${1:-}
 [[ $variant == cpu || $variant == gpu ]] || { echo "usage: $0 cpu|gpu [TAG]" >&2; exit 2; }
 tag=${2:-msif:$variant}
 root=$(cd "$(dirname "$0")/.." && pwd)
-docker=${DOCKER:-docker}
+# A client that can run a BuildKit build: one with the buildx plugin, or a pre-23 client with
+# BuildKit built in (Debian's docker.io 20.10); a 23+ client without buildx cannot.
+pick_client() {
+    local c v
+    for c in $(type -ap docker); do
+        if "$c" buildx version >/dev/null 2>&1; then echo "$c"; return; fi
+        v=$("$c" version --format '{{.Client.Version}}' 2>/dev/null || true)
+        if [[ ${v%%.*} =~ ^[0-9]+$ ]] && (( ${v%%.*} < 23 )); then echo "$c"; return; fi
+    done
+    echo "no docker client with BuildKit: install buildx or Debian's docker.io (set DOCKER)" >&2
+    exit 1
+}
+docker=${DOCKER:-$(pick_client)}
 cpu_base=${CPU_BASE_IMAGE:-msif-base:bookworm}
 wheel_name=torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 
