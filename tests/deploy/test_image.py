@@ -1,6 +1,8 @@
-"""The component image, offline (it cannot be built here): what the Dockerfile copies exists
-and passes the build-context filter, the base image carries the pinned torch, the user is not
-root, and images/requirements.txt agrees with constraints.txt and pyproject.toml."""
+"""The component image. Offline: what the Dockerfile copies exists and passes the build-context
+filter, both variants (gpu: the CUDA PyTorch base; cpu: Debian bookworm + the CPU torch wheel)
+carry the pinned torch, pip's CA bundle is a build secret and never a layer, the user is not
+root, and images/requirements.txt agrees with constraints.txt and pyproject.toml. With a docker
+daemon (DOCKER_HOST, e.g. from images/dockerd.sh): the CPU image is built and run."""
 
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def test_copy_sources_exist_and_enter_the_build_context():
     assert copies
     for args in copies:
         parts = [a for a in args.split() if not a.startswith("--")]
-        assert "--from" not in args, "single-stage build: every COPY reads the context"
+        assert "--from" not in args, "every COPY reads the context, never another stage"
         *sources, _dest = parts
         for source in sources:
             rel = source.rstrip("/")
@@ -82,6 +84,10 @@ def test_copy_sources_exist_and_enter_the_build_context():
     # What the installed distribution needs: sources, both mapped packages, metadata.
     assert {"src", "components", "pipelines", "pyproject.toml", "README.md"} <= copied
     assert "images/requirements.txt" in copied
+    assert "images/torch-cpu-requirements.txt" in copied
+    # The CPU torch wheel is bind-mounted from images/wheels/, which must enter the context.
+    assert "images/wheels" in allowed
+    assert "/images/wheels/" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_base_image_torch_matches_constraints():
@@ -93,7 +99,41 @@ def test_base_image_torch_matches_constraints():
     assert Version(match.group(1)) == torch
     assert pins(REQUIREMENTS)["torch"] == torch
     froms = [a for w, a in instructions(DOCKERFILE) if w == "FROM"]
-    assert froms == ["${BASE_IMAGE}"]
+    assert froms == [
+        "${BASE_IMAGE} AS base-gpu",
+        "${CPU_BASE_IMAGE} AS base-cpu",
+        "base-${VARIANT} AS image",
+    ]
+    args = dict(a.split("=", 1) for w, a in instructions(DOCKERFILE) if w == "ARG" and "=" in a)
+    assert args["VARIANT"] == "gpu", "the default image is the CUDA one"
+
+
+def test_cpu_variant_installs_the_pinned_cpu_torch_wheel():
+    torch = pins(ROOT / "constraints.txt")["torch"]
+    wheels = re.findall(r"torch-([\w.+]+)-cp311-cp311-\S+\.whl", DOCKERFILE.read_text())
+    assert wheels and {Version(w).public for w in wheels} == {str(torch)}
+    assert Version(wheels[0]).local == "cpu"
+    build = (ROOT / "images" / "build.sh").read_text()
+    assert f"torch-{wheels[0]}-cp311-cp311-" in build, "build.sh stages the same wheel"
+    cpu_pins = pins(ROOT / "images" / "torch-cpu-requirements.txt")
+    assert "torch" not in cpu_pins
+    assert not set(cpu_pins) & set(pins(REQUIREMENTS)), "each package pinned in one file"
+
+
+def test_pip_ca_bundle_is_a_build_secret_not_a_layer():
+    text = DOCKERFILE.read_text()
+    assert not text.startswith("# syntax="), "no frontend image can be pulled offline"
+    runs = [a for w, a in instructions(DOCKERFILE) if w == "RUN"]
+    online = [r for r in runs if "pip install" in r and "--no-deps" not in r]
+    assert len(online) == 2
+    for run in online:
+        assert "--mount=type=secret,id=pip_cert" in run
+        assert "PIP_CERT=/run/secrets/pip_cert" in run
+    envs = " ".join(a for w, a in instructions(DOCKERFILE) if w == "ENV")
+    assert "PIP_CERT" not in envs and "PIP_NO_CACHE_DIR=1" in envs
+    copies = " ".join(a for w, a in instructions(DOCKERFILE) if w in {"COPY", "ADD"})
+    assert ".crt" not in copies and "certs" not in copies
+    assert not [w for w, _ in instructions(DOCKERFILE) if w == "ADD"]
 
 
 def test_runs_as_a_numeric_non_root_user():
@@ -110,7 +150,8 @@ def test_runs_as_a_numeric_non_root_user():
 def test_installs_pinned_requirements_then_msif_without_dependencies():
     runs = [a for w, a in instructions(DOCKERFILE) if w == "RUN"]
     assert any("pip install --requirement images/requirements.txt" in r for r in runs)
-    assert any("pip install --no-deps ." in r and "pip check" in r for r in runs)
+    local = "pip install --no-deps --no-build-isolation ."
+    assert any(local in r and "pip check" in r for r in runs)
 
 
 TEST_TOOLS = {"gcp-storage-emulator", "datasets"}
