@@ -60,17 +60,14 @@ def precondition_queries(
         split_heads_pattern: As for fit-covariance.
         embeddings: As for fit-covariance.
         lm_head: As for fit-covariance.
-        text_column: Corpus column of the documents' text.
-        id_column: Column of row ids; absent (default name): rows are named row-N.
-        prompt_column: Column of the prompts (fine-tune data, queries).
-        completion_column: Column of the completions, the scored tokens.
-        messages_column: Column of chat conversations (lists of {role, content}), rendered
-            with the tokenizer's chat template; only assistant turns are scored.
-        split: Split of a datasets DatasetDict folder; empty: its only split, else train.
-        append_eos: on, off or auto: end documents and completions with EOS (scored).
-        base_model: When model is a PEFT (LoRA) adapter folder, the base it is merged into;
-            the pipeline passes pt_model_uri. Empty: the adapter's own base_model_name_or_path.
-            Unused for a full model.
+        text_column: As for fit-covariance.
+        id_column: As for fit-covariance.
+        prompt_column: As for fit-covariance.
+        completion_column: As for fit-covariance.
+        messages_column: As for fit-covariance.
+        split: As for fit-covariance.
+        append_eos: As for fit-covariance.
+        base_model: As for fit-covariance.
 
     Returns:
         preconditioned: Per module W_q (dense or U, S, V), query ids and the damping used.

@@ -260,10 +260,12 @@ def shard_examples(
     data: DataOptions,
     *,
     corpus: bool = False,
+    source=None,
 ):
-    """Examples of one shard of a table, with its source and row range."""
+    """Examples of one shard of a table, with its source and row range (source: the table
+    already opened, so that its listing and fingerprint are not done twice)."""
     check_shard(shard, num_shards)
-    source = open_table(uri, data)
+    source = source if source is not None else open_table(uri, data)
     table = data.table(opts.max_length)
     kind = table_kind(source.schema, uri, table)
     if corpus and kind != "corpus":

@@ -85,11 +85,12 @@ def run(
 
     runtime.check_output(out_uri, model_uri, corpus_uri, preconditioned_uri, base_model_uri)
     data = data or DataOptions()
+    corpus = runtime.open_table(corpus_uri, data)
     # A rerun after a lost pod skips a shard whose complete output came from the same inputs:
     # the same contents, not only the same names.
     key = runtime.inputs_key(
         model=runtime.model_key(model_uri, base_model_uri),
-        corpus=runtime.open_table(corpus_uri, data).fingerprint(),
+        corpus=corpus.fingerprint(),
         queries=runtime.artifact_digest(preconditioned_uri),
         shard=shard,
         num_shards=num_shards,
@@ -105,7 +106,7 @@ def run(
         queries.info.get("corpus_tokenizer"), tokenizer, f"the queries of {preconditioned_uri}"
     )
     examples, source, rows = runtime.shard_examples(
-        model, tokenizer, corpus_uri, shard, num_shards, options, data, corpus=True
+        model, tokenizer, corpus_uri, shard, num_shards, options, data, corpus=True, source=corpus
     )
     pending: list[Example] = []
     topk = TopK(scoring.top_k, queries.num_queries)
