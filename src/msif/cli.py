@@ -111,7 +111,7 @@ def execute(run: Callable[[], Any], *, verbose: bool = False) -> int:
     try:
         with redacted_logging(), _sigterm_raises():
             result = run()
-    except (Exception, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt, SubcommandFailed) as exc:
         return report(exc, verbose=verbose)
     finally:
         _VERBOSE.reset(token)
@@ -235,7 +235,8 @@ def _path_of(value: Any) -> Any:
 
 def run_subcommand(command: str, **arguments: Any) -> None:
     """Run `msif command` in-process from keyword arguments; raise SubcommandFailed (a
-    RuntimeError, so a KFP task fails) if it exits non-zero, after its one error line."""
+    SystemExit, so a KFP task fails with its exit code) if it exits non-zero, after its one
+    error line."""
     argv = subcommand_argv(command, **arguments)
     rc = main(argv)
     if rc != 0:

@@ -36,12 +36,21 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM raised like Ctrl-C, so that `finally` blocks (staging directories) still run."""
 
 
-class SubcommandFailed(RuntimeError):
-    """An in-process `msif` subcommand exited non-zero; it has printed its own error line."""
+class SubcommandFailed(SystemExit):
+    """An in-process `msif` subcommand exited non-zero; it has printed its own error line.
+
+    A SystemExit, so that a KFP task process whose component raised it ends with the node's
+    exit code and nothing after that line (kfp's executor would print the traceback of any
+    other exception, and a task log should end with the `msif: error:` line).
+    """
 
     def __init__(self, command: str, exit_code: int):
-        super().__init__(f"msif {command} failed with exit code {exit_code}")
+        super().__init__(exit_code)
+        self.message = f"msif {command} failed with exit code {exit_code}"
         self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ----------------------------------------------------------------------------- redaction

@@ -1,9 +1,10 @@
 """The main job: build (or reuse) the fact world and run the whole pipeline on it locally.
 
 `msif run --runner kfp` (the default) runs the compiled KFP pipeline through kfp.local;
-`--runner inprocess` walks the same DAG in this process. Either way the options are those of
-msif.config, with the fact world's sizes as defaults, and each node prints one line when it
-finishes.
+`--runner docker` runs it the same way with every node in the component image (its inputs
+served over gs:// from a GCS emulator); `--runner inprocess` walks the same DAG in this
+process. Either way the options are those of msif.config, with the fact world's sizes as
+defaults, and each node prints one line when it finishes.
 """
 
 from __future__ import annotations
@@ -85,9 +86,16 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--runner",
         default="kfp",
-        choices=["kfp", "inprocess"],
-        help="kfp: the compiled pipeline through kfp.local; inprocess: the same DAG in this "
-        "process (default: %(default)s)",
+        choices=["kfp", "docker", "inprocess"],
+        help="kfp: the compiled pipeline through kfp.local; docker: the same with every node "
+        "in the component image (--image), inputs over gs:// from a GCS emulator; inprocess: "
+        "the same DAG in this process (default: %(default)s)",
+    )
+    p.add_argument(
+        "--image",
+        default="msif:cpu",
+        help="component image for --runner docker, in the daemon DOCKER_HOST names (build it "
+        "with images/build.sh cpu; default: %(default)s)",
     )
     p.add_argument("--num-shards", type=int, default=2, help="shards (default: %(default)s)")
     add_options(p, PreconditionOptions, skip=("method",))
@@ -147,6 +155,28 @@ def run_inprocess(world: dict, out: Path, settings: JobSettings) -> dict:
     ranking = primary_output(runs, "rank")
     metrics = json.loads((Path(ranking) / "metrics.json").read_text())
     return {"metrics": metrics, "timings": timings, "ranking": ranking}
+
+
+def run_in_containers(world: dict, out: Path, settings: JobSettings, image: str) -> dict:
+    """The compiled pipeline through kfp.local's DockerRunner, every node in image."""
+    from msif.workflow import containers
+    from msif.workflow.cli import components_in
+    from msif.workflow.local_run import run_main_job_pipeline
+
+    containers.docker_client(image).close()  # no daemon or no image: say so before uploading
+    with containers.world_on_emulator(world) as (served, env):
+        say(f"world served at gs://{containers.WORLD_BUCKET}/ on {env['STORAGE_EMULATOR_HOST']}")
+        record = out / "containers.jsonl"  # what ran in which image, with its exit status
+        record.unlink(missing_ok=True)
+        with components_in(image), containers.docker_runner(image, env, record) as runner:
+            result = run_main_job_pipeline(
+                settings.parameters(served),
+                out,
+                on_node=say,
+                runner=runner,
+                prepare_root=containers.prepare_root,
+            )
+    return {**result, "inputs": {k: served[k] for k in containers.WORLD_INPUTS}}
 
 
 def metric_table(metrics: dict) -> str:
@@ -228,6 +258,8 @@ def run_command(args: argparse.Namespace) -> int:
         from msif.workflow.local_run import run_main_job_pipeline
 
         result = run_main_job_pipeline(settings.parameters(world), out, on_node=say)
+    elif args.runner == "docker":
+        result = run_in_containers(world, out, settings, args.image)
     else:
         result = run_inprocess(world, out, settings)
     print_summary(world, result, out)

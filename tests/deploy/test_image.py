@@ -154,7 +154,7 @@ def test_installs_pinned_requirements_then_msif_without_dependencies():
     assert any(local in r and "pip check" in r for r in runs)
 
 
-TEST_TOOLS = {"gcp-storage-emulator", "datasets"}
+TEST_TOOLS = {"gcp-storage-emulator", "datasets", "docker"}  # host-side tools, not the image's
 
 
 def test_requirements_agree_with_constraints():

@@ -322,7 +322,7 @@ def test_a_nested_command_prints_its_line_once(tmp_path, capsys, command):
     assert stderr_lines(capsys) == ["msif: error: inner failure"]
     with pytest.raises(SubcommandFailed, match="msif bm25 failed with exit code 1") as e:
         run_subcommand("bm25", corpus="c", queries="q", out="o")
-    assert e.value.exit_code == 1 and isinstance(e.value, RuntimeError)
+    assert e.value.exit_code == 1 and e.value.code == 1 and isinstance(e.value, SystemExit)
 
 
 def test_a_nested_command_inherits_verbose(tmp_path, capsys, command):

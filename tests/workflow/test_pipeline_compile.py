@@ -609,8 +609,10 @@ def test_component_failure_raises(fake_cli, tmp_path):
     import msif.components as c
 
     fake_cli.rc = 1
-    with pytest.raises(RuntimeError, match="msif bm25 failed with exit code 1"):
+    # SystemExit: the task process ends with the node's code, no traceback after its line.
+    with pytest.raises(SystemExit, match="msif bm25 failed with exit code 1") as failed:
         c.bm25.python_func("corpus", "q", art(tmp_path, "sc"), 5, **DEFAULT_COLUMNS)
+    assert failed.value.code == 1
 
 
 def test_local_parameters_are_checked(tmp_path):

@@ -74,7 +74,7 @@ def check_image(image: str) -> str:
 
 
 @contextmanager
-def _components_in(image: str) -> Iterator[Any]:
+def components_in(image: str) -> Iterator[Any]:
     """Re-import components and pipeline with MSIF_IMAGE=image; restore both afterwards."""
     from msif.components import COMPONENT_MODULES, IMAGE_ENV
     from msif.components import image as current
@@ -121,7 +121,7 @@ def compile_pipeline(
     if accelerator_count is not None and accelerator_count < 0:
         raise PipelineCliError(f"--accelerator-count must be >= 0, not {accelerator_count}")
     out = Path(out)
-    with _components_in(image) as module:
+    with components_in(image) as module:
         given = {
             "accelerator_type": accelerator_type,
             "accelerator_count": accelerator_count,

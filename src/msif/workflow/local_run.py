@@ -59,8 +59,12 @@ def check_parameters(params: dict[str, Any]) -> None:
         raise LocalRunError(f"missing required pipeline parameter(s) {', '.join(missing)}")
 
 
-def run_pipeline_locally(params: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
+def run_pipeline_locally(
+    params: dict[str, Any], pipeline_root: Path, runner: Any = None
+) -> dict[str, Any]:
     """Run the whole pipeline under pipeline_root; return the paths of the rank node's outputs.
+
+    runner: a kfp.local runner; None is SubprocessRunner(use_venv=False), this environment.
 
     Keys: `run_dir`, `ranking` (the ranking directory of docs/CONTRACTS.md), `metrics_json`,
     `ranking_parquet`, `report_md`, `report_html` (the copies the Kubeflow UI shows), and
@@ -75,7 +79,8 @@ def run_pipeline_locally(params: dict[str, Any], pipeline_root: Path) -> dict[st
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in root.iterdir()}
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    runner = runner or local.SubprocessRunner(use_venv=False)
+    local.init(runner=runner, pipeline_root=str(root))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -186,19 +191,29 @@ class NodeWatcher(threading.Thread):
 
 
 def run_main_job_pipeline(
-    params: dict[str, Any], out: Path, *, on_node: Callable[[str], None] = print
+    params: dict[str, Any],
+    out: Path,
+    *,
+    on_node: Callable[[str], None] = print,
+    runner: Any = None,
+    prepare_root: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """The main job through kfp.local: kfp's logs go to out/kfp.log, one line per node to
-    on_node; returns metrics, the ranking directory and the run's outputs."""
+    on_node; returns metrics, the ranking directory and the run's outputs.
+
+    runner: as for run_pipeline_locally; prepare_root is called on the new pipeline root.
+    """
     start = time.perf_counter()
     root, log_path = Path(out) / "kfp", Path(out) / "kfp.log"
     on_node(f"kfp.local logs: {log_path}")
     root.mkdir(parents=True, exist_ok=True)
+    if prepare_root is not None:
+        prepare_root(root)
     with output_to(log_path) as terminal:
         watcher = NodeWatcher(root, lambda line: print(line, file=terminal, flush=True))
         watcher.start()
         try:
-            paths = run_pipeline_locally(params, root)
+            paths = run_pipeline_locally(params, root, runner)
         finally:
             watcher.stopped.set()
             watcher.join()
