@@ -41,7 +41,11 @@ if [[ ${MSIF_DOCKER:-1} != 0 ]]; then
     fi
     if [[ -n ${DOCKER_HOST:-} ]]; then
         t=$SECONDS
-        bash images/build.sh cpu "${MSIF_TEST_IMAGE:-msif:cpu}" >/dev/null
+        build_log=$(mktemp)
+        bash images/build.sh cpu "${MSIF_TEST_IMAGE:-msif:cpu}" >"$build_log" 2>&1 \
+            || { tail -n 40 "$build_log" >&2; echo "test.sh: the image build failed" >&2; exit 1; }
+        tail -n 1 "$build_log" >&2  # built TAG in N s, SIZE bytes
+        rm -f "$build_log"
         echo "test.sh: image ${MSIF_TEST_IMAGE:-msif:cpu} built in $(( SECONDS - t )) s" >&2
         export MSIF_REQUIRE_DOCKER=1
     else

@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.support.limits import time_limit
+
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,6 +211,8 @@ def test_every_node_ran_the_compiled_command_in_the_image_as_uid_1000(main_jobs,
     run_dir = next((out / "kfp").iterdir())
     owners = {p.stat().st_uid for p in run_dir.rglob("*")}
     assert owners == {1000}
+    # ... on a read-only root: every node wrote only to the mounts.
+    assert all(r["read_only"] for r in record)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -232,7 +236,7 @@ def one_task(image, gcs_emulator, tmp_path):
 
 def one_line_failure(call, capfd) -> str:
     """Run a failing task; the one `msif: error:` line its log holds."""
-    with pytest.raises(RuntimeError, match="FAILURE"):
+    with time_limit(300, "a failing task"), pytest.raises(RuntimeError, match="FAILURE"):
         call()
     log = capfd.readouterr()
     text = log.out + log.err

@@ -3,11 +3,9 @@ kfp.local, give the ranking of the same run on local paths."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import uuid
@@ -25,6 +23,7 @@ from msif.storage.uri import join
 from msif.testing import DEFAULT_BUCKET
 from msif.testing.memcheck import reset_peak
 from tests.support.cli_helpers import COMMON, cli, dag_settings, run_nodes
+from tests.support.limits import time_limit
 from tests.support.mini_world import WORDS, build
 
 TRIM = os.environ.get("MSIF_TRIM") == "1"
@@ -34,22 +33,6 @@ pytestmark = pytest.mark.e2e
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int, what: str) -> Iterator[None]:
-    """Fail (instead of hanging) when the block runs longer than `seconds`."""
-
-    def expired(*_):
-        raise TimeoutError(f"{what} took longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def one_torch_thread() -> Iterator[None]:

@@ -24,6 +24,9 @@ from msif.errors import MsifError
 
 DEFAULT_IMAGE = "msif:cpu"
 IMAGE_USER = "1000:1000"  # the image's own user: containers never run as root
+# A read-only root file system, as a pod's securityContext may demand: a node writes only to
+# the mounted pipeline root, kfp's scratch dir (/tmp) and its download cache under HOME.
+WRITABLE = {"/tmp": "rw,size=2g", "/home/msif": "rw,uid=1000,gid=1000,size=8g"}
 WORLD_BUCKET = "msif-world"
 WORLD_INPUTS = {
     "pt_model": "pt_model_uri",
@@ -73,7 +76,8 @@ def run_container(
     Replaces kfp.local's own runner function, which starts containers with auto-remove and
     reports a container already removed when it asks for the status as a success: a failed
     node must fail its task. Here the container is removed only after its status is read.
-    record: a JSON Lines file that gets one line per container (image, command, status, s).
+    record: a JSON Lines file that gets one line per container (image, command, status,
+    read_only, seconds).
     """
     start = time.perf_counter()
     container = client.containers.run(
@@ -90,6 +94,7 @@ def run_container(
             container.remove(force=True)
         if record is not None:
             line = {"image": image, "command": list(command), "status": status}
+            line["read_only"] = bool(run_args.get("read_only"))
             line["seconds"] = round(time.perf_counter() - start, 3)
             with open(record, "a") as fh:
                 fh.write(json.dumps(line) + "\n")
@@ -99,14 +104,20 @@ def run_container(
 def docker_runner(
     image: str, environment: dict[str, str], record: Path | None = None
 ) -> Iterator[Any]:
-    """A kfp.local DockerRunner for image (host network, uid 1000, environment), with
-    kfp's container runner replaced by run_container while the context lasts; record: as
-    for run_container."""
+    """A kfp.local DockerRunner for image (host network, uid 1000, read-only root, the
+    environment), with kfp's container runner replaced by run_container while the context
+    lasts; record: as for run_container."""
     from kfp import local
     from kfp.local import docker_task_handler
 
     docker_client(image).close()
-    runner = local.DockerRunner(network_mode="host", user=IMAGE_USER, environment=environment)
+    runner = local.DockerRunner(
+        network_mode="host",
+        user=IMAGE_USER,
+        environment=environment,
+        read_only=True,
+        tmpfs=dict(WRITABLE),
+    )
     saved = docker_task_handler.run_docker_container
     docker_task_handler.run_docker_container = functools.partial(run_container, record=record)
     try:
