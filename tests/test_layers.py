@@ -15,6 +15,7 @@ LAYERS = [
     {"data"},
     {"ekfac"},
     {"attribution"},
+    {"index"},
     {"evaluation"},
     {"config"},
     {"nodes"},

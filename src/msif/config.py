@@ -229,6 +229,31 @@ class ScoreOptions:
         _one_of("contraction", self.contraction, CONTRACTIONS)
 
 
+INDEX_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How the corpus index stores each document's gradient."""
+
+    index_rank: int = option(4, "singular triplets kept per document and module (factored tier)")
+    index_dtype: str = option("float32", "dtype the factors are stored in", choices=INDEX_DTYPES)
+
+    def __post_init__(self) -> None:
+        _integer("index_rank", self.index_rank, 1)
+        _one_of("index_dtype", self.index_dtype, INDEX_DTYPES)
+
+
+@dataclass(frozen=True)
+class LookupOptions:
+    """How many candidates the index lookup keeps for the exact rerank."""
+
+    top_c: int = option(100, "candidate documents kept per query")
+
+    def __post_init__(self) -> None:
+        _integer("top_c", self.top_c, 1)
+
+
 @dataclass(frozen=True)
 class Bm25Options:
     """What the bm25 baseline keeps."""

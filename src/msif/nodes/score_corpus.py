@@ -40,6 +40,11 @@ def add_parser(sub) -> None:
         help="id and text or input_ids (Parquet, datasets folder, JSON Lines)",
     )
     p.add_argument("--preconditioned", required=True, help="the precondition-queries output")
+    p.add_argument(
+        "--candidates",
+        help="score only these documents: a lookup output (the index's candidates) or a bm25 "
+        "output (its top-k), for an exact rerank",
+    )
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the shard's scores go")
     add_options(p, ScoreOptions)
@@ -57,6 +62,7 @@ def add_parser(sub) -> None:
             from_namespace(ScoreOptions, a),
             from_namespace(DataOptions, a),
             base_model_uri=a.base_model,
+            candidates_uri=a.candidates,
         )
     )
 
@@ -74,8 +80,12 @@ def run(
     data: DataOptions | None = None,
     *,
     base_model_uri: str | None = None,
+    candidates_uri: str | None = None,
 ) -> None:
-    """Score one corpus shard against the preconditioned queries; keep the top-k per query."""
+    """Score one corpus shard against the preconditioned queries; keep the top-k per query.
+
+    candidates_uri: score only the documents a lookup (or bm25) output names.
+    """
     import pyarrow.parquet as pq
 
     from msif.attribution.precondition import PreconditionedQueries
@@ -83,9 +93,12 @@ def run(
     from msif.attribution.topk import TopK
     from msif.data.examples import batches, pad_id_of
 
-    runtime.check_output(out_uri, model_uri, corpus_uri, preconditioned_uri, base_model_uri)
+    runtime.check_output(
+        out_uri, model_uri, corpus_uri, preconditioned_uri, base_model_uri, candidates_uri
+    )
     data = data or DataOptions()
     corpus = runtime.open_table(corpus_uri, data)
+    wanted = candidate_ids(candidates_uri, corpus.fingerprint()) if candidates_uri else None
     # A rerun after a lost pod skips a shard whose complete output came from the same inputs:
     # the same contents, not only the same names.
     key = runtime.inputs_key(
@@ -97,6 +110,7 @@ def run(
         scoring=vars(scoring),
         options=options.recorded(),
         data=data.recorded(),
+        candidates=runtime.artifact_digest(candidates_uri) if candidates_uri else None,
     )
     if runtime.already_complete(out_uri, key):
         return
@@ -108,6 +122,8 @@ def run(
     examples, source, rows = runtime.shard_examples(
         model, tokenizer, corpus_uri, shard, num_shards, options, data, corpus=True, source=corpus
     )
+    if wanted is not None:
+        examples = (e for e in examples if e.id in wanted)
     pending: list[Example] = []
     topk = TopK(scoring.top_k, queries.num_queries)
     paths: dict[str, str] = {}
@@ -160,9 +176,33 @@ def run(
             "rank": queries.rank,
             "model": model_uri,
             "data_options": data.recorded(),
+            "candidates": candidates_uri,
+            "num_candidates": None if wanted is None else len(wanted),
         }
         runtime.write_json(tmp / "scores.json", info)
     log.info("scored %d documents of shard %d/%d (%s)", num_docs, shard, num_shards, queries.method)
+
+
+def candidate_ids(uri: str, corpus_fingerprint: str) -> set[str]:
+    """Document ids a lookup output (candidates.parquet) or bm25 output (scores.parquet)
+    names; refused when it was made for another corpus."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from msif.errors import MismatchError, MsifError
+
+    folder = runtime.input_dir(uri)
+    for table, info in (
+        ("candidates.parquet", "candidates.json"),
+        ("scores.parquet", "scores.json"),
+    ):
+        if (folder / table).exists():
+            recorded = json.loads((folder / info).read_text()).get("corpus_fingerprint")
+            if recorded is not None and recorded != corpus_fingerprint:
+                raise MismatchError(f"the candidates of {uri} are documents of another corpus")
+            return set(pq.read_table(folder / table, columns=["doc_id"])["doc_id"].to_pylist())
+    raise MsifError(f"{uri} holds no candidates.parquet (lookup) or scores.parquet (bm25)")
 
 
 @dataclass

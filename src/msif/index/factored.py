@@ -1,0 +1,127 @@
+"""The factored tier of the corpus index: each document's gradient as its top-r singular triplets.
+
+A document's weight gradient of one module is DW_z = Σ_t g_t a_tᵀ = Gᵀ A (G: T × out,
+A: T × in'), of rank at most T. Its top-r singular triplets (u_k, s_k, v_k) keep r·(out + in' + 1)
+values instead of out·in', and with r = rank(DW_z) they are exact. When T is below both
+widths they come from QR factors of G and A and the SVD of a T × T core, without forming
+DW_z; otherwise from DW_z itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from msif.core.artifact import Artifact, module_specs, per_module
+from msif.core.fingerprint import model_fingerprint
+from msif.core.hooks import hooked_batches
+from msif.core.modules import ModuleSpec
+from msif.errors import MsifError
+
+TIER = "factored"
+
+
+def document_factors(
+    a: torch.Tensor, g: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-rank singular triplets of DW_n = g_nᵀ a_n for each sequence n of a batch.
+
+    a (B, T, in'), g (B, T, out); returns U (B, r, out), S (B, r), V (B, r, in'), with
+    U S Vᵀ summed over r the best rank-r approximation of DW_n (exact at full rank). Past a
+    document's own rank the triplets are zero.
+    """
+    if rank < 1:
+        raise MsifError(f"the index rank must be at least 1, not {rank}")
+    b, t, i = a.shape
+    o = g.shape[-1]
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, g = a.to(work), g.to(work)
+    if t < min(o, i):
+        # Gᵀ A = Q_g (R_g R_aᵀ) Q_aᵀ with Gᵀ = Q_g R_g, Aᵀ = Q_a R_a: an SVD of T × T.
+        qg, rg = torch.linalg.qr(g.mT)  # (B, out, T), (B, T, T)
+        qa, ra = torch.linalg.qr(a.mT)  # (B, in', T), (B, T, T)
+        uc, s, vch = torch.linalg.svd(rg @ ra.mT)
+        u, v = qg @ uc, qa @ vch.mT
+    else:
+        u, s, vh = torch.linalg.svd(g.mT @ a, full_matrices=False)
+        v = vh.mT
+    k = min(rank, s.shape[-1])
+    u, s, v = u[..., :k].mT, s[..., :k], v[..., :k].mT
+    if k < rank:  # a document of fewer tokens than the rank: zero triplets fill the rest
+        u = torch.cat([u, u.new_zeros(b, rank - k, o)], dim=1)
+        v = torch.cat([v, v.new_zeros(b, rank - k, i)], dim=1)
+        s = torch.cat([s, s.new_zeros(b, rank - k)], dim=1)
+    return u.contiguous(), s.contiguous(), v.contiguous()
+
+
+@dataclass
+class CorpusIndex(Artifact):
+    """One corpus shard's documents as per-module factors U (N, r, out), S (N, r), V (N, r, in').
+
+    model_fingerprint is that of the model the gradients were taken at (θ_pt): queries are
+    scored against the index only when their corpus model is that one.
+    """
+
+    stem: ClassVar[str] = "index"
+
+    doc_ids: list[str]
+    rank: int
+    specs: dict[str, ModuleSpec] = module_specs()
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = per_module("U", "S", "V")
+    tier: str = TIER
+    model_fingerprint: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_docs(self) -> int:
+        """Number of documents in this shard."""
+        return len(self.doc_ids)
+
+    def values_per_document(self) -> int:
+        """Stored values per document, over every module."""
+        return sum(self.rank * (s.out_features + s.in_dim + 1) for s in self.specs.values())
+
+
+def build_index(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    specs: dict[str, ModuleSpec],
+    rank: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> CorpusIndex:
+    """Factor every document's loss gradient (true labels) at model, module by module."""
+    doc_ids: list[str] = []
+    parts: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in specs}
+    for hb in hooked_batches(model, batches, specs, progress=progress, desc="index"):
+        ids = hb.batch.get("ids")
+        n = hb.batch["input_ids"].shape[0]
+        doc_ids += list(ids) if ids is not None else [f"row-{len(doc_ids) + j}" for j in range(n)]
+        # Padding needs no mask: its g is exactly zero, so it adds nothing to Gᵀ A.
+        for spec, a, g in hb.modules():
+            usv = document_factors(a, g, rank)
+            parts[spec.name].append(tuple(x.to("cpu", dtype) for x in usv))
+    factors = {
+        name: tuple(
+            torch.cat([p[j] for p in chunks]) if chunks else _empty(specs[name], rank, j, dtype)
+            for j in range(3)
+        )
+        for name, chunks in parts.items()
+    }
+    return CorpusIndex(
+        doc_ids=doc_ids,
+        rank=rank,
+        specs=dict(specs),
+        factors=factors,
+        model_fingerprint=model_fingerprint(model, specs),
+    )
+
+
+def _empty(spec: ModuleSpec, rank: int, j: int, dtype: torch.dtype) -> torch.Tensor:
+    shape = [(0, rank, spec.out_features), (0, rank), (0, rank, spec.in_dim)][j]
+    return torch.zeros(shape, dtype=dtype)

@@ -1,0 +1,139 @@
+"""The factored corpus index against dense linear algebra on tiny float64 models."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import msif
+from msif.core.modules import ModuleSelection
+from msif.errors import MismatchError, MsifError
+from msif.index.factored import CorpusIndex, build_index, document_factors
+from msif.index.lookup import index_scores, top_candidates
+from tests.support.dense import per_example_gradients
+from tests.support.tiny import make_batches, perturbed, random_examples, tiny_model
+
+
+@pytest.fixture(scope="module")
+def world():
+    pt = tiny_model("gpt_neox", seed=0)
+    ft = perturbed(pt, seed=5)
+    corpus = random_examples(9, seed=20)
+    ft_data = random_examples(8, seed=21, prompt=True)
+    queries = random_examples(4, seed=22, prompt=True)
+    fit = dict(dtype=torch.float64)
+    fpt = msif.fit_factors(pt, lambda: make_batches(corpus, 4), stage="pt", **fit)
+    fft = msif.fit_factors(ft, lambda: make_batches(ft_data, 4), stage="ft", **fit)
+    ids = [e.id for e in queries]
+
+    def precondition(method="multi-stage", **kw):
+        return msif.precondition_queries(
+            ft,
+            make_batches(queries, 4),
+            ids,
+            method=method,
+            ft_factors=fft,
+            pt_factors=fpt,
+            alpha=0.02,
+            **kw,
+        )
+
+    return SimpleNamespace(pt=pt, ft=ft, corpus=corpus, precondition=precondition)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (2, 9, 4, 5)])  # T below, T above the widths
+def test_document_factors_rebuild_the_per_document_gradient(shape):
+    b, t, i, o = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(b, t, i, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, t, o, generator=gen, dtype=torch.float64)
+    g[0, -2:] = 0  # padding: zero output gradients
+    dw = g.mT @ a
+    full = min(t, i, o)
+    u, s, v = document_factors(a, g, full)
+    torch.testing.assert_close(torch.einsum("bro,br,bri->boi", u, s, v), dw)
+    # Rank r: the best rank-r approximation (Eckart–Young), singular values descending.
+    u, s, v = document_factors(a, g, 2)
+    sv = torch.linalg.svdvals(dw)
+    torch.testing.assert_close(s, sv[:, :2])
+    err = torch.linalg.matrix_norm(dw - torch.einsum("bro,br,bri->boi", u, s, v))
+    torch.testing.assert_close(err, sv[:, 2:].norm(dim=-1))
+    # Past the document's rank the triplets are zero, not garbage.
+    u, s, v = document_factors(a, g, full + 3)
+    assert s.shape == (b, full + 3) and bool((s[:, full:] == 0).all())
+    with pytest.raises(MsifError, match="at least 1"):
+        document_factors(a, g, 0)
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+@pytest.mark.parametrize("method", ["multi-stage", "gradient-dot"])
+def test_full_rank_index_gives_the_exact_scores(world, method, lowrank):
+    queries = world.precondition(method, rank=8 if lowrank else None)
+    assert bool(queries.lowrank) == lowrank
+    index = build_index(
+        world.pt, make_batches(world.corpus, 4), queries.specs, 64, dtype=torch.float64
+    )
+    expected = msif.score(world.pt, make_batches(world.corpus, 4), queries).values
+    got = index_scores(queries, index)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    # ... and against per-example gradients formed densely.
+    grads = per_example_gradients(world.pt, world.corpus, queries.specs)
+    dense = sum(torch.einsum("qoi,noi->qn", queries.weight(k), grads[k]) for k in queries.specs)
+    torch.testing.assert_close(got, dense, rtol=1e-9, atol=1e-9 * float(dense.abs().max()))
+
+
+def test_low_rank_index_approximates_and_shards_add_up(world, tmp_path):
+    queries = world.precondition()
+    exact = msif.score(world.pt, make_batches(world.corpus, 4), queries).values
+    rank2 = build_index(world.pt, make_batches(world.corpus, 4), queries.specs, 2)
+    approx = index_scores(queries, rank2)
+    assert not torch.allclose(approx, exact)
+    corr = torch.corrcoef(torch.stack([approx.flatten(), exact.flatten()]))[0, 1]
+    assert corr > 0.9
+    # Shards: the same documents split in two give the same scores and candidates.
+    a = build_index(world.pt, make_batches(world.corpus[:5], 4), queries.specs, 2)
+    b = build_index(world.pt, make_batches(world.corpus[5:], 4), queries.specs, 2)
+    a.save(tmp_path / "a")
+    a = CorpusIndex.load(tmp_path / "a")  # through the artifact format
+    torch.testing.assert_close(
+        torch.cat([index_scores(queries, a), index_scores(queries, b)], 1), approx
+    )
+    whole = top_candidates(queries, [("whole", rank2)], 4)
+    split = top_candidates(queries, [("a", a), ("b", b)], 4)
+    assert [[d for d, _ in whole[q]] for q in whole] == [[d for d, _ in split[q]] for q in split]
+    for qid, rows in whole.items():
+        q = queries.query_ids.index(qid)
+        want = torch.topk(approx[q], 4).indices.tolist()
+        assert [d for d, _ in rows] == [rank2.doc_ids[j] for j in want]
+
+
+def test_index_refuses_queries_it_cannot_serve(world):
+    queries = world.precondition()
+    index = build_index(world.pt, make_batches(world.corpus[:4], 4), queries.specs, 2)
+    with pytest.raises(MismatchError, match="single-stage queries pair with corpus gradients"):
+        index_scores(world.precondition("single-stage"), index)
+    at_ft = build_index(world.ft, make_batches(world.corpus[:4], 4), queries.specs, 2)
+    with pytest.raises(MismatchError, match="other model weights"):
+        index_scores(queries, at_ft)
+    first = next(iter(queries.specs))
+    fewer = build_index(
+        world.pt,
+        make_batches(world.corpus[:4], 4),
+        {k: v for k, v in queries.specs.items() if k != first},
+        2,
+    )
+    with pytest.raises(MismatchError, match=f"no factors of module '{first}'"):
+        index_scores(queries, fewer)
+
+
+def test_split_heads_index_is_exact(world):
+    queries = world.precondition(modules=ModuleSelection(split_heads=True))
+    index = build_index(
+        world.pt, make_batches(world.corpus, 4), queries.specs, 64, dtype=torch.float64
+    )
+    expected = msif.score(world.pt, make_batches(world.corpus, 4), queries).values
+    torch.testing.assert_close(
+        index_scores(queries, index), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max())
+    )
