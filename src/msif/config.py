@@ -230,17 +230,29 @@ class ScoreOptions:
 
 
 INDEX_DTYPES = ("float32", "bfloat16", "float16")
+INDEX_TIERS = ("factored", "projected")
 
 
 @dataclass(frozen=True)
 class IndexOptions:
     """How the corpus index stores each document's gradient."""
 
-    index_rank: int = option(4, "singular triplets kept per document and module (factored tier)")
-    index_dtype: str = option("float32", "dtype the factors are stored in", choices=INDEX_DTYPES)
+    index_tier: str = option(
+        "factored",
+        "factored: top-r singular triplets per module (near-exact); projected: a fixed number "
+        "of values per document (internet scale)",
+        choices=INDEX_TIERS,
+    )
+    index_rank: int = option(4, "singular triplets kept per document and module")
+    index_values: int = option(4096, "values per document of the projected tier")
+    index_seed: int = option(0, "seed of the projected tier's random projection")
+    index_dtype: str = option("float32", "dtype the index is stored in", choices=INDEX_DTYPES)
 
     def __post_init__(self) -> None:
+        _one_of("index_tier", self.index_tier, INDEX_TIERS)
         _integer("index_rank", self.index_rank, 1)
+        _integer("index_values", self.index_values, 1)
+        _integer("index_seed", self.index_seed, 0, MAX_SEED)
         _one_of("index_dtype", self.index_dtype, INDEX_DTYPES)
 
 

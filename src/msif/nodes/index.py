@@ -74,6 +74,10 @@ def run(
     from msif.ekfac.factors import Factors
     from msif.index.factored import build_index
 
+    if indexing.index_tier != "factored":
+        from msif.errors import OptionError
+
+        raise OptionError(f"--index-tier {indexing.index_tier} is not available yet: use factored")
     runtime.check_output(out_uri, model_uri, corpus_uri, pt_factors_uri, base_model_uri)
     data = data or DataOptions()
     corpus = runtime.open_table(corpus_uri, data)
