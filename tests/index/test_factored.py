@@ -40,7 +40,7 @@ def world():
             **kw,
         )
 
-    return SimpleNamespace(pt=pt, ft=ft, corpus=corpus, precondition=precondition)
+    return SimpleNamespace(pt=pt, ft=ft, corpus=corpus, precondition=precondition, fpt=fpt)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7, 6), (2, 9, 4, 5)])  # T below, T above the widths
@@ -133,6 +133,52 @@ def test_split_heads_index_is_exact(world):
     index = build_index(
         world.pt, make_batches(world.corpus, 4), queries.specs, 64, dtype=torch.float64
     )
+    expected = msif.score(world.pt, make_batches(world.corpus, 4), queries).values
+    torch.testing.assert_close(
+        index_scores(queries, index), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max())
+    )
+
+
+def test_whitened_factors_are_exact_at_full_rank_and_best_in_their_norm():
+    from msif.core.linalg import rotate_output
+    from msif.index.factored import Metric, whitened_document_factors
+
+    b, t, i, o = 3, 5, 7, 6
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(b, t, i, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, t, o, generator=gen, dtype=torch.float64)
+    q_a = torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0]
+    q_g = torch.stack([torch.linalg.qr(torch.randn(3, 3, generator=gen).double())[0] for _ in "ab"])
+    d_a = torch.rand(i, generator=gen, dtype=torch.float64) + 0.1
+    d_g = torch.rand(o, generator=gen, dtype=torch.float64) + 0.1
+    metric = Metric(q_a, q_g, d_a, d_g, 1.0)
+    dw = g.mT @ a
+    u, s, v = whitened_document_factors(a, g, 5, metric)
+    torch.testing.assert_close(torch.einsum("bro,br,bri->boi", u, s, v), dw)
+
+    def whitened(x):  # D_G^-1 Q_Gᵀ x Q_A D_A^-1, x (B, out, in')
+        rows = rotate_output((x @ q_a).mT, q_g).mT  # Q_Gᵀ on the output axis
+        return rows / d_g[:, None] / d_a[None, :]
+
+    u, s, v = whitened_document_factors(a, g, 2, metric)
+    err = torch.linalg.matrix_norm(whitened(dw - torch.einsum("bro,br,bri->boi", u, s, v)))
+    sv = torch.linalg.svdvals(whitened(dw))
+    torch.testing.assert_close(err, sv[:, 2:].norm(dim=-1))  # Eckart–Young in that norm
+    plain = document_factors(a, g, 2)
+    worse = torch.linalg.matrix_norm(whitened(dw - torch.einsum("bro,br,bri->boi", *plain)))
+    assert bool((err <= worse + 1e-12).all()) and bool((err < worse).any())
+
+
+def test_whitened_index_is_exact_at_full_rank_through_the_node_metric(world):
+    from msif.index.factored import pt_metric
+
+    queries = world.precondition()
+    fpt = world.fpt
+    metrics = {n: pt_metric(fpt, n, 0.01, 0.5) for n in fpt.specs}
+    index = build_index(
+        world.pt, make_batches(world.corpus, 4), queries.specs, 64, dtype=torch.float64,
+        metrics=metrics,
+    )  # fmt: skip
     expected = msif.score(world.pt, make_batches(world.corpus, 4), queries).values
     torch.testing.assert_close(
         index_scores(queries, index), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max())

@@ -19,6 +19,7 @@ from torch import nn
 from msif.core.artifact import Artifact, module_specs, per_module
 from msif.core.fingerprint import model_fingerprint
 from msif.core.hooks import hooked_batches
+from msif.core.linalg import rotate_output
 from msif.core.modules import ModuleSpec
 from msif.errors import MsifError
 
@@ -58,6 +59,50 @@ def document_factors(
     return u.contiguous(), s.contiguous(), v.contiguous()
 
 
+@dataclass(frozen=True)
+class Metric:
+    """The norm a module's truncation minimises: ‖D_G^-p Q_Gᵀ X Q_A D_A^-p‖_F.
+
+    Q_A, Q_G are the pre-train eigenbasis; D_G d_Aᵀ is a rank-1 fit of Λ + λ. Queries reach
+    the corpus through (F_pt + λI)⁻¹, which weights directions of low curvature most: a plain
+    SVD keeps the high-energy (high-curvature) directions of DW_z, which that inverse shrinks.
+    power 0 is the plain Frobenius norm.
+    """
+
+    q_a: torch.Tensor
+    q_g: torch.Tensor
+    d_a: torch.Tensor
+    d_g: torch.Tensor
+    power: float
+
+
+def pt_metric(factors, name: str, lambda_: float, power: float) -> Metric:
+    """The metric of one module from pre-train factors and the damping λ of the queries."""
+    d = factors.lambdas[name].double() + lambda_
+    d_g = d.mean(1)
+    d_a = d.mean(0) / d.mean()
+    return Metric(
+        factors.activation_eigvecs[name].double(),
+        factors.gradient_eigvecs[name].double(),
+        d_a,
+        d_g,
+        power,
+    )
+
+
+def whitened_document_factors(
+    a: torch.Tensor, g: torch.Tensor, rank: int, metric: Metric
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """document_factors, truncated in the metric's norm; U S Vᵀ stays in weight coordinates
+    (exact at full rank), so a lookup needs nothing but the factors."""
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    q_a, q_g = metric.q_a.to(a.device, work), metric.q_g.to(a.device, work)
+    sa = metric.d_a.to(a.device, work) ** metric.power
+    sg = metric.d_g.to(a.device, work) ** metric.power
+    u, s, v = document_factors((a.to(work) @ q_a) / sa, rotate_output(g.to(work), q_g) / sg, rank)
+    return rotate_output(u * sg, q_g.mT), s, (v * sa) @ q_a.T
+
+
 @dataclass
 class CorpusIndex(Artifact):
     """One corpus shard's documents as per-module factors U (N, r, out), S (N, r), V (N, r, in').
@@ -94,8 +139,10 @@ def build_index(
     *,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    metrics: dict[str, Metric] | None = None,
 ) -> CorpusIndex:
-    """Factor every document's loss gradient (true labels) at model, module by module."""
+    """Factor every document's loss gradient (true labels) at model, module by module;
+    metrics: per module the norm the truncation minimises (default: Frobenius)."""
     doc_ids: list[str] = []
     parts: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in specs}
     for hb in hooked_batches(model, batches, specs, progress=progress, desc="index"):
@@ -104,7 +151,12 @@ def build_index(
         doc_ids += list(ids) if ids is not None else [f"row-{len(doc_ids) + j}" for j in range(n)]
         # Padding needs no mask: its g is exactly zero, so it adds nothing to Gᵀ A.
         for spec, a, g in hb.modules():
-            usv = document_factors(a, g, rank)
+            metric = (metrics or {}).get(spec.name)
+            usv = (
+                document_factors(a, g, rank)
+                if metric is None
+                else whitened_document_factors(a, g, rank, metric)
+            )
             parts[spec.name].append(tuple(x.to("cpu", dtype) for x in usv))
     factors = {
         name: tuple(

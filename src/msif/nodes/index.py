@@ -13,6 +13,19 @@ from msif.nodes import runtime
 
 NAME = "index"
 log = logging.getLogger("msif")
+# λ of the whitening metric, relative to each module's mean Λ: the queries' default damping.
+WHITENING_DAMPING = 0.1
+
+
+def whitening_metrics(factors, power: float) -> dict | None:
+    """Per module the norm the truncation minimises (None: plain SVD)."""
+    from msif.ekfac.factors import Damping
+    from msif.index.factored import pt_metric
+
+    if power == 0:
+        return None
+    rule = Damping(WHITENING_DAMPING)
+    return {n: pt_metric(factors, n, factors.damping_for(n, rule), power) for n in factors.specs}
 
 
 def add_parser(sub) -> None:
@@ -100,6 +113,7 @@ def run(
     examples, source, rows = runtime.shard_examples(
         model, tokenizer, corpus_uri, shard, num_shards, options, data, corpus=True, source=corpus
     )
+    metrics = whitening_metrics(factors, indexing.index_whitening)
     index = build_index(
         model,
         batches(examples, options.batch_size, pad_id_of(tokenizer)),
@@ -107,6 +121,7 @@ def run(
         indexing.index_rank,
         dtype=getattr(torch, indexing.index_dtype),
         progress=options.progress,
+        metrics=metrics,
     )
     meta = {"node": NAME, "shard": shard, "num_shards": num_shards, "inputs": key}
     index.info.update(
@@ -119,6 +134,8 @@ def run(
             "tokenizer": tokenizer_identity(tokenizer),
             "max_length": options.max_length,
             "index_dtype": indexing.index_dtype,
+            "index_whitening": indexing.index_whitening,
+            "whitening_damping_factor": WHITENING_DAMPING,
             "values_per_document": index.values_per_document(),
             "data_options": data.recorded(),
         }
