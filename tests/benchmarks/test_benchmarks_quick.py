@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` puts only tests/ on the path
 
 from benchmarks import (  # noqa: E402
     exactness,
+    index,
     kronfluence_compare,
     rank_tracking,
     scaling,
@@ -143,3 +144,21 @@ def test_sensitivity_quick_covers_the_grid_and_multi_stage_beats_the_gradient_do
     dot = next(r["mrr"] for r in rows if r["method"] == "gradient-dot")
     multi = [r for r in rows if r["method"] == "multi-stage" and r["alpha"] is not None]
     assert all(r["mrr"] > dot for r in multi)
+
+
+def test_index_quick_agreement_grows_with_rank_and_speed_beats_the_scan(capsys):
+    rows = index.main(["--quick", "--ranks", "1", "8", "--powers", "0", "0.5"])
+    assert "| method | index | values/doc | Spearman mean |" in capsys.readouterr().out
+    by = {(r["method"], r["rank"], r["power"]): r for r in rows}
+    for method in ("multi-stage", "gradient-dot"):
+        for power in (0.0, 0.5):
+            low, high = by[(method, 1, power)], by[(method, 8, power)]
+            assert low["spearman_mean"] < high["spearman_mean"]
+            assert high["spearman_mean"] > 0.97
+            assert high["values_per_doc"] == 8 * low["values_per_doc"]
+    # Whitening serves the queries that see F_pt⁻¹: multi-stage gains at a tight rank.
+    assert (
+        by[("multi-stage", 1, 0.5)]["spearman_mean"] > by[("multi-stage", 1, 0.0)]["spearman_mean"]
+    )
+    fast = index.main(["--speed", "--lengths", "128", "--docs", "8", "--repeat", "1"])
+    assert fast[0]["scan"] > 5 * fast[0]["lookup"]
