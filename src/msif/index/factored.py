@@ -45,11 +45,10 @@ def document_factors(
         # Gᵀ A = Q_g (R_g R_aᵀ) Q_aᵀ with Gᵀ = Q_g R_g, Aᵀ = Q_a R_a: an SVD of T × T.
         qg, rg = torch.linalg.qr(g.mT)  # (B, out, T), (B, T, T)
         qa, ra = torch.linalg.qr(a.mT)  # (B, in', T), (B, T, T)
-        uc, s, vch = torch.linalg.svd(rg @ ra.mT)
-        u, v = qg @ uc, qa @ vch.mT
+        uc, s, vc = _core_svd(rg @ ra.mT, rank)
+        u, v = qg @ uc, qa @ vc
     else:
-        u, s, vh = torch.linalg.svd(g.mT @ a, full_matrices=False)
-        v = vh.mT
+        u, s, v = _core_svd(g.mT @ a, rank)
     k = min(rank, s.shape[-1])
     u, s, v = u[..., :k].mT, s[..., :k], v[..., :k].mT
     if k < rank:  # a document of fewer tokens than the rank: zero triplets fill the rest
@@ -57,6 +56,32 @@ def document_factors(
         v = torch.cat([v, v.new_zeros(b, rank - k, i)], dim=1)
         s = torch.cat([s, s.new_zeros(b, rank - k)], dim=1)
     return u.contiguous(), s.contiguous(), v.contiguous()
+
+
+def _core_svd(c: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (B, m, k), S (B, k), V (B, n, k) of c (B, m, n), singular values descending.
+
+    For a few triplets of a larger core, the eigenvectors of c cᵀ in float64 cost a fraction
+    of a full SVD; squaring the condition number is harmless there, as the triplets kept are
+    the large ones (float64 keeps 1e-8 of the largest). Near full rank: the SVD, exact.
+    """
+    m, n = c.shape[-2:]
+    if 2 * rank > min(m, n):
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        return u, s, vh.mT
+    small = c.double()
+    gram = small @ small.mT if m <= n else small.mT @ small
+    vals, vecs = torch.linalg.eigh(gram)  # ascending
+    vals, vecs = vals.flip(-1)[..., :rank].clamp_min(0), vecs.flip(-1)[..., :rank]
+    s = vals.sqrt()
+    keep = s > s[..., :1] * 1e-8  # a document of lower rank: its extra triplets are zero
+    inv = torch.where(keep, 1.0 / torch.where(keep, s, 1.0), 0.0)
+    if m <= n:
+        u, v = vecs, (small.mT @ vecs) * inv[..., None, :]
+    else:
+        u, v = (small @ vecs) * inv[..., None, :], vecs
+    s = torch.where(keep, s, 0.0)
+    return u.to(c.dtype), s.to(c.dtype), v.to(c.dtype)
 
 
 @dataclass(frozen=True)
