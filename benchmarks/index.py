@@ -31,6 +31,7 @@ from msif.data.examples import batches
 from msif.ekfac.factors import Damping
 from msif.index.factored import build_index, pt_metric
 from msif.index.lookup import index_scores
+from msif.index.projected import build_projected_index
 
 METHODS = ("multi-stage", "gradient-dot")
 
@@ -75,7 +76,14 @@ def agreement(args) -> list[dict]:
             start = time.perf_counter()
             index = build_index(pt, batches(docs, 16, pad), fpt.specs, r, metrics=metrics)
             index.info["build_s"] = time.perf_counter() - start
-            indexes[(power, r)] = index
+            indexes[("factored", power, r)] = index
+    for power in args.powers:
+        damping = {n: fpt.damping_for(n, Damping(args.damping_factor)) for n in fpt.specs}
+        for values in args.values:
+            start = time.perf_counter()
+            index = build_projected_index(pt, batches(docs, 16, pad), fpt, values, power, damping)
+            index.info["build_s"] = time.perf_counter() - start
+            indexes[("projected", power, values)] = index
     for method in METHODS:
         pre = msif.precondition_queries(
             ft,
@@ -88,13 +96,16 @@ def agreement(args) -> list[dict]:
         )
         exact = msif.score(pt, batches(docs, 16, pad), pre).values.double()
         scan_mrr = mrr(exact, qids, dids, relevant)[0]
-        for (power, r), index in indexes.items():
-            approx = index_scores(pre, index)
+        for key, index in indexes.items():
+            tier = key[0] if key[0] == "projected" else "factored"
+            power, r = key[-2:]
+            approx = index_scores(pre, index, factors=fpt)
             rho = [spearman(approx[q], exact[q]) for q in range(len(qids))]
             held, reranked, c = recovery(approx, exact, args.fraction)
             row = {
                 "method": method,
-                "rank": r,
+                "tier": tier,
+                "rank": r if tier == "factored" else None,
                 "power": power,
                 "values_per_doc": index.values_per_document(),
                 "spearman_mean": sum(rho) / len(rho),
@@ -106,7 +117,8 @@ def agreement(args) -> list[dict]:
             }
             rows.append(row)
             print(
-                f"| {method} | factored r={r} p={power:g} | {row['values_per_doc']} | "
+                f"| {method} | {tier} {'r' if tier == 'factored' else 'k'}={r} p={power:g} | "
+                f"{row['values_per_doc']} | "
                 f"{row['spearman_mean']:.3f} | {row['spearman_min']:.3f} | "
                 f"{row['top10_held']:.1%} | {row['mrr_reranked']:.3f} | {scan_mrr:.3f} |"
             )
@@ -170,6 +182,13 @@ def main(argv=None) -> list[dict]:
         help="metric powers of the truncation (0: plain SVD)",
     )
     p.add_argument("--damping-factor", type=float, default=0.1)
+    p.add_argument(
+        "--values",
+        type=int,
+        nargs="+",
+        default=[1024, 4096, 16384],
+        help="values per document of the projected tier",
+    )
     p.add_argument("--fraction", type=float, default=0.05, help="candidates: share of the corpus")
     p.add_argument("--speed", action="store_true")
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])

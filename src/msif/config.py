@@ -250,8 +250,9 @@ class IndexOptions:
         "‖D^-p Q_Gᵀ(DW − DW_r)Q_A‖ (0: plain SVD; 0.5 was best for multi-stage and gradient-dot "
         "queries together on the fact world)",
     )
-    index_values: int = option(4096, "values per document of the projected tier")
-    index_seed: int = option(0, "seed of the projected tier's random projection")
+    index_values: int = option(
+        4096, "values per document of the projected tier (a value and an index per coordinate)"
+    )
     index_dtype: str = option("float32", "dtype the index is stored in", choices=INDEX_DTYPES)
 
     def __post_init__(self) -> None:
@@ -260,7 +261,6 @@ class IndexOptions:
         if not 0.0 <= self.index_whitening <= 2.0:  # NaN fails too
             raise OptionError(f"--index-whitening must be in [0, 2], not {self.index_whitening!r}")
         _integer("index_values", self.index_values, 1)
-        _integer("index_seed", self.index_seed, 0, MAX_SEED)
         _one_of("index_dtype", self.index_dtype, INDEX_DTYPES)
 
 

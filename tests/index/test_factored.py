@@ -183,3 +183,64 @@ def test_whitened_index_is_exact_at_full_rank_through_the_node_metric(world):
     torch.testing.assert_close(
         index_scores(queries, index), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max())
     )
+
+
+# ----------------------------------------------------------------------------- projected tier
+
+
+def test_projected_index_with_every_coordinate_is_exact(world):
+    from msif.index.projected import build_projected_index, module_budgets
+
+    queries = world.precondition()
+    fpt = world.fpt
+    damping = {n: 0.01 for n in fpt.specs}
+    everything = 2 * sum(lam.numel() for lam in fpt.lambdas.values())
+    assert (
+        sum(module_budgets(fpt.lambdas, damping, everything // 2, 0.5).values()) == everything // 2
+    )
+    index = build_projected_index(
+        world.pt, make_batches(world.corpus, 4), fpt, everything, 0.5, damping,
+        dtype=torch.float64,
+    )  # fmt: skip
+    assert index.values_per_document() == everything
+    expected = msif.score(world.pt, make_batches(world.corpus, 4), queries).values
+    got = index_scores(queries, index, factors=fpt)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+
+
+def test_projected_index_keeps_each_documents_largest_coordinates(world, tmp_path):
+    from msif.index.projected import ProjectedIndex, build_projected_index
+
+    queries = world.precondition()
+    fpt = world.fpt
+    damping = {n: fpt.damping_for(n, msif.Damping(0.1)) for n in fpt.specs}
+    index = build_projected_index(
+        world.pt, make_batches(world.corpus, 4), fpt, 256, 0.5, damping, dtype=torch.float64
+    )
+    assert index.values_per_document() == 256
+    index.save(tmp_path / "p")
+    index = ProjectedIndex.load(tmp_path / "p")
+    # Against the dense per-document gradients in the eigenbasis: the kept coordinates are the
+    # largest in |·|/(Λ+λ)^½, and the score is the query read there.
+    grads = per_example_gradients(world.pt, world.corpus, fpt.specs)
+    approx = torch.zeros(queries.num_queries, len(world.corpus), dtype=torch.float64)
+    for name in fpt.specs:
+        rotated = fpt.to_eigenbasis(name, grads[name]).reshape(len(world.corpus), -1)
+        values, idx = index.coordinates[name]
+        weight = (fpt.lambdas[name].double() + damping[name]).reshape(-1) ** 0.5
+        k = values.shape[1]
+        want = (rotated.abs() / weight).topk(k, dim=1).values
+        got = (values.abs() / weight[idx.long()]).sort(dim=1, descending=True).values
+        torch.testing.assert_close(got, want)
+        w = fpt.to_eigenbasis(name, queries.weight(name).double()).reshape(queries.num_queries, -1)
+        approx += torch.stack(
+            [(w[:, idx[j].long()] * values[j]).sum(1) for j in range(len(idx))], 1
+        )
+    torch.testing.assert_close(index_scores(queries, index, factors=fpt), approx)
+    with pytest.raises(MsifError, match="needs its pre-train factors"):
+        index_scores(queries, index)
+    other = msif.fit_factors(
+        world.pt, lambda: make_batches(world.corpus[:5], 4), stage="pt", dtype=torch.float64
+    )
+    with pytest.raises(MismatchError, match="another pre-train eigenbasis"):
+        index_scores(queries, index, factors=other)

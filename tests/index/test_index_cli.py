@@ -30,14 +30,14 @@ def msif(*argv) -> None:
     assert main([str(a) for a in argv]) == 0, f"msif {' '.join(map(str, argv))} failed"
 
 
-def index_shards(world, name: str, rank: int, num_shards: int = 2) -> list[Path]:
+def index_shards(world, name: str, rank: int, num_shards: int = 2, *extra) -> list[Path]:
     outs = []
     for shard in range(num_shards):
         out = world["root"] / name / str(shard)
         msif(
             "index", "--model", world["pt_model"], "--corpus", world["corpus"],
             "--pt-factors", world["pt_factors"], "--shard", shard, "--num-shards", num_shards,
-            "--index-rank", rank, "--out", out, *COMMON,
+            "--index-rank", rank, "--out", out, *COMMON, *extra,
         )  # fmt: skip
         outs.append(out)
     return outs
@@ -117,3 +117,24 @@ def test_lookup_refuses_mixed_or_missing_shards(world, tmp_path, capsys):
     assert main([str(a) for a in [*argv, "--index", full[0], bad]]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("msif: error:")
+
+
+def test_projected_tier_with_every_coordinate_gives_the_scan(world, tmp_path, capsys):
+    from msif.ekfac.factors import Factors
+
+    fpt = Factors.load(world["pt_factors"])
+    everything = 2 * sum(lam.numel() for lam in fpt.lambdas.values())
+    shards = index_shards(
+        world, "index-projected", 1, 2, "--index-tier", "projected", "--index-values", everything
+    )
+    argv = ["lookup", "--index", *shards, "--preconditioned", world["pre"], "--top-c", 12]
+    assert main([str(a) for a in [*argv, "--out", tmp_path / "no"]]) == 1
+    assert "needs --pt-factors" in capsys.readouterr().err
+    msif(*argv, "--pt-factors", world["pt_factors"], "--out", tmp_path / "cand")
+    exact = scan_scores(world)
+    cand = pq.read_table(tmp_path / "cand" / "candidates.parquet").to_pylist()
+    assert len(cand) == 12 * len({q for q, _ in exact})
+    scale = max(abs(v) for v in exact.values())
+    for r in cand:
+        want = exact[(r["query_id"], r["doc_id"])]
+        assert r["index_score"] == pytest.approx(want, rel=1e-4, abs=1e-5 * scale)

@@ -15,14 +15,26 @@ import torch
 from msif.attribution.precondition import METHOD_INFO, PreconditionedQueries
 from msif.core.artifact import specs_from_meta
 from msif.core.fingerprint import check_fingerprint
-from msif.errors import MismatchError
+from msif.errors import MismatchError, MsifError
 from msif.index.factored import CorpusIndex
+from msif.index.projected import ProjectedIndex, check_factors, projected_module_scores
 
 # Intermediate tensors are chunked over documents to about this many elements.
 CHUNK_ELEMENTS = 1 << 24
 
 
-def check_pairing(queries: PreconditionedQueries, index: CorpusIndex, where: str) -> None:
+def load_index(directory) -> CorpusIndex | ProjectedIndex:
+    """The index artifact in directory, of either tier."""
+    from pathlib import Path
+
+    if (Path(directory) / f"{ProjectedIndex.stem}.json").exists():
+        return ProjectedIndex.load(directory)
+    return CorpusIndex.load(directory)
+
+
+def check_pairing(
+    queries: PreconditionedQueries, index: CorpusIndex | ProjectedIndex, where: str
+) -> None:
     """Refuse an index that was not made at the queries' corpus model or lacks their modules."""
     corpus_model = METHOD_INFO[queries.method].corpus_model
     if corpus_model != "pt":
@@ -49,14 +61,28 @@ def check_pairing(queries: PreconditionedQueries, index: CorpusIndex, where: str
 
 
 def index_scores(
-    queries: PreconditionedQueries, index: CorpusIndex, where: str = "the index"
+    queries: PreconditionedQueries,
+    index: CorpusIndex | ProjectedIndex,
+    where: str = "the index",
+    factors=None,
 ) -> torch.Tensor:
-    """Scores (Q, N) of every indexed document on every query, summed over the queries' modules."""
+    """Scores (Q, N) of every indexed document on every query, summed over the queries' modules.
+
+    factors: the pre-train factors a projected index was built in (it stores eigenbasis
+    coordinates, into which the queries are rotated); unused by a factored index.
+    """
     check_pairing(queries, index, where)
+    if isinstance(index, ProjectedIndex):
+        if factors is None:
+            raise MsifError(f"{where} is a projected index: the lookup needs its pre-train factors")
+        check_factors(index, factors, where)
     total = torch.zeros(queries.num_queries, index.num_docs, dtype=torch.float64)
     for name in queries.specs:
-        u, s, v = index.factors[name]
-        total += _module_scores(queries, name, u, s, v).double()
+        if isinstance(index, ProjectedIndex):
+            total += projected_module_scores(queries, factors, index, name, CHUNK_ELEMENTS)
+        else:
+            u, s, v = index.factors[name]
+            total += _module_scores(queries, name, u, s, v).double()
     return total
 
 
@@ -90,7 +116,10 @@ def _module_scores(queries, name, u, s, v) -> torch.Tensor:
 
 
 def top_candidates(
-    queries: PreconditionedQueries, shards: Iterable[tuple[str, CorpusIndex]], top_c: int
+    queries: PreconditionedQueries,
+    shards: Iterable[tuple[str, CorpusIndex | ProjectedIndex]],
+    top_c: int,
+    factors=None,
 ) -> dict[str, list[tuple[str, float]]]:
     """The top_c documents per query by index score over every shard: query id → [(doc, score)].
 
@@ -99,7 +128,7 @@ def top_candidates(
     best_scores = torch.empty(queries.num_queries, 0, dtype=torch.float64)
     best_ids: list[list[str]] = [[] for _ in range(queries.num_queries)]
     for where, index in shards:
-        scores = index_scores(queries, index, where)
+        scores = index_scores(queries, index, where, factors)
         merged = torch.cat([best_scores, scores], dim=1)
         k = min(top_c, merged.shape[1])
         top = torch.topk(merged, k, dim=1, sorted=True)

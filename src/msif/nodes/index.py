@@ -34,9 +34,10 @@ def add_parser(sub) -> None:
         sub,
         NAME,
         "index one corpus shard: each document's gradient at θ_pt, factored",
-        "One forward and backward pass per batch at θ_pt; per document and module the top-r\n"
-        "singular triplets of its gradient (exact at full rank). `msif lookup` scores queries\n"
-        "against the index; `score-corpus --candidates` reranks what it found, exactly.",
+        "One forward and backward pass per batch at θ_pt. Factored tier: per document and\n"
+        "module the top-r singular triplets of its gradient (exact at full rank); projected\n"
+        "tier: a fixed number of its coordinates in the pre-train eigenbasis. `msif lookup`\n"
+        "scores queries against it; `score-corpus --candidates` reranks what it found, exactly.",
     )
     p.add_argument("--model", required=True, help="the pre-trained model θ_pt")
     runtime.add_base_model_argument(p)
@@ -84,13 +85,10 @@ def run(
 
     from msif.data.examples import batches, pad_id_of
     from msif.data.models import tokenizer_identity
-    from msif.ekfac.factors import Factors
+    from msif.ekfac.factors import Damping, Factors
     from msif.index.factored import build_index
+    from msif.index.projected import build_projected_index
 
-    if indexing.index_tier != "factored":
-        from msif.errors import OptionError
-
-        raise OptionError(f"--index-tier {indexing.index_tier} is not available yet: use factored")
     runtime.check_output(out_uri, model_uri, corpus_uri, pt_factors_uri, base_model_uri)
     data = data or DataOptions()
     corpus = runtime.open_table(corpus_uri, data)
@@ -113,16 +111,30 @@ def run(
     examples, source, rows = runtime.shard_examples(
         model, tokenizer, corpus_uri, shard, num_shards, options, data, corpus=True, source=corpus
     )
-    metrics = whitening_metrics(factors, indexing.index_whitening)
-    index = build_index(
-        model,
-        batches(examples, options.batch_size, pad_id_of(tokenizer)),
-        factors.specs,
-        indexing.index_rank,
-        dtype=getattr(torch, indexing.index_dtype),
-        progress=options.progress,
-        metrics=metrics,
-    )
+    stream = batches(examples, options.batch_size, pad_id_of(tokenizer))
+    dtype = getattr(torch, indexing.index_dtype)
+    if indexing.index_tier == "projected":
+        rule = Damping(WHITENING_DAMPING)
+        index = build_projected_index(
+            model,
+            stream,
+            factors,
+            indexing.index_values,
+            indexing.index_whitening,
+            {n: factors.damping_for(n, rule) for n in factors.specs},
+            dtype=dtype,
+            progress=options.progress,
+        )
+    else:
+        index = build_index(
+            model,
+            stream,
+            factors.specs,
+            indexing.index_rank,
+            dtype=dtype,
+            progress=options.progress,
+            metrics=whitening_metrics(factors, indexing.index_whitening),
+        )
     meta = {"node": NAME, "shard": shard, "num_shards": num_shards, "inputs": key}
     index.info.update(
         {
@@ -133,6 +145,8 @@ def run(
             "model": model_uri,
             "tokenizer": tokenizer_identity(tokenizer),
             "max_length": options.max_length,
+            "tier": indexing.index_tier,
+            "rank": indexing.index_rank if indexing.index_tier == "factored" else None,
             "index_dtype": indexing.index_dtype,
             "index_whitening": indexing.index_whitening,
             "whitening_damping_factor": WHITENING_DAMPING,
@@ -143,10 +157,10 @@ def run(
     with runtime.published(out_uri, meta) as tmp:
         index.save(tmp)
     log.info(
-        "indexed %d documents of shard %d/%d at rank %d (%d values each)",
+        "indexed %d documents of shard %d/%d, %s tier (%d values each)",
         index.num_docs,
         shard,
         num_shards,
-        index.rank,
+        indexing.index_tier,
         index.values_per_document(),
     )

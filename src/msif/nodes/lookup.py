@@ -41,10 +41,19 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--index", nargs="+", required=True, help="every shard's index output")
     p.add_argument("--preconditioned", required=True, help="the precondition-queries output")
+    p.add_argument(
+        "--pt-factors", help="the pre-train factors the index was built with (projected tier)"
+    )
     runtime.add_out_argument(p, "where the candidates go")
     add_options(p, LookupOptions)
     p.set_defaults(
-        run=lambda a: run(a.index, a.preconditioned, a.out, from_namespace(LookupOptions, a))
+        run=lambda a: run(
+            a.index,
+            a.preconditioned,
+            a.out,
+            from_namespace(LookupOptions, a),
+            pt_factors_uri=a.pt_factors,
+        )
     )
 
 
@@ -54,7 +63,8 @@ def check_shards(infos: Sequence[dict]) -> None:
         raise MismatchError("the index shards come from different corpora")
     if len({i.get("num_shards") for i in infos}) != 1:
         raise MismatchError("the index shards come from different shardings")
-    if len({(i.get("rank"), i.get("index_dtype")) for i in infos}) != 1:
+    settings = ("tier", "rank", "values_per_document", "index_whitening", "index_dtype")
+    if len({tuple(i.get(k) for k in settings) for i in infos}) != 1:
         raise MismatchError("the index shards were built with different compression settings")
     total, seen = infos[0]["num_shards"], sorted(i.get("shard") for i in infos)
     if len(seen) != len(set(seen)):
@@ -66,22 +76,36 @@ def check_shards(infos: Sequence[dict]) -> None:
 
 @runtime.timed
 def run(
-    index_uris: Sequence[str], preconditioned_uri: str, out_uri: str, lookup: LookupOptions
+    index_uris: Sequence[str],
+    preconditioned_uri: str,
+    out_uri: str,
+    lookup: LookupOptions,
+    *,
+    pt_factors_uri: str | None = None,
 ) -> None:
-    """Top-C candidates per query over every index shard."""
+    """Top-C candidates per query over every index shard (a projected index also needs the
+    pre-train factors it was built in)."""
     import pyarrow.parquet as pq
 
     from msif.attribution.precondition import PreconditionedQueries
-    from msif.index.factored import CorpusIndex
-    from msif.index.lookup import check_pairing, top_candidates
+    from msif.ekfac.factors import Factors
+    from msif.index.lookup import check_pairing, load_index, top_candidates
+    from msif.index.projected import ProjectedIndex, check_factors
 
-    runtime.check_output(out_uri, index_uris, preconditioned_uri)
+    runtime.check_output(out_uri, index_uris, preconditioned_uri, pt_factors_uri)
     queries = PreconditionedQueries.load(runtime.input_dir(preconditioned_uri))
-    shards = [(uri, CorpusIndex.load(runtime.input_dir(uri))) for uri in index_uris]
-    check_shards([{**ix.info, "rank": ix.rank} for _, ix in shards])
+    shards = [(uri, load_index(runtime.input_dir(uri))) for uri in index_uris]
+    check_shards([ix.info for _, ix in shards])
+    factors = None
+    if any(isinstance(ix, ProjectedIndex) for _, ix in shards):
+        if pt_factors_uri is None:
+            raise MsifError("a projected index needs --pt-factors: those it was built with")
+        factors = Factors.load(runtime.input_dir(pt_factors_uri), stage="pt")
     for uri, ix in shards:  # every refusal before any work
         check_pairing(queries, ix, uri)
-    candidates = top_candidates(queries, shards, lookup.top_c)
+        if factors is not None:
+            check_factors(ix, factors, uri)
+    candidates = top_candidates(queries, shards, lookup.top_c, factors)
     rows = [
         (qid, doc, score, rank)
         for qid, found in candidates.items()
@@ -98,7 +122,8 @@ def run(
         "num_docs": sum(ix.num_docs for _, ix in shards),
         "num_candidates": len({r[1] for r in rows}),
         "index": list(index_uris),
-        "index_rank": first.rank,
+        "tier": first.info.get("tier"),
+        "index_rank": first.info.get("rank"),
         "values_per_document": first.values_per_document(),
         "corpus_fingerprint": first.info.get("corpus_fingerprint"),
         "queries_fingerprint": queries.info.get("queries_fingerprint"),
