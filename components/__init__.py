@@ -11,6 +11,8 @@ from msif.components.eigendecompose import eigendecompose
 from msif.components.fit_covariance import fit_covariance
 from msif.components.fit_lambda import fit_lambda
 from msif.components.image import DEFAULT_IMAGE, IMAGE, IMAGE_ENV
+from msif.components.index import index
+from msif.components.lookup import lookup
 from msif.components.precondition_queries import precondition_queries
 from msif.components.rank import rank
 from msif.components.score_corpus import score_corpus
@@ -23,6 +25,8 @@ COMPONENTS = {
     "fit-lambda": fit_lambda,
     "build-factors": build_factors,
     "precondition-queries": precondition_queries,
+    "index": index,
+    "lookup": lookup,
     "score-corpus": score_corpus,
     "bm25": bm25,
     "rank": rank,

@@ -9,9 +9,6 @@ from msif.components.image import IMAGE
 def rank(
     corpus: str,
     queries: str,
-    multi_stage_scores: Input[list[Artifact]],
-    single_stage_scores: Input[list[Artifact]],
-    gradient_dot_scores: Input[list[Artifact]],
     bm25_scores: Input[Artifact],
     pt_factors: Input[Artifact],
     ft_factors: Input[Artifact],
@@ -27,15 +24,15 @@ def rank(
     completion_column: str,
     messages_column: str,
     split: str,
+    multi_stage_scores: Input[list[Artifact]] = None,
+    single_stage_scores: Input[list[Artifact]] = None,
+    gradient_dot_scores: Input[list[Artifact]] = None,
 ):
     """Merges every shard's top-k per method and evaluates them: `msif rank`.
 
     Args:
         corpus: The scored corpus (snippets for the report).
         queries: The queries; their relevant_ids give MRR and recall@10.
-        multi_stage_scores: Every score-corpus (multi-stage) shard output.
-        single_stage_scores: Every score-corpus (single-stage) shard output.
-        gradient_dot_scores: Every score-corpus (gradient-dot) shard output.
         bm25_scores: The bm25 output.
         pt_factors: Pre-train factors (their Λ spectrum is plotted).
         ft_factors: Fine-tune factors (likewise).
@@ -47,6 +44,10 @@ def rank(
         completion_column: Column of the queries' completions.
         messages_column: Column of chat queries (lists of {role, content}).
         split: Split of a datasets DatasetDict folder; empty: its only split, else train.
+        multi_stage_scores: Every score-corpus (multi-stage) shard output.
+        single_stage_scores: Every score-corpus (single-stage) shard output; unconnected in
+            the attribute pipeline, which leaves the method out.
+        gradient_dot_scores: Every score-corpus (gradient-dot) shard output.
 
     Returns:
         ranking: ranking.parquet, metrics.json, report.md and report.html.
@@ -64,7 +65,8 @@ def rank(
     from msif.evaluation.metrics import kfp_metrics
     from msif.storage.cache import local_input_dir
 
-    shards = [*multi_stage_scores, *single_stage_scores, *gradient_dot_scores, bm25_scores]
+    methods = (multi_stage_scores, single_stage_scores, gradient_dot_scores)
+    shards = [shard for scores in methods for shard in scores or ()] + [bm25_scores]
     run_subcommand(
         "rank",
         scores=shards,

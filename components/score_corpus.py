@@ -35,6 +35,7 @@ def score_corpus(
     messages_column: str,
     split: str,
     append_eos: str,
+    candidates: Input[Artifact] = None,
     base_model: str = "",
 ):
     """Scores one corpus shard and keeps its top-k per query: `msif score-corpus`.
@@ -67,6 +68,8 @@ def score_corpus(
         messages_column: As for fit-covariance.
         split: As for fit-covariance.
         append_eos: As for fit-covariance.
+        candidates: Score only the documents a lookup (or bm25) output names: the exact
+            rerank of the index's candidates. Unconnected: every document of the shard.
         base_model: As for fit-covariance.
 
     Returns:

@@ -13,23 +13,21 @@ input artifacts: open-source KFP downloads an input artifact whole before the st
 while msif streams a corpus shard by shard. Everything the pipeline produces (partial sums,
 factors, preconditioned queries, scores, ranking, report) is an artifact.
 
-GPU nodes ask for `accelerator_count` × `accelerator_type` (the Kubernetes extended resource,
-`nvidia.com/gpu` on GKE; Vertex AI Pipelines names the accelerator instead, e.g. NVIDIA_L4),
-CPU and memory, tolerate the `nvidia.com/gpu` taint, select nodes through
-`gpu_node_selector` (on GKE the GPU model: `cloud.google.com/gke-accelerator`) and are retried,
-because GPU node pools are often pre-emptible. All of these are run-time parameters (kfp 2.17
-compiles them into `resourceAccelerator`/`resourceCpuRequest` placeholders and a
-`nodeSelectorJson` parameter); `accelerator_count=0` with `gpu_node_selector={}` runs the GPU
-nodes on plain CPU nodes. `build_pipeline()` fixes the defaults at compile time.
+Placement (GPU nodes, CPU nodes, retries) is msif.pipelines.build's, shared with the `index`
+and `attribute` pipelines; `build_pipeline()` fixes the accelerator defaults at compile time.
 """
 
-from dataclasses import dataclass, field
-from typing import Any
-
-from kfp import dsl, kubernetes
-from kfp.dsl import PipelineTask
-from kfp.dsl.pipeline_channel import PipelineParameterChannel
-from msif.components import COMPONENTS
+from kfp import dsl
+from msif.pipelines.build import (
+    CPU_NODES,
+    GKE_ACCELERATOR_LABEL,
+    GPU_TAINT_KEY,
+    PART_OF_LABEL,
+    CpuResources,
+    PipelineDefaults,
+    RetryPolicy,
+    run_pipeline_tasks,
+)
 
 from msif.config import (
     DataOptions,
@@ -39,131 +37,24 @@ from msif.config import (
     RankOptions,
     ScoreOptions,
 )
-from msif.workflow.dag import Task, arguments, tasks
+from msif.workflow.dag import FULL
 
-PIPELINE_NAME = "multi-stage-influence"
-GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
-GPU_TAINT_KEY = "nvidia.com/gpu"
-PART_OF_LABEL = ("app.kubernetes.io/part-of", "msif")
+PIPELINE_NAME = FULL
 # The defaults of the option parameters: msif.config's, written nowhere else.
 _M, _E, _P = ModelOptions(), EigenOptions(), PreconditionOptions()
 _S, _R, _D = ScoreOptions(), RankOptions(), DataOptions()
-
-
-@dataclass(frozen=True)
-class CpuResources:
-    """Requests of a CPU node (constants: these nodes are light and rarely need tuning)."""
-
-    cpu: str
-    memory: str
-
-
-# Eigendecomposition holds every module's float64 A and G at once; the others stream.
-CPU_NODES = {
-    "shard-indices": CpuResources("100m", "256Mi"),
-    "eigendecompose": CpuResources("4", "16Gi"),
-    "build-factors": CpuResources("2", "8Gi"),
-    "bm25": CpuResources("4", "16Gi"),
-    "rank": CpuResources("2", "8Gi"),
-}
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of GPU nodes: pre-empted spot/pre-emptible nodes kill pods mid-step."""
-
-    num_retries: int = 3
-    backoff_duration: str = "60s"
-    backoff_factor: float = 2.0
-    backoff_max_duration: str = "3600s"
-
-
-@dataclass(frozen=True)
-class PipelineDefaults:
-    """Compile-time defaults of the pipeline's accelerator parameters."""
-
-    accelerator_type: str = "nvidia.com/gpu"
-    accelerator_count: int = 1
-    gke_accelerator: str = "nvidia-l4"
-    gpu_cpu_request: str = "8"
-    gpu_memory_request: str = "48Gi"
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-    def node_selector(self) -> dict[str, str]:
-        """The default `gpu_node_selector` (empty when no GKE accelerator is named)."""
-        return {GKE_ACCELERATOR_LABEL: self.gke_accelerator} if self.gke_accelerator else {}
-
-
-@dataclass(frozen=True)
-class _Gpu:
-    """The pipeline parameters that place a GPU node."""
-
-    accelerator_type: PipelineParameterChannel
-    accelerator_count: PipelineParameterChannel
-    node_selector: PipelineParameterChannel
-    cpu: PipelineParameterChannel
-    memory: PipelineParameterChannel
-    retry: RetryPolicy
-
-
-def _on_gpu(task: PipelineTask, gpu: _Gpu, name: str) -> PipelineTask:
-    task.set_display_name(name)
-    task.set_accelerator_type(gpu.accelerator_type)
-    task.set_accelerator_limit(gpu.accelerator_count)
-    task.set_cpu_request(gpu.cpu)
-    task.set_memory_request(gpu.memory)
-    # kfp 2.17.3 does not thread parameters used only in resource settings into the DAG of
-    # an enclosing ParallelFor: the loop's task would name an input its DAG never declares
-    # (kfp.local stops with "Parent pipeline input argument ... not found"). Registering
-    # them as channels of the task threads them through like any other input.
-    task.register_pipeline_channels(
-        [gpu.accelerator_type, gpu.accelerator_count, gpu.cpu, gpu.memory]
-    )
-    r = gpu.retry
-    task.set_retry(r.num_retries, r.backoff_duration, r.backoff_factor, r.backoff_max_duration)
-    # tqdm writes a line per update when stdout is not a terminal: once a minute is enough.
-    task.set_env_variable("TQDM_MININTERVAL", "60")
-    kubernetes.add_toleration(task, key=GPU_TAINT_KEY, operator="Exists", effect="NoSchedule")
-    kubernetes.add_node_selector_json(task, gpu.node_selector)
-    kubernetes.add_pod_label(task, *PART_OF_LABEL)
-    return task
-
-
-def _on_cpu(task: PipelineTask, node: str, name: str) -> PipelineTask:
-    res = CPU_NODES[node]
-    task.set_display_name(name)
-    task.set_cpu_request(res.cpu)
-    task.set_memory_request(res.memory)
-    kubernetes.add_pod_label(task, *PART_OF_LABEL)
-    return task
-
-
-def _add_tasks(params: dict, gpu: _Gpu) -> None:
-    """Every task of msif.workflow.dag, fanned out over shards where the DAG says so."""
-    shards = _on_cpu(
-        COMPONENTS["shard-indices"](num_shards=params["num_shards"]), "shard-indices", "shards"
-    )
-    produced: dict[str, Any] = {}
-    for task in tasks():
-        component = COMPONENTS[task.node]
-        args = arguments(task, component.component_spec.inputs or {}, params, produced)
-        if task.sharded:
-            with dsl.ParallelFor(shards.output) as shard:
-                kfp_task = component(**args, shard=shard)
-                _place(kfp_task, task, gpu)
-        else:
-            kfp_task = component(**args)
-            _place(kfp_task, task, gpu)
-        # Later tasks read the first output; a sharded task's arrive collected (fan-in).
-        first = kfp_task.outputs[next(iter(component.component_spec.outputs))]
-        produced[task.id] = dsl.Collected(first) if task.sharded else first
-
-
-def _place(kfp_task: PipelineTask, task: Task, gpu: _Gpu) -> None:
-    if task.gpu:
-        _on_gpu(kfp_task, gpu, task.display_name)
-    else:
-        _on_cpu(kfp_task, task.node, task.display_name)
+__all__ = [
+    "CPU_NODES",
+    "GKE_ACCELERATOR_LABEL",
+    "GPU_TAINT_KEY",
+    "PART_OF_LABEL",
+    "PIPELINE_NAME",
+    "CpuResources",
+    "PipelineDefaults",
+    "RetryPolicy",
+    "build_pipeline",
+    "multi_stage_influence",
+]
 
 
 def build_pipeline(defaults: PipelineDefaults | None = None):
@@ -221,15 +112,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         query_rank 0: dense queries; split "": a DatasetDict's only split, else train. The other
         options are msif.config's, by the same name (the column options apply to every table)."""
         params = dict(locals())  # first: every parameter, by name, for the DAG's tasks
-        gpu = _Gpu(
-            accelerator_type,
-            accelerator_count,
-            gpu_node_selector,
-            gpu_cpu_request,
-            gpu_memory_request,
-            d.retry,
-        )
-        _add_tasks(params, gpu)
+        run_pipeline_tasks(PIPELINE_NAME, params, d)
 
     return multi_stage_influence
 

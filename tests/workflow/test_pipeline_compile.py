@@ -18,9 +18,12 @@ from msif.cli import build_parser
 from msif.errors import MsifError
 from msif.workflow.cli import compile_pipeline, default_package, main
 
-GPU_NODES = {"fit-covariance", "fit-lambda", "precondition-queries", "score-corpus"}
-CPU_NODES = {"shard-indices", "eigendecompose", "build-factors", "bm25", "rank"}
-SHARDED = {"fit-covariance", "fit-lambda", "score-corpus"}
+# Over every pipeline (the full one, index and attribute); msif.workflow.dag's and
+# msif.pipelines.build's sets must say the same.
+GPU_NODES = {"fit-covariance", "fit-lambda", "precondition-queries", "index", "score-corpus"}
+CPU_NODES = {"shard-indices", "eigendecompose", "build-factors", "lookup", "bm25", "rank"}
+SHARDED = {"fit-covariance", "fit-lambda", "index", "score-corpus"}
+FULL_NODES = (GPU_NODES | CPU_NODES) - {"index", "lookup"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -224,11 +227,25 @@ def test_methods_get_the_right_factors_models_and_reach_rank(ir):
         assert factors_stage(spec, ref["taskOutputArtifact"]["producerTask"]) == stage
 
 
-def test_accelerators_tolerations_and_selectors_only_on_gpu_nodes(ir):
+def test_node_sets_agree_with_the_dag_and_the_placement():
+    from msif.pipelines.build import CPU_NODES as PLACED
+
+    from msif.workflow.dag import GPU_NODES as DAG_GPU
+    from msif.workflow.dag import PIPELINES, pipeline
+
+    assert DAG_GPU == GPU_NODES and set(PLACED) == CPU_NODES
+    used = {t.node for n in PIPELINES for t in pipeline(n).tasks} | {"shard-indices"}
+    assert used == GPU_NODES | CPU_NODES
+    assert {t.node for n in PIPELINES for t in pipeline(n).tasks if t.sharded} == SHARDED
+
+
+def check_placement(ir: dict) -> None:
+    """Accelerators, tolerations and node selectors on GPU nodes only; CPU nodes light."""
     spec, k8s = ir["spec"], ir["k8s"]
     executors = spec["deploymentSpec"]["executors"]
-    assert {node(e) for e in executors} == GPU_NODES | CPU_NODES
     for label, ex in executors.items():
+        if "importer" in ex:  # no pod: KFP's driver records the URI
+            continue
         resources = ex["container"]["resources"]
         platform = k8s.get(label, {})
         assert platform["podMetadata"]["labels"] == {"app.kubernetes.io/part-of": "msif"}
@@ -253,9 +270,17 @@ def test_accelerators_tolerations_and_selectors_only_on_gpu_nodes(ir):
             assert "tolerations" not in platform and "nodeSelector" not in platform
 
 
-def test_retry_only_on_gpu_nodes_and_caching_everywhere(ir):
-    spec = ir["spec"]
+def test_accelerators_tolerations_and_selectors_only_on_gpu_nodes(ir):
+    executors = ir["spec"]["deploymentSpec"]["executors"]
+    assert {node(e) for e in executors} == FULL_NODES
+    check_placement(ir)
+
+
+def check_retries_and_caching(spec: dict) -> None:
+    """Retries on GPU nodes only, caching on every task that runs a container."""
     for name, (_, task) in leaf_tasks(spec).items():
+        if node(name) == "importer":
+            continue
         assert task["cachingOptions"] == {"enableCache": True}, name
         if node(name) in GPU_NODES:
             assert task["retryPolicy"] == {
@@ -266,6 +291,10 @@ def test_retry_only_on_gpu_nodes_and_caching_everywhere(ir):
             }, name
         else:
             assert "retryPolicy" not in task, name
+
+
+def test_retry_only_on_gpu_nodes_and_caching_everywhere(ir):
+    check_retries_and_caching(ir["spec"])
 
 
 def test_artifact_types_between_nodes(ir):
@@ -292,6 +321,10 @@ def test_artifact_types_between_nodes(ir):
     rank_in = comps["comp-rank"]["inputDefinitions"]["artifacts"]
     lists = {k for k, v in rank_in.items() if v.get("isArtifactList")}
     assert lists == {"multi_stage_scores", "single_stage_scores", "gradient_dot_scores"}
+    # Optional: the attribute pipeline leaves single-stage out.
+    assert all(rank_in[k].get("isOptional") for k in lists)
+    score_in = comps["comp-score-corpus"]["inputDefinitions"]["artifacts"]
+    assert score_in["candidates"]["isOptional"] is True  # unconnected: the whole shard
     optional = comps["comp-precondition-queries"]["inputDefinitions"]["artifacts"]
     assert {k: v.get("isOptional") for k, v in optional.items()} == {
         "ft_factors": True,
@@ -303,7 +336,7 @@ def test_artifact_types_between_nodes(ir):
         assert params["model"]["parameterType"] == "STRING"
 
 
-def test_every_referenced_dag_input_exists(ir):
+def check_dag_inputs(ir: dict) -> None:
     """kfp 2.17.3 forgets resource-only parameters in ParallelFor DAGs unless registered."""
     spec, k8s = ir["spec"], ir["k8s"]
     for dag_name, comp in dags(spec).items():
@@ -328,11 +361,15 @@ def test_every_referenced_dag_input_exists(ir):
         # Placeholders in resource settings must name inputs of the task itself.
         for name, task in comp["dag"]["tasks"].items():
             label = spec["components"][task["componentRef"]["name"]].get("executorLabel")
-            if not label:
+            if not label or "container" not in spec["deploymentSpec"]["executors"][label]:
                 continue
             res = json.dumps(spec["deploymentSpec"]["executors"][label]["container"]["resources"])
             for param in re.findall(r"parameters\['([^']+)'\]", res):
                 assert param in task["inputs"]["parameters"], (name, param)
+
+
+def test_every_referenced_dag_input_exists(ir):
+    check_dag_inputs(ir)
 
 
 def test_runtime_parameters_and_defaults(ir):
@@ -395,6 +432,15 @@ def test_committed_yaml_is_current(compiled):
     assert committed.read_text() == compiled.read_text(), (
         "pipelines/multi_stage_influence.yaml is stale: run `msif pipeline compile`"
     )
+
+
+@pytest.mark.parametrize("name, stem", [("index", "index"), ("attribute", "attribute")])
+def test_committed_index_and_attribute_yaml_are_current(name, stem, tmp_path):
+    committed = default_package(name)
+    assert committed == ROOT / "pipelines" / f"{stem}.yaml"
+    assert (
+        committed.read_text() == compile_pipeline(tmp_path / "p.yaml", pipeline=name).read_text()
+    ), f"pipelines/{stem}.yaml is stale: run `msif pipeline compile --pipeline {name}`"
 
 
 def test_compile_is_deterministic(compiled, tmp_path):
@@ -580,9 +626,10 @@ def test_rank_component_fills_the_ui_artifacts(fake_cli, tmp_path):
     ranking, metrics = art(tmp_path, "ranking"), art(tmp_path, "metrics", Metrics)
     report, html = art(tmp_path, "report", Markdown), art(tmp_path, "report_html", HTML)
     c.rank.python_func(
-        "corpus", "q", *scores, art(tmp_path, "bm25"), art(tmp_path, "ptf"),
+        "corpus", "q", art(tmp_path, "bm25"), art(tmp_path, "ptf"),
         art(tmp_path, "ftf"), ranking, metrics, report, html, top_k=5, report_k=3,
-        **DEFAULT_COLUMNS,
+        **DEFAULT_COLUMNS, multi_stage_scores=scores[0], single_stage_scores=scores[1],
+        gradient_dot_scores=scores[2],
     )  # fmt: skip
     t = str(tmp_path)
     shards = [f"{t}/{m}{i}" for m in ("ms", "ss", "gd") for i in range(2)] + [f"{t}/bm25"]
@@ -603,6 +650,53 @@ def test_rank_component_fills_the_ui_artifacts(fake_cli, tmp_path):
     }
     assert Path(report.path).read_text() == "# report\n"
     assert Path(html.path).read_text() == "<h1>report</h1>\n"
+
+
+def test_index_lookup_and_rerank_components_map_onto_the_cli(fake_cli, tmp_path):
+    import msif.components as c
+    from kfp.dsl import HTML, Markdown, Metrics
+
+    p = dict(max_length=32, batch_size=4, seed=0, device="cpu", dtype="float32")
+    p.update(include=[], exclude=[], split_heads=False, split_heads_pattern=[])
+    p.update(embeddings=False, lm_head=False, append_eos="auto", **DEFAULT_COLUMNS)
+    indexing = dict(index_tier="factored", index_rank=32, index_values=4096, index_seed=0)
+    ptf, ix = art(tmp_path, "ptf"), art(tmp_path, "ix")
+    c.index.python_func("pt", "corpus", ptf, 1.0, 2, ix, **indexing, index_dtype="float32", **p)
+    pre, cand = art(tmp_path, "pre"), art(tmp_path, "cand")
+    c.lookup.python_func([art(tmp_path, "i0"), art(tmp_path, "i1")], pre, cand, 12)
+    sc = art(tmp_path, "sc")
+    scoring = dict(top_k=5, explain_k=2, full=False, contraction="auto")
+    c.score_corpus.python_func("pt", "corpus", pre, 0, 1, sc, **scoring, **p, candidates=cand)
+    ranking, metrics = art(tmp_path, "ranking"), art(tmp_path, "metrics", Metrics)
+    report, html = art(tmp_path, "report", Markdown), art(tmp_path, "report_html", HTML)
+    c.rank.python_func(
+        "corpus", "q", art(tmp_path, "bm25"), ptf, art(tmp_path, "ftf"), ranking, metrics,
+        report, html, top_k=5, report_k=3, **DEFAULT_COLUMNS, multi_stage_scores=[sc],
+        gradient_dot_scores=[art(tmp_path, "gd")],
+    )  # fmt: skip
+    t = str(tmp_path)
+    assert fake_cli.calls[0][:9] == [
+        "index", "--out", f"{t}/ix", "--model", "pt", "--corpus", "corpus", "--pt-factors",
+        f"{t}/ptf",
+    ]  # fmt: skip
+    assert fake_cli.calls[0][9:15] == [
+        "--shard",
+        "1",
+        "--num-shards",
+        "2",
+        "--index-tier",
+        "factored",
+    ]
+    assert ["--index-rank", "32"] == fake_cli.calls[0][15:17]
+    assert fake_cli.calls[1] == [
+        "lookup", "--out", f"{t}/cand", "--index", f"{t}/i0", f"{t}/i1", "--preconditioned",
+        f"{t}/pre", "--top-c", "12",
+    ]  # fmt: skip
+    assert fake_cli.calls[2][-2:] == ["--candidates", f"{t}/cand"]
+    # Single-stage unconnected: rank merges the methods it was given, and bm25.
+    assert fake_cli.calls[3][:5] == ["rank", "--scores", f"{t}/sc", f"{t}/gd", f"{t}/bm25"]
+    for argv in fake_cli.calls:
+        build_parser().parse_args(argv)
 
 
 def test_component_failure_raises(fake_cli, tmp_path):

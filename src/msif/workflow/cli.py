@@ -31,7 +31,7 @@ import yaml
 
 from msif.errors import MsifError, add_secret, redact
 
-PIPELINE_FILE = "multi_stage_influence.yaml"
+PIPELINE_FILE = "multi_stage_influence.yaml"  # the full pipeline's, the default package
 TOKEN_ENV = "MSIF_KFP_TOKEN"
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 # A container image reference: [registry[:port]/]path[:tag][@sha256:digest], lower-case path.
@@ -59,11 +59,12 @@ class PipelineCliError(MsifError):
 # ----------------------------------------------------------------------------- compile
 
 
-def default_package() -> Path:
-    """The compiled pipeline YAML shipped inside the msif.pipelines package."""
+def default_package(name: str | None = None) -> Path:
+    """The compiled YAML of pipeline name (default: the full one) shipped in msif.pipelines."""
     import msif.pipelines
+    from msif.workflow.dag import FULL, pipeline
 
-    return Path(msif.pipelines.__file__).with_name(PIPELINE_FILE)
+    return Path(msif.pipelines.__file__).with_name(f"{pipeline(name or FULL).module}.yaml")
 
 
 def check_image(image: str) -> str:
@@ -74,20 +75,29 @@ def check_image(image: str) -> str:
 
 
 @contextmanager
-def components_in(image: str) -> Iterator[Any]:
-    """Re-import components and pipeline with MSIF_IMAGE=image; restore both afterwards."""
+def components_in(image: str, name: str | None = None) -> Iterator[Any]:
+    """Re-import components and pipelines with MSIF_IMAGE=image, yielding the module of
+    pipeline name (default: the full one); restore them afterwards."""
     from msif.components import COMPONENT_MODULES, IMAGE_ENV
     from msif.components import image as current
+    from msif.workflow.dag import FULL, PIPELINES, pipeline
 
+    wanted = f"msif.pipelines.{pipeline(name or FULL).module}"
     if current.IMAGE == image:
-        yield importlib.import_module("msif.pipelines.multi_stage_influence")
+        yield importlib.import_module(wanted)
         return
+    # Every pipeline module is reloaded after the components, so none keeps the old image.
+    modules = [f"msif.pipelines.{pipeline(n).module}" for n in PIPELINES]
+    pipelines = ("msif.pipelines.build", *modules)
 
     def reload_all():
-        for name in (*COMPONENT_MODULES, "msif.components", "msif.pipelines.multi_stage_influence"):
-            module = sys.modules.get(name)
-            module = importlib.reload(module) if module else importlib.import_module(name)
-        return module
+        for module_name in (*COMPONENT_MODULES, "msif.components", *pipelines):
+            module = sys.modules.get(module_name)
+            if module:
+                importlib.reload(module)
+            else:
+                importlib.import_module(module_name)
+        return sys.modules[wanted]
 
     old = os.environ.get(IMAGE_ENV)
     os.environ[IMAGE_ENV] = image
@@ -107,8 +117,10 @@ def compile_pipeline(
     accelerator_type: str | None = None,
     accelerator_count: int | None = None,
     gke_accelerator: str | None = None,
+    pipeline: str | None = None,
 ) -> Path:
-    """Compile the pipeline to out (atomically); None keeps the default of each setting.
+    """Compile a pipeline (default: the full one) to out (atomically); None keeps the
+    default of each setting.
 
     The image defaults to $MSIF_IMAGE, else `msif.components.image.DEFAULT_IMAGE`; the
     accelerator settings become the defaults of the pipeline's run-time parameters.
@@ -121,7 +133,7 @@ def compile_pipeline(
     if accelerator_count is not None and accelerator_count < 0:
         raise PipelineCliError(f"--accelerator-count must be >= 0, not {accelerator_count}")
     out = Path(out)
-    with components_in(image) as module:
+    with components_in(image, pipeline) as module:
         given = {
             "accelerator_type": accelerator_type,
             "accelerator_count": accelerator_count,
@@ -143,11 +155,12 @@ def compile_pipeline(
 
 def _compile_command(args: argparse.Namespace) -> int:
     out = compile_pipeline(
-        Path(args.out) if args.out else default_package(),
+        Path(args.out) if args.out else default_package(args.pipeline),
         image=args.image,
         accelerator_type=args.accelerator_type,
         accelerator_count=args.accelerator_count,
         gke_accelerator=args.gke_accelerator,
+        pipeline=args.pipeline,
     )
     print(out)
     return 0
@@ -366,7 +379,7 @@ def _package_to_send(package: Path, no_cache: bool) -> Iterator[Path]:
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
-    package = Path(args.package) if args.package else default_package()
+    package = Path(args.package) if args.package else default_package(args.pipeline)
     return {
         "package": package,
         "params": load_params(Path(args.params), package),
@@ -460,10 +473,18 @@ def _print_result(fn):
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
+    from msif.workflow.dag import FULL, PIPELINES
+
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://HOST/pipeline")
     p.add_argument("--experiment", required=True, help="experiment name (created if missing)")
     p.add_argument("--params", required=True, help="YAML mapping of pipeline parameters")
-    p.add_argument("--package", help="compiled pipeline YAML (default: the packaged one)")
+    p.add_argument("--package", help="compiled pipeline YAML (default: --pipeline's packaged one)")
+    p.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default=FULL,
+        help="which packaged pipeline to run when --package is not given",
+    )
     p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user clusters)")
     p.add_argument("--pipeline-root", help="artifact root for this run, e.g. gs://BUCKET/msif")
     p.add_argument("--service-account", help="Kubernetes service account the run's pods use")
@@ -472,6 +493,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
     """Add `pipeline compile|submit|schedule` to an argparse subparsers object."""
+    from msif.workflow.dag import ATTRIBUTE, FULL, INDEX, PIPELINES
+
     parser = subparsers.add_parser(
         "pipeline",
         help="compile, submit or schedule the Kubeflow pipeline",
@@ -483,7 +506,17 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
     parser.set_defaults(run=lambda a: _usage(parser))
 
     p = actions.add_parser("compile", help="write the compiled pipeline YAML")
-    p.add_argument("--out", help=f"output file (default: the packaged {PIPELINE_FILE})")
+    p.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default=FULL,
+        help=f"which pipeline ({FULL}: everything; {INDEX}: pre-train factors and the corpus "
+        f"index, once per pre-trained model and corpus; {ATTRIBUTE}: a fine-tune's queries "
+        "through an index run's outputs)",
+    )
+    p.add_argument(
+        "--out", help="output file (default: the packaged YAML, pipelines/<pipeline>.yaml)"
+    )
     p.add_argument("--image", help="component image (sets MSIF_IMAGE while compiling)")
     p.add_argument("--accelerator-type", help="default accelerator resource (nvidia.com/gpu)")
     p.add_argument("--accelerator-count", type=int, help="default accelerators per GPU node (1)")

@@ -1,5 +1,10 @@
-"""The pipeline's DAG, written once: the KFP pipeline, the in-process runner and the tests all
+"""The pipelines' DAG, written once: the KFP pipelines, the in-process runner and the tests all
 walk these tasks.
+
+Three pipelines select and wire the same tasks (`PIPELINES`): `multi-stage-influence` runs
+everything; `index` fits the pre-train factors and indexes the corpus at θ_pt, once per
+pre-trained model and corpus; `attribute` takes those outputs as URIs (`Imported`) and runs
+the fine-tune side, the index lookup and the exact rerank of its candidates, per fine-tune.
 
 A task runs one node (its component) with three kinds of arguments: URIs taken from pipeline
 parameters of another name (`parameters`), fixed values (`constants`) and the outputs of
@@ -17,7 +22,14 @@ from msif.attribution.precondition import METHOD_INFO, METHODS
 from msif.config import OPTION_CLASSES
 
 # Nodes that run a model ask for an accelerator; reductions, BM25 and ranking run on CPUs.
-GPU_NODES = frozenset({"fit-covariance", "fit-lambda", "precondition-queries", "score-corpus"})
+GPU_NODES = frozenset(
+    {"fit-covariance", "fit-lambda", "precondition-queries", "index", "score-corpus"}
+)
+# The pipelines, by name; each compiles to pipelines/<name with underscores>.yaml.
+FULL, INDEX, ATTRIBUTE = "multi-stage-influence", "index", "attribute"
+PIPELINES = (FULL, INDEX, ATTRIBUTE)
+# The index holds θ_pt's document gradients: it serves the methods whose corpus side is θ_pt.
+INDEXED_METHODS = tuple(m for m in METHODS if METHOD_INFO[m].corpus_model == "pt")
 # The data each stage's curvature is fitted on, at that stage's model.
 STAGE_DATA = {"pt": ("pt_model_uri", "corpus_uri"), "ft": ("ft_model_uri", "finetune_data_uri")}
 URI_PARAMETERS = ("pt_model_uri", "ft_model_uri", "corpus_uri", "finetune_data_uri", "queries_uri")
@@ -53,6 +65,32 @@ class Task:
         return self.node in GPU_NODES
 
 
+@dataclass(frozen=True)
+class Imported:
+    """A producer a pipeline does not run: its output is a URI parameter, from another run.
+
+    sharded: the parameter is a list of URIs, every shard's output (what a fan-in collects).
+    """
+
+    task_id: str
+    parameter: str
+    sharded: bool = False
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A selection and wiring of tasks, each after the tasks (or imports) it reads."""
+
+    name: str
+    tasks: tuple[Task, ...]
+    imported: tuple[Imported, ...] = ()
+
+    @property
+    def module(self) -> str:
+        """Its module in msif.pipelines (and the stem of its compiled YAML)."""
+        return self.name.replace("-", "_")
+
+
 def scores_input(method: str) -> str:
     """The rank component's argument that collects one method's shard scores."""
     return method.replace("-", "_") + "_scores"
@@ -74,7 +112,8 @@ def _stage_tasks(stage: str) -> list[Task]:
     ]
 
 
-def _method_tasks(method: str) -> list[Task]:
+def _method_tasks(method: str, *, indexed: bool = False) -> list[Task]:
+    """indexed: score only the candidates an index lookup found (exact rerank)."""
     spec = METHOD_INFO[method]
     # The corpus model's own factors come too: their fingerprint names the model the corpus
     # must be scored with (gradient-dot applies no factors, but needs that check).
@@ -84,30 +123,61 @@ def _method_tasks(method: str) -> list[Task]:
     corpus = {"model": f"{spec.corpus_model}_model_uri", "corpus": "corpus_uri"}
     if spec.corpus_model == "ft":
         corpus.update(FT_BASE)
-    return [
-        Task("precondition-queries", method, False, queries, {"method": method}, factors),
-        Task(
-            "score-corpus",
-            method,
-            True,
-            corpus,
-            inputs={"preconditioned": f"precondition-queries-{method}"},
-        ),
-    ]
+    preconditioned = f"precondition-queries-{method}"
+    out = [Task("precondition-queries", method, False, queries, {"method": method}, factors)]
+    scoring = {"preconditioned": preconditioned}
+    if indexed:
+        lookup = {"index": "index", "preconditioned": preconditioned}
+        out.append(Task("lookup", method, inputs=lookup))
+        scoring["candidates"] = f"lookup-{method}"
+    out.append(Task("score-corpus", method, True, corpus, inputs=scoring))
+    return out
 
 
-def tasks() -> list[Task]:
-    """Every task, each after the tasks it reads."""
+def _bm25_and_rank(methods: tuple[str, ...]) -> list[Task]:
+    tables = {"corpus": "corpus_uri", "queries": "queries_uri"}
+    inputs = {scores_input(m): f"score-corpus-{m}" for m in methods}
+    inputs.update(bm25_scores="bm25", pt_factors="build-factors-pt", ft_factors="build-factors-ft")
+    return [Task("bm25", parameters=tables), Task("rank", parameters=tables, inputs=inputs)]
+
+
+def _full() -> Pipeline:
     out = _stage_tasks("pt") + _stage_tasks("ft")
     for method in METHODS:
         out += _method_tasks(method)
-    out.append(Task("bm25", parameters={"corpus": "corpus_uri", "queries": "queries_uri"}))
-    inputs = {scores_input(m): f"score-corpus-{m}" for m in METHODS}
-    inputs.update(bm25_scores="bm25", pt_factors="build-factors-pt", ft_factors="build-factors-ft")
-    out.append(
-        Task("rank", parameters={"corpus": "corpus_uri", "queries": "queries_uri"}, inputs=inputs)
+    return Pipeline(FULL, tuple(out + _bm25_and_rank(METHODS)))
+
+
+def _index() -> Pipeline:
+    corpus = {"model": "pt_model_uri", "corpus": "corpus_uri"}
+    indexing = Task(
+        "index", sharded=True, parameters=corpus, inputs={"pt_factors": "build-factors-pt"}
     )
-    return out
+    return Pipeline(INDEX, (*_stage_tasks("pt"), indexing))
+
+
+def _attribute() -> Pipeline:
+    out = _stage_tasks("ft")
+    for method in INDEXED_METHODS:
+        out += _method_tasks(method, indexed=True)
+    imported = (
+        Imported("build-factors-pt", "pt_factors_uri"),
+        Imported("index", "index_uris", True),
+    )
+    return Pipeline(ATTRIBUTE, tuple(out + _bm25_and_rank(INDEXED_METHODS)), imported)
+
+
+def pipeline(name: str = FULL) -> Pipeline:
+    """The pipeline called name (one of PIPELINES)."""
+    builders = {FULL: _full, INDEX: _index, ATTRIBUTE: _attribute}
+    if name not in builders:
+        raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
+    return builders[name]()
+
+
+def tasks(name: str = FULL) -> list[Task]:
+    """Every task of pipeline name, each after the tasks it reads."""
+    return list(pipeline(name).tasks)
 
 
 def arguments(task: Task, accepted, params: dict[str, Any], produced: dict[str, Any]) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from msif.storage.uri import join
-from msif.workflow.dag import Task, arguments, tasks
+from msif.workflow.dag import FULL, Task, arguments, pipeline
 
 
 @dataclass
@@ -46,14 +46,25 @@ def run_dag(
     *,
     ui_dir: str | Path | None = None,
     on_task: Callable[[TaskRun], None] | None = None,
+    pipeline_name: str = FULL,
 ) -> dict[str, TaskRun]:
-    """Run every task with pipeline parameters `params`; the runs by task id."""
+    """Run every task of pipeline_name with pipeline parameters `params`; the runs by task id.
+
+    What the pipeline imports from another run is read from its URI parameters, as the
+    KFP pipeline's importers hand it over.
+    """
     from msif.components import COMPONENTS
 
     ui_dir = Path(ui_dir or tempfile.mkdtemp(prefix="msif-ui-"))
     runs: dict[str, TaskRun] = {}
+    spec = pipeline(pipeline_name)
     produced: dict[str, Any] = {}
-    for task in tasks():
+    for imported in spec.imported:
+        uris = params[imported.parameter]
+        produced[imported.task_id] = (
+            [LocalArtifact(str(u)) for u in uris] if imported.sharded else LocalArtifact(str(uris))
+        )
+    for task in spec.tasks:
         component = COMPONENTS[task.node]
         start, outputs = time.perf_counter(), []
         for shard in range(int(params["num_shards"])) if task.sharded else [None]:

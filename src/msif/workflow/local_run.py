@@ -1,18 +1,20 @@
 """Run the KFP pipeline on this machine with kfp.local, exactly as compiled for a cluster.
 
-`kfp.local.SubprocessRunner(use_venv=False)` executes every component of
-`msif.pipelines.multi_stage_influence` in a subprocess of the current interpreter: the same
-component bodies, `ParallelFor` fan-out, `dsl.Collected` fan-in, optional inputs, retries and
-two-step artifact passing as on Kubeflow. Nothing the pipeline uses is missing locally (kfp
-2.17.3, given the pipeline's fix for resource parameters inside ParallelFor, see `_on_gpu`
-there). Without local effect are only placement settings (accelerator, CPU and memory
-requests, toleration, node selector, pod label; kfp.local warns that it ignores them and
-those warnings are silenced here) and the container image: tasks run in this environment.
+`kfp.local.SubprocessRunner(use_venv=False)` executes every component of a pipeline of
+msif.pipelines (`multi_stage_influence` unless another is named) in a subprocess of the
+current interpreter: the same component bodies, `ParallelFor` fan-out, `dsl.Collected`
+fan-in, optional inputs, importers, retries and two-step artifact passing as on Kubeflow.
+Nothing the pipelines use is missing locally (kfp 2.17.3, given msif.pipelines.build's fixes
+for resource parameters inside ParallelFor and for a fan-in read twice). Without local
+effect are only placement settings (accelerator, CPU and memory requests, toleration, node
+selector, pod label; kfp.local warns that it ignores them and those warnings are silenced
+here) and the container image: tasks run in this environment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from typing import Any, TextIO
 
 from msif.errors import MsifError
 from msif.storage.publish import MARKER
+from msif.workflow.dag import FULL, pipeline
 
 log = logging.getLogger("msif")
 RANK_TASK = "rank"
@@ -38,17 +41,21 @@ class LocalRunError(MsifError):
     """The local pipeline run could not start, failed, or left no rank outputs."""
 
 
-def pipeline_parameters() -> dict[str, bool]:
-    """The pipeline's parameter names, each mapped to whether it is required."""
-    from msif.pipelines.multi_stage_influence import multi_stage_influence
+def pipeline_function(name: str = FULL) -> Any:
+    """The KFP pipeline called name: `msif.pipelines.<module>.<module>`."""
+    module = pipeline(name).module
+    return getattr(importlib.import_module(f"msif.pipelines.{module}"), module)
 
-    inputs = multi_stage_influence.component_spec.inputs or {}
+
+def pipeline_parameters(name: str = FULL) -> dict[str, bool]:
+    """The pipeline's parameter names, each mapped to whether it is required."""
+    inputs = pipeline_function(name).component_spec.inputs or {}
     return {name: not spec.optional for name, spec in inputs.items()}
 
 
-def check_parameters(params: dict[str, Any]) -> None:
+def check_parameters(params: dict[str, Any], name: str = FULL) -> None:
     """Refuse unknown and missing pipeline parameters with one clear line."""
-    known = pipeline_parameters()
+    known = pipeline_parameters(name)
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise LocalRunError(
@@ -60,22 +67,24 @@ def check_parameters(params: dict[str, Any]) -> None:
 
 
 def run_pipeline_locally(
-    params: dict[str, Any], pipeline_root: Path, runner: Any = None
+    params: dict[str, Any], pipeline_root: Path, runner: Any = None, pipeline_name: str = FULL
 ) -> dict[str, Any]:
-    """Run the whole pipeline under pipeline_root; return the paths of the rank node's outputs.
+    """Run a whole pipeline under pipeline_root; return the paths of its outputs.
 
     runner: a kfp.local runner; None is SubprocessRunner(use_venv=False), this environment.
 
-    Keys: `run_dir`, `ranking` (the ranking directory of docs/CONTRACTS.md), `metrics_json`,
-    `ranking_parquet`, `report_md`, `report_html` (the copies the Kubeflow UI shows), and
-    `kfp_metrics`: the values logged on the Metrics artifact (KFP keeps them in the
-    artifact's metadata, recorded in the task's executor_output.json, not in a file).
+    Keys: `run_dir`; `outputs`, every published output directory by DAG task id (a list,
+    one per shard, in shard order), e.g. `build-factors-pt` and `index` of the index
+    pipeline. A pipeline with a rank node adds `ranking` (the ranking directory of
+    docs/CONTRACTS.md), `metrics_json`, `ranking_parquet`, `report_md`, `report_html` (the
+    copies the Kubeflow UI shows), and `kfp_metrics`: the values logged on the Metrics
+    artifact (KFP keeps them in the artifact's metadata, recorded in the task's
+    executor_output.json, not in a file).
     """
     from kfp import local
 
-    from msif.pipelines.multi_stage_influence import multi_stage_influence
-
-    check_parameters(params)
+    run = pipeline_function(pipeline_name)
+    check_parameters(params, pipeline_name)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in root.iterdir()}
@@ -85,10 +94,15 @@ def run_pipeline_locally(
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
-            multi_stage_influence(**params)
+            run(**params)
         except RuntimeError as exc:
             raise LocalRunError(f"local pipeline run failed: {_first_line(exc)}") from exc
-    return rank_outputs(root, before)
+    if any(task.node == RANK_TASK for task in pipeline(pipeline_name).tasks):
+        paths = rank_outputs(root, before)
+    else:
+        paths = {"run_dir": str(_new_run(root, before))}
+    paths["outputs"] = published_outputs(Path(paths["run_dir"]))
+    return paths
 
 
 def _first_line(exc: BaseException) -> str:
@@ -98,17 +112,15 @@ def _first_line(exc: BaseException) -> str:
 
 def rank_outputs(root: Path, before: set[str]) -> dict[str, Any]:
     """The rank outputs of the one run directory that appeared under root since `before`."""
-    runs = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in before)
-    if len(runs) != 1:
-        raise LocalRunError(f"expected one new pipeline run under {root}, found {len(runs)}")
-    task = runs[0] / RANK_TASK
+    run_dir = _new_run(root, before)
+    task = run_dir / RANK_TASK
     paths = {key: task / name for key, name in RANK_FILES.items()}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise LocalRunError(f"the rank node left no output at {missing[0]}")
     ranking = paths["ranking"]
     return {
-        "run_dir": str(runs[0]),
+        "run_dir": str(run_dir),
         "ranking": str(ranking),
         "metrics_json": str(ranking / "metrics.json"),
         "ranking_parquet": str(ranking / "ranking.parquet"),
@@ -116,6 +128,24 @@ def rank_outputs(root: Path, before: set[str]) -> dict[str, Any]:
         "report_html": str(paths["report_html"]),
         "kfp_metrics": logged_metrics(task / "executor_output.json"),
     }
+
+
+def _new_run(root: Path, before: set[str]) -> Path:
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in before)
+    if len(runs) != 1:
+        raise LocalRunError(f"expected one new pipeline run under {root}, found {len(runs)}")
+    return runs[0]
+
+
+def published_outputs(run_dir: Path) -> dict[str, list[str]]:
+    """Every msif output under run_dir, by the DAG task id its manifest names, in shard order."""
+    found: dict[str, list[tuple[int, str]]] = {}
+    for marker in run_dir.rglob(MARKER):
+        meta = json.loads(marker.read_text()).get("metadata", {})
+        label = meta.get("stage") or meta.get("method")
+        task_id = meta.get("node", "?") + (f"-{label}" if label else "")
+        found.setdefault(task_id, []).append((int(meta.get("shard", 0)), str(marker.parent)))
+    return {task_id: [d for _, d in sorted(dirs)] for task_id, dirs in sorted(found.items())}
 
 
 def logged_metrics(executor_output: Path) -> dict[str, float]:

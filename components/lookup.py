@@ -1,0 +1,28 @@
+"""Pipeline node `lookup` (CPU): preconditioned queries against every index shard, top-C."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Output
+from msif.components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def lookup(
+    index: Input[list[Artifact]],
+    preconditioned: Input[Artifact],
+    candidates: Output[Dataset],
+    top_c: int,
+):
+    """Scores the queries against the corpus index and keeps the top-C: `msif lookup`.
+
+    Args:
+        index: Every shard's index output (the index pipeline's `index` artifacts).
+        preconditioned: The precondition-queries output (multi-stage or gradient-dot).
+        top_c: Candidate documents kept per query, for score-corpus's exact rerank.
+
+    Returns:
+        candidates: candidates.parquet and candidates.json.
+    """
+    arguments = dict(locals())  # the signature is the CLI's: first, before any other name
+    from msif.cli import run_subcommand
+
+    run_subcommand("lookup", out=arguments.pop("candidates"), **arguments)
