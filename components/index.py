@@ -15,8 +15,8 @@ def index(
     index: Output[Artifact],
     index_tier: str,
     index_rank: int,
+    index_whitening: float,
     index_values: int,
-    index_seed: int,
     index_dtype: str,
     max_length: int,
     batch_size: int,
@@ -46,10 +46,12 @@ def index(
         pt_factors: The pre-train factors: their modules are indexed.
         shard: Index of this shard.
         num_shards: Number of shards.
-        index_tier: factored (top-r singular triplets per document and module).
+        index_tier: factored (top-r singular triplets per document and module) or projected
+            (a fixed number of eigenbasis coordinates per document).
         index_rank: Singular triplets kept per document and module (exact at full rank).
-        index_values: Values per document of the projected tier.
-        index_seed: Seed of the projected tier's random projection.
+        index_whitening: Power p of the pre-train curvature in the norm the truncation
+            minimises (0: plain SVD); the projected tier ranks coordinates by it.
+        index_values: Values per document of the projected tier (value + index each).
         index_dtype: dtype the index is stored in.
         max_length: Tokens per document.
         batch_size: Documents per forward and backward pass.

@@ -11,6 +11,7 @@ def lookup(
     preconditioned: Input[Artifact],
     candidates: Output[Dataset],
     top_c: int,
+    pt_factors: Input[Artifact] = None,
 ):
     """Scores the queries against the corpus index and keeps the top-C: `msif lookup`.
 
@@ -18,6 +19,8 @@ def lookup(
         index: Every shard's index output (the index pipeline's `index` artifacts).
         preconditioned: The precondition-queries output (multi-stage or gradient-dot).
         top_c: Candidate documents kept per query, for score-corpus's exact rerank.
+        pt_factors: The pre-train factors the index was built with; a projected index
+            stores eigenbasis coordinates, which the queries are rotated into.
 
     Returns:
         candidates: candidates.parquet and candidates.json.

@@ -80,3 +80,39 @@ def test_index_then_attribute_gives_the_full_pipeline_s_rankings(tmp_path):
         assert json.loads((Path(lookup) / "candidates.json").read_text())["num_candidates"] == (
             NUM_DOCS
         )
+
+
+def test_projected_index_in_process_gives_the_full_pipeline_s_rankings(tmp_path):
+    """The same two pipelines walked in-process with the projected tier keeping every
+    coordinate: exact, so the rankings are the full pipeline's; this checks that lookup gets
+    the pre-train factors the projected index was built in."""
+    from msif.config import IndexOptions
+    from msif.ekfac.factors import Factors
+    from msif.main_job import run_inprocess
+    from msif.workflow.dag import option_parameters
+    from msif.workflow.inprocess import primary_output, run_dag
+
+    world = build(tmp_path / "world", num_docs=NUM_DOCS)
+    settings = dag_settings(2)
+    reference = run_inprocess(world, tmp_path / "full", settings)
+    params = settings.parameters(world)
+    index_params = {k: v for k, v in params.items() if k in pipeline_parameters(INDEX)}
+    indexing = option_parameters(IndexOptions(index_tier="projected", index_values=10**7))
+    runs = run_dag(
+        {**index_params, **indexing},
+        str(tmp_path / "index"),
+        pipeline_name=INDEX,
+    )
+    pt_factors = primary_output(runs, "build-factors-pt")
+    everything = 2 * sum(lam.numel() for lam in Factors.load(pt_factors).lambdas.values())
+    shards = [next(iter(o.values())).path for o in runs["index"].outputs]
+    info = json.loads((Path(shards[0]) / "projected_index.json").read_text())
+    assert info["info"]["values_per_document"] == everything
+    attribute_params = {k: v for k, v in params.items() if k in pipeline_parameters(ATTRIBUTE)}
+    attribute_params.update(pt_factors_uri=pt_factors, index_uris=shards, top_c=NUM_DOCS)
+    runs = run_dag(attribute_params, str(tmp_path / "attribute"), pipeline_name=ATTRIBUTE)
+    ranking = primary_output(runs, "rank")
+    for method in INDEXED:
+        assert_same_ranking(
+            ranking_rows(ranking, [method]), ranking_rows(reference["ranking"], [method])
+        )

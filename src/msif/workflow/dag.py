@@ -128,6 +128,7 @@ def _method_tasks(method: str, *, indexed: bool = False) -> list[Task]:
     scoring = {"preconditioned": preconditioned}
     if indexed:
         lookup = {"index": "index", "preconditioned": preconditioned}
+        lookup["pt_factors"] = "build-factors-pt"  # a projected index needs its eigenbasis
         out.append(Task("lookup", method, inputs=lookup))
         scoring["candidates"] = f"lookup-{method}"
     out.append(Task("score-corpus", method, True, corpus, inputs=scoring))
