@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 from msif.config import (
     DataOptions,
     EigenOptions,
+    IndexOptions,
+    LookupOptions,
     ModelOptions,
     PreconditionOptions,
     RankOptions,
@@ -45,10 +47,18 @@ class JobSettings:
     scoring: ScoreOptions = field(default_factory=ScoreOptions)
     ranking: RankOptions = field(default_factory=RankOptions)
     data: DataOptions = field(default_factory=DataOptions)  # the fact world's own columns
+    indexing: IndexOptions = field(default_factory=IndexOptions)
+    lookup: LookupOptions = field(default_factory=LookupOptions)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_shards, bool) or self.num_shards < 1:
             raise OptionError(f"--num-shards must be at least 1, not {self.num_shards!r}")
+
+    def index_parameters(self) -> dict:
+        """The index and lookup parameters of the two-pipeline path (--via-index)."""
+        from msif.workflow.dag import option_parameters
+
+        return option_parameters(self.indexing, self.lookup)
 
     def parameters(self, world: dict) -> dict:
         """Pipeline parameters: the world's files, these options, CPU placement."""
@@ -98,11 +108,20 @@ def add_parsers(sub) -> None:
         "with images/build.sh cpu; default: %(default)s)",
     )
     p.add_argument("--num-shards", type=int, default=2, help="shards (default: %(default)s)")
+    p.add_argument(
+        "--via-index",
+        action="store_true",
+        help="run the index pipeline (pre-train factors + corpus index), then the attribute "
+        "pipeline on its outputs (fine-tune factors, lookup, exact rerank of the candidates): "
+        "multi-stage and gradient-dot only, as single-stage's corpus side is θ_ft",
+    )
     add_options(p, PreconditionOptions, skip=("method",))
     add_options(p, ScoreOptions)
     add_options(p, RankOptions, skip=("top_k",))
     add_options(p, EigenOptions)
     add_options(p, ModelOptions)
+    add_options(p, IndexOptions)
+    add_options(p, LookupOptions)
     p.set_defaults(run=run_command, **WORLD_MODEL_OPTIONS)
 
 
@@ -129,6 +148,8 @@ def settings_from(args: argparse.Namespace, world_alpha: float | None) -> JobSet
         precondition=from_namespace(PreconditionOptions, args, alpha=alpha),
         scoring=from_namespace(ScoreOptions, args),
         ranking=from_namespace(RankOptions, args),
+        indexing=from_namespace(IndexOptions, args),
+        lookup=from_namespace(LookupOptions, args),
     )
 
 
@@ -138,10 +159,16 @@ def say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def run_inprocess(world: dict, out: Path, settings: JobSettings) -> dict:
-    """The DAG in this process; metrics, per-task times and the ranking directory."""
+def run_inprocess(
+    world: dict, out: Path, settings: JobSettings, *, via_index: bool = False
+) -> dict:
+    """The DAG in this process; metrics, per-task times and the ranking directory.
+
+    via_index: the index pipeline, then the attribute pipeline on its outputs.
+    """
+    from msif.workflow.dag import ATTRIBUTE, INDEX
     from msif.workflow.inprocess import primary_output, run_dag
-    from msif.workflow.local_run import node_line
+    from msif.workflow.local_run import node_line, pipeline_parameters
 
     timings: dict[str, float] = {}
 
@@ -149,16 +176,33 @@ def run_inprocess(world: dict, out: Path, settings: JobSettings) -> dict:
         timings[run.task.display_name] = run.seconds
         say(node_line(run.task.display_name, run.seconds, len(run.outputs)))
 
-    runs = run_dag(
-        settings.parameters(world), str(out / "tasks"), ui_dir=out / "ui", on_task=finished
-    )
+    params = settings.parameters(world)
+    if via_index:
+        given = {**params, **settings.index_parameters()}
+
+        def taken(name: str) -> dict:
+            return {k: v for k, v in given.items() if k in pipeline_parameters(name)}
+
+        runs = run_dag(taken(INDEX), str(out / "index"), on_task=finished, pipeline_name=INDEX)
+        params = taken(ATTRIBUTE)
+        params["pt_factors_uri"] = primary_output(runs, "build-factors-pt")
+        params["index_uris"] = [next(iter(o.values())).path for o in runs["index"].outputs]
+        runs = run_dag(
+            params, str(out / "tasks"), ui_dir=out / "ui", on_task=finished,
+            pipeline_name=ATTRIBUTE,
+        )  # fmt: skip
+    else:
+        runs = run_dag(params, str(out / "tasks"), ui_dir=out / "ui", on_task=finished)
     ranking = primary_output(runs, "rank")
     metrics = json.loads((Path(ranking) / "metrics.json").read_text())
     return {"metrics": metrics, "timings": timings, "ranking": ranking}
 
 
-def run_in_containers(world: dict, out: Path, settings: JobSettings, image: str) -> dict:
-    """The compiled pipeline through kfp.local's DockerRunner, every node in image."""
+def run_in_containers(
+    world: dict, out: Path, settings: JobSettings, image: str, *, via_index: bool = False
+) -> dict:
+    """The compiled pipeline through kfp.local's DockerRunner, every node in image
+    (via_index: the index pipeline, then the attribute pipeline)."""
     from msif.workflow import containers
     from msif.workflow.cli import components_in
     from msif.workflow.local_run import run_main_job_pipeline
@@ -175,6 +219,7 @@ def run_in_containers(world: dict, out: Path, settings: JobSettings, image: str)
                 on_node=say,
                 runner=runner,
                 prepare_root=containers.prepare_root,
+                via_index=settings.index_parameters() if via_index else None,
             )
     return {**result, "inputs": {k: served[k] for k in containers.WORLD_INPUTS}}
 
@@ -257,11 +302,12 @@ def run_command(args: argparse.Namespace) -> int:
     if args.runner == "kfp":
         from msif.workflow.local_run import run_main_job_pipeline
 
-        result = run_main_job_pipeline(settings.parameters(world), out, on_node=say)
+        via = settings.index_parameters() if args.via_index else None
+        result = run_main_job_pipeline(settings.parameters(world), out, on_node=say, via_index=via)
     elif args.runner == "docker":
-        result = run_in_containers(world, out, settings, args.image)
+        result = run_in_containers(world, out, settings, args.image, via_index=args.via_index)
     else:
-        result = run_inprocess(world, out, settings)
+        result = run_inprocess(world, out, settings, via_index=args.via_index)
     print_summary(world, result, out)
     say(f"total wall time {time.perf_counter() - start:.0f}s")
     return 0

@@ -116,3 +116,20 @@ def test_projected_index_in_process_gives_the_full_pipeline_s_rankings(tmp_path)
         assert_same_ranking(
             ranking_rows(ranking, [method]), ranking_rows(reference["ranking"], [method])
         )
+
+
+def test_main_job_via_index_gives_the_full_main_job_s_results(tmp_path, capsys):
+    """`msif run --via-index` (index then attribute) on the small world, with every document
+    a candidate and a full-rank index: multi-stage and gradient-dot as in the plain main job."""
+    from msif.cli import main
+
+    argv = ["run", "--preset", "small", "--runner", "inprocess", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    via = ["--via-index", "--index-rank", "64", "--top-c", "1000"]
+    assert main([*argv, *via, "--out", str(tmp_path / "via")]) == 0
+    assert "done index" in capsys.readouterr().out
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())["metrics"]["methods"]
+    got = json.loads((tmp_path / "via" / "summary.json").read_text())["metrics"]["methods"]
+    assert set(got) == {*INDEXED, "bm25"}
+    for method in got:
+        assert got[method] == {k: pytest.approx(v) for k, v in full[method].items()}

@@ -148,6 +148,30 @@ def published_outputs(run_dir: Path) -> dict[str, list[str]]:
     return {task_id: [d for _, d in sorted(dirs)] for task_id, dirs in sorted(found.items())}
 
 
+def run_index_then_attribute(
+    params: dict[str, Any], indexing: dict[str, Any], root: Path, runner: Any = None
+) -> dict[str, Any]:
+    """The index pipeline, then the attribute pipeline on its pre-train factors and index
+    shards; the attribute run's outputs (as run_pipeline_locally), with `index_run_dir`.
+
+    params: the full pipeline's parameters (each pipeline takes those it has); indexing: the
+    index and lookup parameters.
+    """
+    from msif.workflow.dag import ATTRIBUTE, INDEX
+
+    given = {**params, **indexing}
+    known = pipeline_parameters(INDEX)
+    indexed = run_pipeline_locally(
+        {k: v for k, v in given.items() if k in known}, root, runner, INDEX
+    )
+    (pt_factors,) = indexed["outputs"]["build-factors-pt"]
+    known = pipeline_parameters(ATTRIBUTE)
+    attribute = {k: v for k, v in given.items() if k in known}
+    attribute.update(pt_factors_uri=pt_factors, index_uris=indexed["outputs"]["index"])
+    paths = run_pipeline_locally(attribute, root, runner, ATTRIBUTE)
+    return {**paths, "index_run_dir": indexed["run_dir"]}
+
+
 def logged_metrics(executor_output: Path) -> dict[str, float]:
     """The values the rank node logged on its Metrics artifact."""
     try:
@@ -227,11 +251,14 @@ def run_main_job_pipeline(
     on_node: Callable[[str], None] = print,
     runner: Any = None,
     prepare_root: Callable[[Path], None] | None = None,
+    via_index: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The main job through kfp.local: kfp's logs go to out/kfp.log, one line per node to
     on_node; returns metrics, the ranking directory and the run's outputs.
 
     runner: as for run_pipeline_locally; prepare_root is called on the new pipeline root.
+    via_index: instead of the full pipeline, the index pipeline, then the attribute pipeline
+    on its outputs; these are the index and lookup parameters (index_rank, top_c, ...).
     """
     start = time.perf_counter()
     root, log_path = Path(out) / "kfp", Path(out) / "kfp.log"
@@ -243,7 +270,10 @@ def run_main_job_pipeline(
         watcher = NodeWatcher(root, lambda line: print(line, file=terminal, flush=True))
         watcher.start()
         try:
-            paths = run_pipeline_locally(params, root, runner)
+            if via_index is None:
+                paths = run_pipeline_locally(params, root, runner)
+            else:
+                paths = run_index_then_attribute(params, via_index, root, runner)
         finally:
             watcher.stopped.set()
             watcher.join()
