@@ -69,6 +69,11 @@ stop)
             exit 1
         fi
     fi
+    # dockerd leaves its network namespace mounted (exec/netns/default): without this a
+    # checkout holding DIR could not be deleted.
+    for m in "$dir"/exec/netns/*; do
+        if mountpoint -q "$m" 2>/dev/null; then umount "$m" || true; fi
+    done
     echo "stopped"
     ;;
 status)
