@@ -1263,3 +1263,73 @@ for flag, value, expect in [
         expect,
         code=2,
     )
+
+# ----------------------------------------------------------------------------- corpus index
+
+G = "Corpus index"
+case(
+    "index-rank-0",
+    G,
+    "index --index-rank 0",
+    lambda c: W.index(c, "--index-rank", "0"),
+    "--index-rank must be at least 1",
+    code=2,
+)
+case(
+    "index-whitening-nan",
+    G,
+    "index --index-whitening nan",
+    lambda c: W.index(c, "--index-whitening", "nan"),
+    "--index-whitening must be in [0, 2]",
+    code=2,
+)
+case(
+    "index-ft-model",
+    G,
+    "index given the fine-tuned model as θ_pt",
+    lambda c: [*W.index(c)[:2], c.w["ft_model"], *W.index(c)[3:]],
+    "was computed with other model weights",
+)
+case(
+    "lookup-missing-shard",
+    G,
+    "lookup given one shard of a 2-shard index",
+    lambda c: W.lookup(c, [W.built_index(c, "ix0", shard=0, num_shards=2)]),
+    "index shard 1 of 2 is missing",
+)
+case(
+    "lookup-single-stage",
+    G,
+    "lookup with single-stage queries (their corpus side is θ_ft)",
+    lambda c: W.lookup(c, [W.built_index(c, "ix")], pre=c.p["pre_single_stage"]),
+    "single-stage queries pair with corpus gradients at θ_ft",
+)
+case(
+    "lookup-projected-no-factors",
+    G,
+    "lookup of a projected index without --pt-factors",
+    lambda c: W.lookup(c, [W.built_index(c, "ixp", "--index-tier", "projected")]),
+    "needs --pt-factors",
+)
+case(
+    "lookup-corrupt-index",
+    G,
+    "lookup of an index shard whose tensor file was altered",
+    lambda c: W.lookup(c, [_altered_index(c)]),
+    "does not match its manifest (sha256 differs)",
+)
+case(
+    "rerank-candidates-not-candidates",
+    G,
+    "score-corpus --candidates given factors",
+    lambda c: W.score(c, None, "--candidates", c.p["pt_factors"]),
+    "holds no candidates.parquet",
+)
+
+
+def _altered_index(c: Ctx) -> str:
+    shard = Path(W.built_index(c, "ixc"))
+    data = bytearray((shard / "index.safetensors").read_bytes())
+    data[-4:] = b"\x01\x02\x03\x04"
+    (shard / "index.safetensors").write_bytes(bytes(data))
+    return str(shard)

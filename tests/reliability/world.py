@@ -322,3 +322,49 @@ def swapped_words(table: pa.Table) -> pa.Table:
     swap.update({f"w{i}": f"w{10 + (i - 9) % 30}" for i in range(10, 40)})
     texts = [" ".join(swap[w] for w in t.split()) for t in table.column("text").to_pylist()]
     return table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts))
+
+
+def index(c: Ctx, *extra, shard: int = 0, num_shards: int = 1, out=None) -> list:
+    """argv of `msif index` (factored tier unless extra says otherwise)."""
+    return [
+        "index",
+        "--model",
+        c.w["pt_model"],
+        "--corpus",
+        c.w["corpus"],
+        "--pt-factors",
+        c.p["pt_factors"],
+        "--shard",
+        shard,
+        "--num-shards",
+        num_shards,
+        "--out",
+        out or c.out,
+        *COMMON,
+        *extra,
+    ]
+
+
+def built_index(c: Ctx, name: str, *extra, shard: int = 0, num_shards: int = 1) -> str:
+    """A good index shard under tmp/name (built once per test)."""
+    from msif.cli import main
+
+    out = c.tmp / name
+    assert (
+        main([str(a) for a in index(c, *extra, shard=shard, num_shards=num_shards, out=out)]) == 0
+    )
+    return str(out)
+
+
+def lookup(c: Ctx, shards: list, *extra, pre=None) -> list:
+    """argv of `msif lookup` against multi-stage queries unless pre says otherwise."""
+    return [
+        "lookup",
+        "--index",
+        *shards,
+        "--preconditioned",
+        pre or c.p["pre"],
+        "--out",
+        c.out,
+        *extra,
+    ]
