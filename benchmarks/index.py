@@ -133,8 +133,9 @@ def speed(args) -> list[dict]:
     model = neox(hidden, layers=2, heads=4, vocab=vocab)
     print(f"GPT-NeoX hidden {hidden}, 2 layers; {machine()}")
     print(
-        "| tokens/doc | docs | queries | scan s | lookup s | scan/lookup | build s | "
-        "build/scan per token |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| tokens/doc | docs | queries | scan s | factored lookup s | scan/lookup | "
+        "projected lookup s (4096 values) | scan/lookup | factored build s | "
+        "build/scan per token |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = []
     qb = token_batches(args.queries, 32, vocab, seed=1, batch=8, prompt=16)
@@ -150,10 +151,13 @@ def speed(args) -> list[dict]:
     for length in args.lengths:
         docs = token_batches(args.docs, length, vocab, seed=2, batch=4)
         index = build_index(model, docs, fpt.specs, 4)
+        damping = {n: fpt.damping_for(n, Damping(0.1)) for n in fpt.specs}
+        projected = build_projected_index(model, docs, fpt, 4096, 0.5, damping)
         times = interleaved_best_times(
             [
                 ("scan", lambda docs=docs: msif.score(model, docs, pre)),
                 ("lookup", lambda index=index: index_scores(pre, index)),
+                ("projected", lambda ix=projected: index_scores(pre, ix, factors=fpt)),
                 ("build", lambda docs=docs: build_index(model, docs, fpt.specs, 4)),
             ],
             repeat=args.repeat,
@@ -163,6 +167,7 @@ def speed(args) -> list[dict]:
         print(
             f"| {length} | {args.docs} | {args.queries} | {times['scan']:.3f} | "
             f"{times['lookup']:.4f} | {times['scan'] / times['lookup']:.0f}× | "
+            f"{times['projected']:.4f} | {times['scan'] / times['projected']:.0f}× | "
             f"{times['build']:.3f} | {times['build'] / times['scan']:.2f} |"
         )
     return rows

@@ -17,7 +17,12 @@ from msif.core.artifact import specs_from_meta
 from msif.core.fingerprint import check_fingerprint
 from msif.errors import MismatchError, MsifError
 from msif.index.factored import CorpusIndex
-from msif.index.projected import ProjectedIndex, check_factors, projected_module_scores
+from msif.index.projected import (
+    ProjectedIndex,
+    check_factors,
+    projected_module_scores,
+    rotated_queries,
+)
 
 # Intermediate tensors are chunked over documents to about this many elements.
 CHUNK_ELEMENTS = 1 << 24
@@ -65,21 +70,24 @@ def index_scores(
     index: CorpusIndex | ProjectedIndex,
     where: str = "the index",
     factors=None,
+    rotated: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scores (Q, N) of every indexed document on every query, summed over the queries' modules.
 
     factors: the pre-train factors a projected index was built in (it stores eigenbasis
-    coordinates, into which the queries are rotated); unused by a factored index.
+    coordinates, into which the queries are rotated); unused by a factored index. rotated:
+    those rotated queries, when already made (msif.index.projected.rotated_queries).
     """
     check_pairing(queries, index, where)
     if isinstance(index, ProjectedIndex):
         if factors is None:
             raise MsifError(f"{where} is a projected index: the lookup needs its pre-train factors")
         check_factors(index, factors, where)
+        rotated = rotated if rotated is not None else rotated_queries(queries, factors)
     total = torch.zeros(queries.num_queries, index.num_docs, dtype=torch.float64)
     for name in queries.specs:
         if isinstance(index, ProjectedIndex):
-            total += projected_module_scores(queries, factors, index, name, CHUNK_ELEMENTS)
+            total += projected_module_scores(rotated[name], index, name, CHUNK_ELEMENTS)
         else:
             u, s, v = index.factors[name]
             total += _module_scores(queries, name, u, s, v).double()
@@ -127,8 +135,12 @@ def top_candidates(
     """
     best_scores = torch.empty(queries.num_queries, 0, dtype=torch.float64)
     best_ids: list[list[str]] = [[] for _ in range(queries.num_queries)]
+    rotated = None  # the queries in the eigenbasis, made once for every projected shard
     for where, index in shards:
-        scores = index_scores(queries, index, where, factors)
+        if isinstance(index, ProjectedIndex) and rotated is None and factors is not None:
+            check_factors(index, factors, where)
+            rotated = rotated_queries(queries, factors)
+        scores = index_scores(queries, index, where, factors, rotated)
         merged = torch.cat([best_scores, scores], dim=1)
         k = min(top_c, merged.shape[1])
         top = torch.topk(merged, k, dim=1, sorted=True)

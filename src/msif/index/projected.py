@@ -154,13 +154,22 @@ def check_factors(index: ProjectedIndex, factors, where: str) -> None:
         raise MismatchError(f"{where} was built in another pre-train eigenbasis than these factors")
 
 
+def rotated_queries(queries, factors) -> dict[str, torch.Tensor]:
+    """Per module the queries in the pre-train eigenbasis, flattened: (Q, out·in')."""
+    out = {}
+    for name in queries.specs:
+        w = factors.to_eigenbasis(name, queries.weight(name).double())
+        out[name] = w.reshape(w.shape[0], -1)
+    return out
+
+
 def projected_module_scores(
-    queries, factors, index: ProjectedIndex, name: str, chunk_elements: int
+    rotated: torch.Tensor, index: ProjectedIndex, name: str, chunk_elements: int
 ) -> torch.Tensor:
-    """Scores (Q, N) of one module: the rotated queries read at each document's coordinates."""
+    """Scores (Q, N) of one module: the rotated queries (Q, out·in') read at each document's
+    coordinates."""
     values, indices = index.coordinates[name]
-    w = factors.to_eigenbasis(name, queries.weight(name).double())
-    w = w.reshape(w.shape[0], -1)
+    w = rotated
     n, k = values.shape
     step = max(1, chunk_elements // max(1, w.shape[0] * k))
     out = []
