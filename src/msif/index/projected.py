@@ -155,26 +155,30 @@ def check_factors(index: ProjectedIndex, factors, where: str) -> None:
 
 
 def rotated_queries(queries, factors) -> dict[str, torch.Tensor]:
-    """Per module the queries in the pre-train eigenbasis, flattened: (Q, out·in')."""
+    """Per module the queries in the pre-train eigenbasis, one row per coordinate: (out·in', Q)
+    (row-major, so that a document's coordinates are read as whole rows)."""
     out = {}
     for name in queries.specs:
         w = factors.to_eigenbasis(name, queries.weight(name).double())
-        out[name] = w.reshape(w.shape[0], -1)
+        out[name] = w.reshape(w.shape[0], -1).T.contiguous()
     return out
 
 
 def projected_module_scores(
     rotated: torch.Tensor, index: ProjectedIndex, name: str, chunk_elements: int
 ) -> torch.Tensor:
-    """Scores (Q, N) of one module: the rotated queries (Q, out·in') read at each document's
-    coordinates."""
+    """Scores (Q, N) of one module: the rotated queries (out·in', Q) read at each document's
+    coordinates, in float32 unless the index is float64."""
     values, indices = index.coordinates[name]
-    w = rotated
+    work = torch.float64 if values.dtype == torch.float64 else torch.float32
+    w = rotated.to(work)
+    q = w.shape[1]
     n, k = values.shape
-    step = max(1, chunk_elements // max(1, w.shape[0] * k))
+    step = max(1, chunk_elements // max(1, q * k))
     out = []
     for s in range(0, n, step):
-        idx = indices[s : s + step].long()
-        picked = w[:, idx.reshape(-1)].reshape(w.shape[0], idx.shape[0], k)
-        out.append((picked * values[s : s + step].double()).sum(-1))
-    return torch.cat(out, dim=1) if out else torch.zeros(w.shape[0], 0, dtype=torch.float64)
+        idx = indices[s : s + step].long().reshape(-1)
+        picked = torch.index_select(w, 0, idx).reshape(-1, k, q)  # (n, k, Q)
+        vals = values[s : s + step].to(work).unsqueeze(1)  # (n, 1, k)
+        out.append(torch.bmm(vals, picked).squeeze(1).T.double())
+    return torch.cat(out, dim=1) if out else torch.zeros(q, 0, dtype=torch.float64)
