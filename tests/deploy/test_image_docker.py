@@ -276,3 +276,44 @@ def test_corrupt_corpus_fails_its_task_with_one_line(one_task, gcs_bucket, capfd
     args.update(queries=f"{gcs_bucket}/corrupt/queries.jsonl")
     line = one_line_failure(lambda: component(**args), capfd)
     assert "corpus.parquet" in line
+
+
+def test_index_and_lookup_run_in_the_image(main_jobs, image, tmp_path):
+    """The corpus index nodes in the image, as uid 1000 on a read-only root: `msif index` over
+    the small world's corpus with the containerized run's pre-train factors, then `msif
+    lookup` of its multi-stage queries; the candidates are those a host run finds."""
+    from msif.cli import main
+    from msif.workflow.local_run import published_outputs
+
+    out_dir = main_jobs["docker"][0]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    world = summary["world"]
+    outputs = published_outputs(next((out_dir / "kfp").iterdir()))
+    (factors,) = outputs["build-factors-pt"]
+    (pre,) = outputs["precondition-queries-multi-stage"]
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chmod(work, 0o777)
+    world_dir = str(Path(world["pt_model"]).parent)
+    mounts = [(world_dir, world_dir), (str(out_dir), str(out_dir)), (str(work), str(work))]
+    common = ["--max-length", "64", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    index = ["index", "--model", world["pt_model"], "--corpus", world["corpus"]]
+    index += ["--pt-factors", factors, "--out", str(work / "index"), *common]
+    done = run(image, "msif", *index, mounts=mounts, read_only=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lookup = ["lookup", "--index", str(work / "index"), "--preconditioned", pre, "--top-c", "5"]
+    done = run(image, "msif", *lookup, "--out", str(work / "cand"), mounts=mounts, read_only=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # The same two nodes on the host give the same candidates.
+    host = tmp_path / "host"
+    assert main([*index[: -len(common) - 2], "--out", str(host / "index"), *common]) == 0
+    assert main([*lookup[:2], str(host / "index"), *lookup[3:], "--out", str(host / "cand")]) == 0
+    got, want = (
+        pq.read_table(d / "candidates.parquet").to_pylist() for d in (work / "cand", host / "cand")
+    )
+    assert [(r["query_id"], r["doc_id"]) for r in got] == [
+        (r["query_id"], r["doc_id"]) for r in want
+    ]
+    assert [r["index_score"] for r in got] == pytest.approx(
+        [r["index_score"] for r in want], rel=1e-4
+    )

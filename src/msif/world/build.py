@@ -310,6 +310,13 @@ def save_model(model, tokenizer, out: Path) -> None:
     """Model weights (safetensors) and tokenizer side by side, as from_pretrained expects."""
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    # transformers writes the weights through a private temporary file (mode 0600): the
+    # world is a cache other users and containers (uid 1000) read, so give it the umask's.
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(out).iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def world_record(config: WorldConfig, accuracy, counts, times, pt_stats, ft_stats) -> dict:
