@@ -29,7 +29,7 @@ from benchmarks.sensitivity import fit, load_world, mrr
 from benchmarks.stats import spearman
 from msif.data.examples import batches
 from msif.ekfac.factors import Damping
-from msif.index.factored import build_index, pt_metric
+from msif.index.factored import build_index, whitening_metrics
 from msif.index.lookup import index_scores
 from msif.index.projected import build_projected_index
 
@@ -64,14 +64,7 @@ def agreement(args) -> list[dict]:
     rows = []
     indexes = {}
     for power in args.powers:
-        metrics = (
-            {
-                n: pt_metric(fpt, n, fpt.damping_for(n, Damping(args.damping_factor)), power)
-                for n in fpt.specs
-            }
-            if power
-            else None
-        )
+        metrics = whitening_metrics(fpt, power, args.damping_factor)
         for r in args.ranks:
             start = time.perf_counter()
             index = build_index(pt, batches(docs, 16, pad), fpt.specs, r, metrics=metrics)

@@ -168,7 +168,7 @@ def run_inprocess(
     """
     from msif.workflow.dag import ATTRIBUTE, INDEX
     from msif.workflow.inprocess import primary_output, run_dag
-    from msif.workflow.local_run import node_line, pipeline_parameters
+    from msif.workflow.local_run import attribute_parameters, node_line, parameters_of
 
     timings: dict[str, float] = {}
 
@@ -179,14 +179,10 @@ def run_inprocess(
     params = settings.parameters(world)
     if via_index:
         given = {**params, **settings.index_parameters()}
-
-        def taken(name: str) -> dict:
-            return {k: v for k, v in given.items() if k in pipeline_parameters(name)}
-
-        runs = run_dag(taken(INDEX), str(out / "index"), on_task=finished, pipeline_name=INDEX)
-        params = taken(ATTRIBUTE)
-        params["pt_factors_uri"] = primary_output(runs, "build-factors-pt")
-        params["index_uris"] = [next(iter(o.values())).path for o in runs["index"].outputs]
+        index = parameters_of(INDEX, given)
+        runs = run_dag(index, str(out / "index"), on_task=finished, pipeline_name=INDEX)
+        shards = [next(iter(o.values())).path for o in runs["index"].outputs]
+        params = attribute_parameters(given, primary_output(runs, "build-factors-pt"), shards)
         runs = run_dag(
             params, str(out / "tasks"), ui_dir=out / "ui", on_task=finished,
             pipeline_name=ATTRIBUTE,

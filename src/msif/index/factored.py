@@ -115,6 +115,25 @@ def pt_metric(factors, name: str, lambda_: float, power: float) -> Metric:
     )
 
 
+def whitening_metrics(factors, power: float, damping_factor: float) -> dict[str, Metric] | None:
+    """Per module of the pre-train factors the metric of power p, λ by the relative damping
+    rule damping_factor · mean(Λ); None for power 0 (plain SVD)."""
+    from msif.ekfac.factors import Damping
+
+    if power == 0:
+        return None
+    rule = Damping(damping_factor)
+    return {n: pt_metric(factors, n, factors.damping_for(n, rule), power) for n in factors.specs}
+
+
+def batch_doc_ids(batch: Mapping, seen: int) -> list[str]:
+    """The batch's document ids; rows without ids are named row-N after the seen ones."""
+    ids = batch.get("ids")
+    if ids is not None:
+        return list(ids)
+    return [f"row-{seen + j}" for j in range(batch["input_ids"].shape[0])]
+
+
 def whitened_document_factors(
     a: torch.Tensor, g: torch.Tensor, rank: int, metric: Metric
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,9 +190,7 @@ def build_index(
     doc_ids: list[str] = []
     parts: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in specs}
     for hb in hooked_batches(model, batches, specs, progress=progress, desc="index"):
-        ids = hb.batch.get("ids")
-        n = hb.batch["input_ids"].shape[0]
-        doc_ids += list(ids) if ids is not None else [f"row-{len(doc_ids) + j}" for j in range(n)]
+        doc_ids += batch_doc_ids(hb.batch, len(doc_ids))
         # Padding needs no mask: its g is exactly zero, so it adds nothing to Gᵀ A.
         for spec, a, g in hb.modules():
             metric = (metrics or {}).get(spec.name)

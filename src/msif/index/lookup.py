@@ -76,14 +76,15 @@ def index_scores(
 
     factors: the pre-train factors a projected index was built in (it stores eigenbasis
     coordinates, into which the queries are rotated); unused by a factored index. rotated:
-    those rotated queries, when already made (msif.index.projected.rotated_queries).
+    those rotated queries, when already made (msif.index.projected.rotated_queries) by a
+    caller that has checked the factors against this index.
     """
     check_pairing(queries, index, where)
-    if isinstance(index, ProjectedIndex):
+    if isinstance(index, ProjectedIndex) and rotated is None:  # else the caller checked
         if factors is None:
             raise MsifError(f"{where} is a projected index: the lookup needs its pre-train factors")
         check_factors(index, factors, where)
-        rotated = rotated if rotated is not None else rotated_queries(queries, factors)
+        rotated = rotated_queries(queries, factors)
     total = torch.zeros(queries.num_queries, index.num_docs, dtype=torch.float64)
     for name in queries.specs:
         if isinstance(index, ProjectedIndex):
@@ -135,11 +136,15 @@ def top_candidates(
     """
     best_scores = torch.empty(queries.num_queries, 0, dtype=torch.float64)
     best_ids: list[list[str]] = [[] for _ in range(queries.num_queries)]
-    rotated = None  # the queries in the eigenbasis, made once for every projected shard
+    rotated, basis = None, None  # made once for every projected shard
     for where, index in shards:
-        if isinstance(index, ProjectedIndex) and rotated is None and factors is not None:
-            check_factors(index, factors, where)
-            rotated = rotated_queries(queries, factors)
+        if isinstance(index, ProjectedIndex) and factors is not None:
+            if basis is None:
+                from msif.ekfac.lambdas import eigenbasis_id
+
+                basis = eigenbasis_id(factors)
+                rotated = rotated_queries(queries, factors)
+            check_factors(index, factors, where, basis)
         scores = index_scores(queries, index, where, factors, rotated)
         merged = torch.cat([best_scores, scores], dim=1)
         k = min(top_c, merged.shape[1])

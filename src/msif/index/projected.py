@@ -28,6 +28,7 @@ from msif.core.hooks import hooked_batches
 from msif.core.linalg import rotate_output
 from msif.core.modules import ModuleSpec
 from msif.errors import MismatchError, MsifError
+from msif.index.factored import batch_doc_ids
 
 TIER = "projected"
 
@@ -121,9 +122,7 @@ def build_projected_index(
     doc_ids: list[str] = []
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in specs}
     for hb in hooked_batches(model, batches, specs, progress=progress, desc="index"):
-        ids = hb.batch.get("ids")
-        n = hb.batch["input_ids"].shape[0]
-        doc_ids += list(ids) if ids is not None else [f"row-{len(doc_ids) + j}" for j in range(n)]
+        doc_ids += batch_doc_ids(hb.batch, len(doc_ids))
         for spec, a, g in hb.modules():
             q_a, q_g = factors.eigenvectors(spec.name, a)
             v, i = document_coordinates(a, g, q_a, q_g, denominators[spec.name], budgets[spec.name])
@@ -146,11 +145,12 @@ def build_projected_index(
     )
 
 
-def check_factors(index: ProjectedIndex, factors, where: str) -> None:
-    """Refuse pre-train factors other than those the index was built in."""
+def check_factors(index: ProjectedIndex, factors, where: str, basis: str | None = None) -> None:
+    """Refuse pre-train factors other than those the index was built in; basis: their
+    eigenbasis_id when already computed (it hashes every eigenvector)."""
     from msif.ekfac.lambdas import eigenbasis_id
 
-    if eigenbasis_id(factors) != index.eigenbasis:
+    if (basis or eigenbasis_id(factors)) != index.eigenbasis:
         raise MismatchError(f"{where} was built in another pre-train eigenbasis than these factors")
 
 

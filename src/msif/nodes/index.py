@@ -17,17 +17,6 @@ log = logging.getLogger("msif")
 WHITENING_DAMPING = 0.1
 
 
-def whitening_metrics(factors, power: float) -> dict | None:
-    """Per module the norm the truncation minimises (None: plain SVD)."""
-    from msif.ekfac.factors import Damping
-    from msif.index.factored import pt_metric
-
-    if power == 0:
-        return None
-    rule = Damping(WHITENING_DAMPING)
-    return {n: pt_metric(factors, n, factors.damping_for(n, rule), power) for n in factors.specs}
-
-
 def add_parser(sub) -> None:
     """`msif index`."""
     p = runtime.subparser(
@@ -86,7 +75,7 @@ def run(
     from msif.data.examples import batches, pad_id_of
     from msif.data.models import tokenizer_identity
     from msif.ekfac.factors import Damping, Factors
-    from msif.index.factored import build_index
+    from msif.index.factored import build_index, whitening_metrics
     from msif.index.projected import build_projected_index
 
     runtime.check_output(out_uri, model_uri, corpus_uri, pt_factors_uri, base_model_uri)
@@ -133,7 +122,7 @@ def run(
             indexing.index_rank,
             dtype=dtype,
             progress=options.progress,
-            metrics=whitening_metrics(factors, indexing.index_whitening),
+            metrics=whitening_metrics(factors, indexing.index_whitening, WHITENING_DAMPING),
         )
     meta = {"node": NAME, "shard": shard, "num_shards": num_shards, "inputs": key}
     index.info.update(

@@ -89,6 +89,7 @@ def run(
 
     from msif.attribution.precondition import PreconditionedQueries
     from msif.ekfac.factors import Factors
+    from msif.ekfac.lambdas import eigenbasis_id
     from msif.index.lookup import check_pairing, load_index, top_candidates
     from msif.index.projected import ProjectedIndex, check_factors
 
@@ -101,10 +102,11 @@ def run(
         if pt_factors_uri is None:
             raise MsifError("a projected index needs --pt-factors: those it was built with")
         factors = Factors.load(runtime.input_dir(pt_factors_uri), stage="pt")
+    basis = eigenbasis_id(factors) if factors is not None else None
     for uri, ix in shards:  # every refusal before any work
         check_pairing(queries, ix, uri)
-        if factors is not None:
-            check_factors(ix, factors, uri)
+        if isinstance(ix, ProjectedIndex):
+            check_factors(ix, factors, uri, basis)
     candidates = top_candidates(queries, shards, lookup.top_c, factors)
     rows = [
         (qid, doc, score, rank)

@@ -160,16 +160,31 @@ def run_index_then_attribute(
     from msif.workflow.dag import ATTRIBUTE, INDEX
 
     given = {**params, **indexing}
-    known = pipeline_parameters(INDEX)
-    indexed = run_pipeline_locally(
-        {k: v for k, v in given.items() if k in known}, root, runner, INDEX
-    )
+    indexed = run_pipeline_locally(parameters_of(INDEX, given), root, runner, INDEX)
     (pt_factors,) = indexed["outputs"]["build-factors-pt"]
-    known = pipeline_parameters(ATTRIBUTE)
-    attribute = {k: v for k, v in given.items() if k in known}
-    attribute.update(pt_factors_uri=pt_factors, index_uris=indexed["outputs"]["index"])
+    attribute = attribute_parameters(given, pt_factors, indexed["outputs"]["index"])
     paths = run_pipeline_locally(attribute, root, runner, ATTRIBUTE)
     return {**paths, "index_run_dir": indexed["run_dir"]}
+
+
+def parameters_of(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of given that pipeline name takes."""
+    known = pipeline_parameters(name)
+    return {k: v for k, v in given.items() if k in known}
+
+
+def attribute_parameters(
+    given: dict[str, Any], pt_factors: str, index_uris: list[str]
+) -> dict[str, Any]:
+    """The attribute pipeline's parameters: those of given it takes, and an index run's
+    pre-train factors and index shards."""
+    from msif.workflow.dag import ATTRIBUTE
+
+    return {
+        **parameters_of(ATTRIBUTE, given),
+        "pt_factors_uri": pt_factors,
+        "index_uris": list(index_uris),
+    }
 
 
 def logged_metrics(executor_output: Path) -> dict[str, float]:
