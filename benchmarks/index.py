@@ -69,14 +69,17 @@ def agreement(args) -> list[dict]:
             start = time.perf_counter()
             index = build_index(pt, batches(docs, 16, pad), fpt.specs, r, metrics=metrics)
             index.info["build_s"] = time.perf_counter() - start
-            indexes[("factored", power, r)] = index
+            indexes[("factored", power, f"r={r}")] = index
     for power in args.powers:
         damping = {n: fpt.damping_for(n, Damping(args.damping_factor)) for n in fpt.specs}
         for values in args.values:
-            start = time.perf_counter()
-            index = build_projected_index(pt, batches(docs, 16, pad), fpt, values, power, damping)
-            index.info["build_s"] = time.perf_counter() - start
-            indexes[("projected", power, values)] = index
+            for r in args.projected_ranks:
+                start = time.perf_counter()
+                index = build_projected_index(
+                    pt, batches(docs, 16, pad), fpt, values, power, damping, rank=r
+                )
+                index.info["build_s"] = time.perf_counter() - start
+                indexes[("projected", power, f"k={values} r={r}")] = index
     for method in METHODS:
         pre = msif.precondition_queries(
             ft,
@@ -90,15 +93,14 @@ def agreement(args) -> list[dict]:
         exact = msif.score(pt, batches(docs, 16, pad), pre).values.double()
         scan_mrr = mrr(exact, qids, dids, relevant)[0]
         for key, index in indexes.items():
-            tier = key[0] if key[0] == "projected" else "factored"
-            power, r = key[-2:]
+            tier, power, size = key
             approx = index_scores(pre, index, factors=fpt)
             rho = [spearman(approx[q], exact[q]) for q in range(len(qids))]
             held, reranked, c = recovery(approx, exact, args.fraction)
             row = {
                 "method": method,
                 "tier": tier,
-                "rank": r if tier == "factored" else None,
+                "size": size,
                 "power": power,
                 "values_per_doc": index.values_per_document(),
                 "spearman_mean": sum(rho) / len(rho),
@@ -110,7 +112,7 @@ def agreement(args) -> list[dict]:
             }
             rows.append(row)
             print(
-                f"| {method} | {tier} {'r' if tier == 'factored' else 'k'}={r} p={power:g} | "
+                f"| {method} | {tier} {size} p={power:g} | "
                 f"{row['values_per_doc']} | "
                 f"{row['spearman_mean']:.3f} | {row['spearman_min']:.3f} | "
                 f"{row['top10_held']:.1%} | {row['mrr_reranked']:.3f} | {scan_mrr:.3f} |"
@@ -123,8 +125,8 @@ def speed(args) -> list[dict]:
     """Rows of the speed table."""
     torch.set_num_threads(1)
     vocab, hidden = 512, args.hidden
-    model = neox(hidden, layers=2, heads=4, vocab=vocab)
-    print(f"GPT-NeoX hidden {hidden}, 2 layers; {machine()}")
+    model = neox(hidden, layers=args.layers, heads=4, vocab=vocab)
+    print(f"GPT-NeoX hidden {hidden}, {args.layers} layers; {machine()}")
     print(
         "| tokens/doc | docs | queries | scan s | factored lookup s | scan/lookup | "
         "projected lookup s (4096 values) | scan/lookup | factored build s | "
@@ -145,7 +147,7 @@ def speed(args) -> list[dict]:
         docs = token_batches(args.docs, length, vocab, seed=2, batch=4)
         index = build_index(model, docs, fpt.specs, 4)
         damping = {n: fpt.damping_for(n, Damping(0.1)) for n in fpt.specs}
-        projected = build_projected_index(model, docs, fpt, 4096, 0.5, damping)
+        projected = build_projected_index(model, docs, fpt, 4096, 0.5, damping, rank=4)
         times = interleaved_best_times(
             [
                 ("scan", lambda docs=docs: msif.score(model, docs, pre)),
@@ -187,12 +189,20 @@ def main(argv=None) -> list[dict]:
         default=[1024, 4096, 16384],
         help="values per document of the projected tier",
     )
+    p.add_argument(
+        "--projected-ranks",
+        type=int,
+        nargs="+",
+        default=[2, 4],
+        help="triplets per module of the projected tier (at most)",
+    )
     p.add_argument("--fraction", type=float, default=0.05, help="candidates: share of the corpus")
     p.add_argument("--speed", action="store_true")
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--queries", type=int, default=1)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
     if args.speed:

@@ -240,10 +240,12 @@ class IndexOptions:
     index_tier: str = option(
         "factored",
         "factored: top-r singular triplets per module (near-exact); projected: a fixed number "
-        "of values per document (internet scale)",
+        "of values per document, sparse triplets in the pre-train eigenbasis (internet scale)",
         choices=INDEX_TIERS,
     )
-    index_rank: int = option(4, "singular triplets kept per document and module")
+    index_rank: int = option(
+        4, "singular triplets kept per document and module (projected tier: at most)"
+    )
     index_whitening: float = option(
         0.5,
         "power p of the pre-train curvature in the norm the truncation minimises, "
@@ -251,7 +253,7 @@ class IndexOptions:
         "queries together on the fact world)",
     )
     index_values: int = option(
-        4096, "values per document of the projected tier (a value and an index per coordinate)"
+        4096, "values per document of the projected tier (a value and an index per kept entry)"
     )
     index_dtype: str = option("float32", "dtype the index is stored in", choices=INDEX_DTYPES)
 

@@ -147,18 +147,15 @@ def test_sensitivity_quick_covers_the_grid_and_multi_stage_beats_the_gradient_do
 
 
 def test_index_quick_agreement_grows_with_rank_and_speed_beats_the_scan(capsys):
-    argv = ["--quick", "--ranks", "1", "8", "--powers", "0", "0.5", "--values", "256", "100000"]
-    rows = index.main(argv)
+    argv = ["--quick", "--ranks", "1", "8", "--powers", "0", "0.5", "--values", "256", "10000000"]
+    rows = index.main([*argv, "--projected-ranks", "2", "64"])
     assert "| method | index | values/doc | Spearman mean |" in capsys.readouterr().out
-    by = {(r["method"], r["rank"], r["power"]): r for r in rows if r["tier"] == "factored"}
-    projected = {
-        (r["method"], r["values_per_doc"], r["power"]): r for r in rows if r["rank"] is None
-    }
+    by = {(r["method"], int(r["size"][2:]), r["power"]): r for r in rows if r["tier"] == "factored"}
+    projected = {(r["method"], r["size"], r["power"]): r for r in rows if r["tier"] == "projected"}
     for method in ("multi-stage", "gradient-dot"):
-        # Every coordinate kept (values beyond the model's size are capped): exact.
-        full = max(v for m, v, _ in projected if m == method)
-        assert projected[(method, full, 0.5)]["spearman_min"] > 0.999
-        assert projected[(method, 256, 0.0)]["spearman_mean"] < 0.999
+        # Every triplet and entry kept (values beyond the model's size are capped): exact.
+        assert projected[(method, "k=10000000 r=64", 0.5)]["spearman_min"] > 0.999
+        assert projected[(method, "k=256 r=2", 0.0)]["spearman_mean"] < 0.999
     for method in ("multi-stage", "gradient-dot"):
         for power in (0.0, 0.5):
             low, high = by[(method, 1, power)], by[(method, 8, power)]

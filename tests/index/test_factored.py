@@ -188,19 +188,22 @@ def test_whitened_index_is_exact_at_full_rank_through_the_node_metric(world):
 # ----------------------------------------------------------------------------- projected tier
 
 
-def test_projected_index_with_every_coordinate_is_exact(world):
+def test_projected_index_with_every_triplet_and_entry_is_exact(world):
     from msif.index.projected import build_projected_index, module_budgets
 
     queries = world.precondition()
     fpt = world.fpt
     damping = {n: 0.01 for n in fpt.specs}
-    everything = 2 * sum(lam.numel() for lam in fpt.lambdas.values())
-    assert (
-        sum(module_budgets(fpt.lambdas, damping, everything // 2, 0.5).values()) == everything // 2
-    )
+    rank = 64  # past every document's rank: min(T, out, in')
+    cap = {
+        n: min(rank, s.out_features, s.in_dim) * (s.out_features + s.in_dim)
+        for n, s in fpt.specs.items()
+    }
+    everything = 2 * sum(cap.values())
+    assert module_budgets(fpt.lambdas, damping, 10**9, 0.5, cap, 2) == cap  # capped
     index = build_projected_index(
-        world.pt, make_batches(world.corpus, 4), fpt, everything, 0.5, damping,
-        dtype=torch.float64,
+        world.pt, make_batches(world.corpus, 4), fpt, 10**9, 0.5, damping,
+        rank=rank, dtype=torch.float64,
     )  # fmt: skip
     assert index.values_per_document() == everything
     expected = msif.score(world.pt, make_batches(world.corpus, 4), queries).values
@@ -208,34 +211,50 @@ def test_projected_index_with_every_coordinate_is_exact(world):
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
 
 
-def test_projected_index_keeps_each_documents_largest_coordinates(world, tmp_path):
-    from msif.index.projected import ProjectedIndex, build_projected_index
+def _dense_sparse_factors(x, rank, k_out, k_in):
+    """Reference: the top-rank SVD of each x (N, out, in'), each u and v cut to its largest
+    k_out / k_in entries, summed back into (N, out, in')."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    total = torch.zeros_like(x)
+    for k in range(rank):
+        uk, vk = u[:, :, k], vh[:, k, :]
+        keep_u = torch.zeros_like(uk).scatter(1, uk.abs().topk(k_out, dim=1).indices, 1.0)
+        keep_v = torch.zeros_like(vk).scatter(1, vk.abs().topk(k_in, dim=1).indices, 1.0)
+        total += s[:, k, None, None] * (uk * keep_u)[:, :, None] * (vk * keep_v)[:, None, :]
+    return total
+
+
+def test_projected_index_keeps_each_triplets_largest_entries(world, tmp_path):
+    from msif.index.factored import pt_metric
+    from msif.index.projected import ProjectedIndex, build_projected_index, layouts
 
     queries = world.precondition()
     fpt = world.fpt
     damping = {n: fpt.damping_for(n, msif.Damping(0.1)) for n in fpt.specs}
+    plan = layouts(fpt, 256, 2, 0.5, damping)
+    assert sum(2 * lay.pairs for lay in plan.values()) <= 256
+    assert all(lay.rank == 2 and lay.k_out < s.out_features for lay, s in
+               zip(plan.values(), fpt.specs.values(), strict=True))  # fmt: skip
     index = build_projected_index(
-        world.pt, make_batches(world.corpus, 4), fpt, 256, 0.5, damping, dtype=torch.float64
-    )
-    assert index.values_per_document() == 256
+        world.pt, make_batches(world.corpus, 4), fpt, 256, 0.5, damping,
+        rank=2, dtype=torch.float64,
+    )  # fmt: skip
+    assert index.values_per_document() == sum(2 * lay.pairs for lay in plan.values())
     index.save(tmp_path / "p")
     index = ProjectedIndex.load(tmp_path / "p")
-    # Against the dense per-document gradients in the eigenbasis: the kept coordinates are the
-    # largest in |·|/(Λ+λ)^½, and the score is the query read there.
+    # Against dense per-document gradients: in the eigenbasis, whitened by the rank-1 fit of
+    # (Λ + λ)^½, the top-2 SVD with each factor cut to its largest entries, unwhitened, and
+    # the rotated query read there.
     grads = per_example_gradients(world.pt, world.corpus, fpt.specs)
     approx = torch.zeros(queries.num_queries, len(world.corpus), dtype=torch.float64)
     for name in fpt.specs:
-        rotated = fpt.to_eigenbasis(name, grads[name]).reshape(len(world.corpus), -1)
-        values, idx = index.coordinates[name]
-        weight = (fpt.lambdas[name].double() + damping[name]).reshape(-1) ** 0.5
-        k = values.shape[1]
-        want = (rotated.abs() / weight).topk(k, dim=1).values
-        got = (values.abs() / weight[idx.long()]).sort(dim=1, descending=True).values
-        torch.testing.assert_close(got, want)
-        w = fpt.to_eigenbasis(name, queries.weight(name).double()).reshape(queries.num_queries, -1)
-        approx += torch.stack(
-            [(w[:, idx[j].long()] * values[j]).sum(1) for j in range(len(idx))], 1
-        )
+        m = pt_metric(fpt, name, damping[name], 0.5)
+        sg, sa = m.d_g[:, None] ** 0.5, m.d_a[None, :] ** 0.5
+        x = fpt.to_eigenbasis(name, grads[name]) / sg / sa
+        lay = plan[name]
+        want = _dense_sparse_factors(x, 2, lay.k_out, lay.k_in) * sg * sa
+        w = fpt.to_eigenbasis(name, queries.weight(name).double())
+        approx += torch.einsum("qoi,noi->qn", w, want)
     torch.testing.assert_close(index_scores(queries, index, factors=fpt), approx)
     with pytest.raises(MsifError, match="needs its pre-train factors"):
         index_scores(queries, index)
@@ -244,3 +263,5 @@ def test_projected_index_keeps_each_documents_largest_coordinates(world, tmp_pat
     )
     with pytest.raises(MismatchError, match="another pre-train eigenbasis"):
         index_scores(queries, index, factors=other)
+    with pytest.raises(MsifError, match="at least 4 values per module"):
+        layouts(fpt, 4 * len(fpt.specs) - 1, 2, 0.5, damping)

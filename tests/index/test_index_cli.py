@@ -119,14 +119,9 @@ def test_lookup_refuses_mixed_or_missing_shards(world, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("msif: error:")
 
 
-def test_projected_tier_with_every_coordinate_gives_the_scan(world, tmp_path, capsys):
-    from msif.ekfac.factors import Factors
-
-    fpt = Factors.load(world["pt_factors"])
-    everything = 2 * sum(lam.numel() for lam in fpt.lambdas.values())
-    shards = index_shards(
-        world, "index-projected", 1, 2, "--index-tier", "projected", "--index-values", everything
-    )
+def test_projected_tier_with_every_triplet_and_entry_gives_the_scan(world, tmp_path, capsys):
+    everything = ["--index-tier", "projected", "--index-values", 10**8]
+    shards = index_shards(world, "index-projected", 64, 2, *everything)  # rank 64: all of it
     argv = ["lookup", "--index", *shards, "--preconditioned", world["pre"], "--top-c", 12]
     assert main([str(a) for a in [*argv, "--out", tmp_path / "no"]]) == 1
     assert "needs --pt-factors" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def test_index_then_attribute_gives_the_full_pipeline_s_rankings(tmp_path):
 
 def test_projected_index_in_process_gives_the_full_pipeline_s_rankings(tmp_path):
     """The same two pipelines walked in-process with the projected tier keeping every
-    coordinate: exact, so the rankings are the full pipeline's; this checks that lookup gets
+    triplet and entry: exact, so the rankings are the full pipeline's; this checks that lookup gets
     the pre-train factors the projected index was built in."""
     from msif.config import IndexOptions
     from msif.ekfac.factors import Factors
@@ -97,14 +97,19 @@ def test_projected_index_in_process_gives_the_full_pipeline_s_rankings(tmp_path)
     reference = run_inprocess(world, tmp_path / "full", settings)
     params = settings.parameters(world)
     index_params = {k: v for k, v in params.items() if k in pipeline_parameters(INDEX)}
-    indexing = option_parameters(IndexOptions(index_tier="projected", index_values=10**7))
+    indexing = option_parameters(
+        IndexOptions(index_tier="projected", index_values=10**8, index_rank=64)
+    )
     runs = run_dag(
         {**index_params, **indexing},
         str(tmp_path / "index"),
         pipeline_name=INDEX,
     )
     pt_factors = primary_output(runs, "build-factors-pt")
-    everything = 2 * sum(lam.numel() for lam in Factors.load(pt_factors).lambdas.values())
+    specs = Factors.load(pt_factors).specs.values()
+    everything = 2 * sum(
+        min(64, s.out_features, s.in_dim) * (s.out_features + s.in_dim) for s in specs
+    )
     shards = [next(iter(o.values())).path for o in runs["index"].outputs]
     info = json.loads((Path(shards[0]) / "projected_index.json").read_text())
     assert info["info"]["values_per_document"] == everything

@@ -22,6 +22,7 @@ from msif.index.projected import (
     check_factors,
     projected_module_scores,
     rotated_queries,
+    work_dtype,
 )
 
 # Intermediate tensors are chunked over documents to about this many elements.
@@ -84,7 +85,7 @@ def index_scores(
         if factors is None:
             raise MsifError(f"{where} is a projected index: the lookup needs its pre-train factors")
         check_factors(index, factors, where)
-        rotated = rotated_queries(queries, factors)
+        rotated = rotated_queries(queries, factors, work_dtype(index))
     total = torch.zeros(queries.num_queries, index.num_docs, dtype=torch.float64)
     for name in queries.specs:
         if isinstance(index, ProjectedIndex):
@@ -143,7 +144,7 @@ def top_candidates(
                 from msif.ekfac.lambdas import eigenbasis_id
 
                 basis = eigenbasis_id(factors)
-                rotated = rotated_queries(queries, factors)
+                rotated = rotated_queries(queries, factors, work_dtype(index))
             check_factors(index, factors, where, basis)
         scores = index_scores(queries, index, where, factors, rotated)
         merged = torch.cat([best_scores, scores], dim=1)

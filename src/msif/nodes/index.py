@@ -25,8 +25,9 @@ def add_parser(sub) -> None:
         "index one corpus shard: each document's gradient at θ_pt, factored",
         "One forward and backward pass per batch at θ_pt. Factored tier: per document and\n"
         "module the top-r singular triplets of its gradient (exact at full rank); projected\n"
-        "tier: a fixed number of its coordinates in the pre-train eigenbasis. `msif lookup`\n"
-        "scores queries against it; `score-corpus --candidates` reranks what it found, exactly.",
+        "tier: a fixed number of values, its top triplets in the pre-train eigenbasis cut to\n"
+        "their largest entries. `msif lookup` scores queries against it;\n"
+        "`score-corpus --candidates` reranks what it found, exactly.",
     )
     p.add_argument("--model", required=True, help="the pre-trained model θ_pt")
     runtime.add_base_model_argument(p)
@@ -111,6 +112,7 @@ def run(
             indexing.index_values,
             indexing.index_whitening,
             {n: factors.damping_for(n, rule) for n in factors.specs},
+            rank=indexing.index_rank,
             dtype=dtype,
             progress=options.progress,
         )
@@ -135,7 +137,7 @@ def run(
             "tokenizer": tokenizer_identity(tokenizer),
             "max_length": options.max_length,
             "tier": indexing.index_tier,
-            "rank": indexing.index_rank if indexing.index_tier == "factored" else None,
+            "rank": indexing.index_rank,
             "index_dtype": indexing.index_dtype,
             "index_whitening": indexing.index_whitening,
             "whitening_damping_factor": WHITENING_DAMPING,
