@@ -8,8 +8,9 @@ lineage links this run to the index run's artifacts. The run fits the fine-tune 
 (fit-covariance (ft) ×N → eigendecompose (ft) → fit-lambda (ft) ×N → build-factors (ft)),
 preconditions the queries for multi-stage (both factors) and gradient-dot (θ_pt checked by
 the pre-train factors), looks each method's queries up in the index (`lookup`, CPU: top_c
-candidates per query), reranks the candidates exactly (`score-corpus` with `candidates`, every
-corpus shard, at θ_pt), runs BM25 and ranks the three methods.
+candidates per query; candidates_from bm25 takes BM25's top_c instead, both the union),
+reranks the candidates exactly (`score-corpus` with `candidates`, every corpus shard, at
+θ_pt), runs BM25 and ranks the three methods.
 
 Single-stage is left out: its corpus side is θ_ft, whose gradients the index (θ_pt's) does
 not hold; run the full pipeline for it. With index_rank at or above the documents' token
@@ -72,6 +73,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         damping: float = 0.0,
         query_rank: int = _P.query_rank,
         top_c: int = _L.top_c,
+        candidates_from: str = _L.candidates_from,
         top_k: int = _S.top_k,
         explain_k: int = _S.explain_k,
         full: bool = _S.full,

@@ -266,14 +266,24 @@ class IndexOptions:
         _one_of("index_dtype", self.index_dtype, INDEX_DTYPES)
 
 
+CANDIDATE_SOURCES = ("index", "bm25", "both")
+
+
 @dataclass(frozen=True)
 class LookupOptions:
-    """How many candidates the index lookup keeps for the exact rerank."""
+    """Which candidates, and how many, the exact rerank rescores."""
 
-    top_c: int = option(100, "candidate documents kept per query")
+    top_c: int = option(100, "candidate documents kept per query (from each source)")
+    candidates_from: str = option(
+        "index",
+        "index: the index lookup's top-C; bm25: BM25's top-C (the paper's pre-filter, no index "
+        "read); both: their union",
+        choices=CANDIDATE_SOURCES,
+    )
 
     def __post_init__(self) -> None:
         _integer("top_c", self.top_c, 1)
+        _one_of("candidates_from", self.candidates_from, CANDIDATE_SOURCES)
 
 
 @dataclass(frozen=True)

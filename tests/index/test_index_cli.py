@@ -100,6 +100,49 @@ def test_bm25_candidates_rerank(world, tmp_path):
     assert {r["doc_id"] for r in scored} <= bm25
 
 
+def test_lookup_takes_bm25_candidates_alone_or_with_the_index(world, tmp_path, capsys):
+    shards = index_shards(world, "index-r2b", 2)
+    top_c = 3
+    bm25 = pq.read_table(Path(world["bm25"]) / "scores.parquet").to_pylist()
+    bm25_top = {(r["query_id"], r["doc_id"]): r["rank"] for r in bm25 if r["rank"] <= top_c}
+    base = ["lookup", "--preconditioned", world["pre"], "--top-c", top_c]
+
+    def candidates(name, *extra):
+        msif(*base, *extra, "--out", tmp_path / name)
+        return pq.read_table(tmp_path / name / "candidates.parquet").to_pylist()
+
+    alone = candidates("bm25", "--candidates-from", "bm25", "--bm25", world["bm25"])
+    assert {(r["query_id"], r["doc_id"]): r["bm25_rank"] for r in alone} == bm25_top
+    assert all(r["index_score"] is None and r["index_rank"] is None for r in alone)
+    index = candidates("index", "--index", *shards)
+    assert all(r["bm25_rank"] is None for r in index)
+    both = candidates("both", "--index", *shards, "--candidates-from", "both",
+                      "--bm25", world["bm25"])  # fmt: skip
+    pairs = {(r["query_id"], r["doc_id"]) for r in both}
+    assert pairs == {(r["query_id"], r["doc_id"]) for r in index} | set(bm25_top)
+    assert len(pairs) == len(both)  # a document both sources propose is listed once
+    for r in both:
+        key = (r["query_id"], r["doc_id"])
+        assert r["bm25_rank"] == bm25_top.get(key)
+        assert (r["index_rank"] is None) == (
+            key not in {(i["query_id"], i["doc_id"]) for i in index}
+        )
+    info = json.loads((tmp_path / "both" / "candidates.json").read_text())
+    assert info["candidates_from"] == "both" and info["num_candidates"] == len(
+        {d for _, d in pairs}
+    )
+    # What each source needs, refused before any work, in one line.
+    for argv, says in (
+        (["--candidates-from", "bm25"], "--candidates-from bm25 needs --bm25"),
+        (["--candidates-from", "both", "--bm25", world["bm25"]], "both needs --index"),
+        (["--candidates-from", "bm25", "--bm25", world["pre"]], "holds no scores.parquet"),
+    ):
+        assert main([str(a) for a in [*base, *argv, "--out", tmp_path / "no"]]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+        assert not (tmp_path / "no").exists()
+
+
 def test_lookup_refuses_mixed_or_missing_shards(world, tmp_path, capsys):
     full = index_shards(world, "index-r1", 1)
     argv = ["lookup", "--preconditioned", world["pre"], "--out", tmp_path / "c"]

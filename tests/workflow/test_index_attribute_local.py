@@ -115,9 +115,14 @@ def test_projected_index_in_process_gives_the_full_pipeline_s_rankings(tmp_path)
     assert info["info"]["values_per_document"] == everything
     attribute_params = {k: v for k, v in params.items() if k in pipeline_parameters(ATTRIBUTE)}
     attribute_params.update(pt_factors_uri=pt_factors, index_uris=shards, top_c=NUM_DOCS)
+    attribute_params["candidates_from"] = "both"  # the bm25 task's output reaches each lookup
     runs = run_dag(attribute_params, str(tmp_path / "attribute"), pipeline_name=ATTRIBUTE)
     ranking = primary_output(runs, "rank")
     for method in INDEXED:
+        info = json.loads(
+            (Path(primary_output(runs, f"lookup-{method}")) / "candidates.json").read_text()
+        )
+        assert info["candidates_from"] == "both" and info["bm25"]
         assert_same_ranking(
             ranking_rows(ranking, [method]), ranking_rows(reference["ranking"], [method])
         )

@@ -663,7 +663,9 @@ def test_index_lookup_and_rerank_components_map_onto_the_cli(fake_cli, tmp_path)
     ptf, ix = art(tmp_path, "ptf"), art(tmp_path, "ix")
     c.index.python_func("pt", "corpus", ptf, 1.0, 2, ix, **indexing, index_dtype="float32", **p)
     pre, cand = art(tmp_path, "pre"), art(tmp_path, "cand")
-    c.lookup.python_func([art(tmp_path, "i0"), art(tmp_path, "i1")], pre, cand, 12)
+    c.lookup.python_func(
+        [art(tmp_path, "i0"), art(tmp_path, "i1")], pre, cand, 12, "both", bm25=art(tmp_path, "b")
+    )
     sc = art(tmp_path, "sc")
     scoring = dict(top_k=5, explain_k=2, full=False, contraction="auto")
     c.score_corpus.python_func("pt", "corpus", pre, 0, 1, sc, **scoring, **p, candidates=cand)
@@ -690,7 +692,7 @@ def test_index_lookup_and_rerank_components_map_onto_the_cli(fake_cli, tmp_path)
     assert ["--index-rank", "32"] == fake_cli.calls[0][15:17]
     assert fake_cli.calls[1] == [
         "lookup", "--out", f"{t}/cand", "--index", f"{t}/i0", f"{t}/i1", "--preconditioned",
-        f"{t}/pre", "--top-c", "12",
+        f"{t}/pre", "--top-c", "12", "--candidates-from", "both", "--bm25", f"{t}/b",
     ]  # fmt: skip
     assert fake_cli.calls[2][-2:] == ["--candidates", f"{t}/cand"]
     # Single-stage unconnected: rank merges the methods it was given, and bm25.

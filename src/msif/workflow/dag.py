@@ -129,6 +129,7 @@ def _method_tasks(method: str, *, indexed: bool = False) -> list[Task]:
     if indexed:
         lookup = {"index": "index", "preconditioned": preconditioned}
         lookup["pt_factors"] = "build-factors-pt"  # a projected index needs its eigenbasis
+        lookup["bm25"] = "bm25"  # for candidates_from bm25 or both
         out.append(Task("lookup", method, inputs=lookup))
         scoring["candidates"] = f"lookup-{method}"
     out.append(Task("score-corpus", method, True, corpus, inputs=scoring))
@@ -158,14 +159,15 @@ def _index() -> Pipeline:
 
 
 def _attribute() -> Pipeline:
-    out = _stage_tasks("ft")
+    bm25, rank = _bm25_and_rank(INDEXED_METHODS)
+    out = [*_stage_tasks("ft"), bm25]  # bm25 first: a lookup may take its candidates
     for method in INDEXED_METHODS:
         out += _method_tasks(method, indexed=True)
     imported = (
         Imported("build-factors-pt", "pt_factors_uri"),
         Imported("index", "index_uris", True),
     )
-    return Pipeline(ATTRIBUTE, tuple(out + _bm25_and_rank(INDEXED_METHODS)), imported)
+    return Pipeline(ATTRIBUTE, (*out, rank), imported)
 
 
 def pipeline(name: str = FULL) -> Pipeline:
