@@ -250,20 +250,26 @@ def projected_module_scores(
     w = rotated.to(work)
     q = w.shape[1]
     n, r, ko = u.shape
-    cells = r * ko * v.shape[2]
-    step = max(1, chunk_elements // max(1, cells + q))
+    ki = v.shape[2]
+    step = max(1, chunk_elements // max(1, r * (ko * ki + q)))
     out = []
     for s in range(0, n, step):
-        grid = iu[s : s + step].long()[..., :, None] * width + iv[s : s + step].long()[..., None, :]
-        weight = u[s : s + step].to(work)[..., :, None] * v[s : s + step].to(work)[..., None, :]
-        cols, order = grid.reshape(grid.shape[0], -1).sort(dim=1)  # sorted columns per row
-        vals = weight.reshape(grid.shape[0], -1).gather(1, order)
-        rows = torch.arange(0, cols.numel() + 1, cells, dtype=torch.int64)
+        # One CSR row per (document, triplet): with both index lists ascending the row's
+        # columns i_u·in' + i_v come out sorted and distinct, as CSR wants, without a sort
+        # of the k_out·k_in cells.
+        su, pu = iu[s : s + step].long().sort(dim=-1)
+        sv, pv = iv[s : s + step].long().sort(dim=-1)
+        uu = u[s : s + step].to(work).gather(-1, pu)
+        vv = v[s : s + step].to(work).gather(-1, pv)
+        cols = (su[..., :, None] * width + sv[..., None, :]).reshape(-1)
+        vals = (uu[..., :, None] * vv[..., None, :]).reshape(-1)
+        m = su.shape[0] * r
+        rows = torch.arange(0, m * ko * ki + 1, ko * ki, dtype=torch.int64)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
             sparse = torch.sparse_csr_tensor(
-                rows, cols.reshape(-1), vals.reshape(-1), (cols.shape[0], w.shape[0]),
-                check_invariants=False,
-            )  # fmt: skip
-            out.append((sparse @ w).T.double())
+                rows, cols, vals, (m, w.shape[0]), check_invariants=False
+            )
+            per_triplet = sparse @ w  # (m, Q)
+        out.append(per_triplet.reshape(-1, r, q).sum(1).T.double())
     return torch.cat(out, dim=1) if out else torch.zeros(q, 0, dtype=torch.float64)
