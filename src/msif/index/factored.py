@@ -134,16 +134,26 @@ def batch_doc_ids(batch: Mapping, seen: int) -> list[str]:
     return [f"row-{seen + j}" for j in range(batch["input_ids"].shape[0])]
 
 
-def whitened_document_factors(
+def eigenbasis_factors(
     a: torch.Tensor, g: torch.Tensor, rank: int, metric: Metric
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """document_factors, truncated in the metric's norm; U S Vᵀ stays in weight coordinates
-    (exact at full rank), so a lookup needs nothing but the factors."""
+) -> tuple[torch.Tensor, ...]:
+    """document_factors of the whitened eigenbasis gradient X = D_G^-p Q_Gᵀ DW Q_A D_A^-p:
+    U, S, V of X, and the scales D_G^p (out,) and D_A^p (in',) that unwhiten U and V."""
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
     q_a, q_g = metric.q_a.to(a.device, work), metric.q_g.to(a.device, work)
     sa = metric.d_a.to(a.device, work) ** metric.power
     sg = metric.d_g.to(a.device, work) ** metric.power
     u, s, v = document_factors((a.to(work) @ q_a) / sa, rotate_output(g.to(work), q_g) / sg, rank)
+    return u, s, v, sg, sa
+
+
+def whitened_document_factors(
+    a: torch.Tensor, g: torch.Tensor, rank: int, metric: Metric
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """document_factors, truncated in the metric's norm; U S Vᵀ stays in weight coordinates
+    (exact at full rank), so a lookup needs nothing but the factors."""
+    u, s, v, sg, sa = eigenbasis_factors(a, g, rank, metric)
+    q_a, q_g = metric.q_a.to(u.device, u.dtype), metric.q_g.to(u.device, u.dtype)
     return rotate_output(u * sg, q_g.mT), s, (v * sa) @ q_a.T
 
 

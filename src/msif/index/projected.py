@@ -31,10 +31,9 @@ from torch import nn
 from msif.core.artifact import Artifact, module_specs, per_module
 from msif.core.fingerprint import model_fingerprint
 from msif.core.hooks import hooked_batches
-from msif.core.linalg import rotate_output
 from msif.core.modules import ModuleSpec
 from msif.errors import MismatchError, MsifError
-from msif.index.factored import Metric, batch_doc_ids, document_factors, pt_metric
+from msif.index.factored import Metric, batch_doc_ids, eigenbasis_factors, pt_metric
 
 TIER = "projected"
 
@@ -114,13 +113,7 @@ def document_sparse_factors(
     values and indices (B, r, k_in) in (unwhitened) eigenbasis coordinates, s folded into u:
     Σ_k u_k v_kᵀ on those grids approximates Q_Gᵀ DW Q_A.
     """
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    q_a, q_g = metric.q_a.to(a.device, work), metric.q_g.to(a.device, work)
-    sa = metric.d_a.to(a.device, work) ** metric.power
-    sg = metric.d_g.to(a.device, work) ** metric.power
-    u, s, v = document_factors(
-        (a.to(work) @ q_a) / sa, rotate_output(g.to(work), q_g) / sg, layout.rank
-    )
+    u, s, v, sg, sa = eigenbasis_factors(a, g, layout.rank, metric)
     iu = u.abs().topk(layout.k_out, dim=-1).indices
     iv = v.abs().topk(layout.k_in, dim=-1).indices
     u_vals = (u * sg * s[..., None]).gather(-1, iu)
@@ -246,7 +239,7 @@ def projected_module_scores(
     the index is float64."""
     u, iu, v, iv = index.factors[name]
     width = index.specs[name].in_dim
-    work = torch.float64 if u.dtype == torch.float64 else torch.float32
+    work = work_dtype(index)
     w = rotated.to(work)
     q = w.shape[1]
     n, r, ko = u.shape
