@@ -85,8 +85,10 @@ def test_full_rank_lookup_and_rerank_give_the_scan(world, tmp_path):
         assert info["num_candidates"] == len(union)
         scored += pq.read_table(tmp_path / "rerank" / str(shard) / "scores.parquet").to_pylist()
     assert {r["doc_id"] for r in scored} == union
+    # Not bitwise: the rerank batches other documents together than the scan, so float32 sums
+    # run in another order (1e-5 relative was exceeded on an AMD EPYC host).
     for r in scored:
-        assert r["score"] == pytest.approx(exact[(r["query_id"], r["doc_id"])], rel=1e-5)
+        assert r["score"] == pytest.approx(exact[(r["query_id"], r["doc_id"])], rel=1e-4)
 
 
 def test_bm25_candidates_rerank(world, tmp_path):

@@ -1268,11 +1268,11 @@ for flag, value, expect in [
 
 G = "Corpus index"
 case(
-    "index-rank-0",
+    "index-rank-negative",
     G,
-    "index --index-rank 0",
-    lambda c: W.index(c, "--index-rank", "0"),
-    "--index-rank must be at least 1",
+    "index --index-rank -1",
+    lambda c: W.index(c, "--index-rank", "-1"),
+    "--index-rank must be at least 0",
     code=2,
 )
 case(
