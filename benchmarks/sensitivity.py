@@ -1,6 +1,7 @@
 """Attribution quality on the fact world against damping and α (and per-method baselines).
 
-python -m benchmarks.sensitivity [--quick] [--preset default] [--world-alpha 0 --alphas 1e-3 1e-2]
+python -m benchmarks.sensitivity [--quick] [--preset default] [--seed N] [--world-alpha 0]
+                                 [--alphas 1e-3 1e-2] [--factors 1e-3 1e-2 0.1] [--json out.json]
 
 Factors are fitted once per stage; each grid point re-preconditions the queries and rescores
 the whole corpus in memory, so MRR here is over the full ranking (no top-k cut).
@@ -9,7 +10,9 @@ the whole corpus in memory, so MRR here is over the full ranking (no top-k cut).
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
@@ -22,16 +25,18 @@ from msif.evaluation.metrics import evaluate_rankings
 from msif.main_job import build_world_paths
 
 
-def load_world(preset: str, max_length: int = 64, world_alpha: float | None = None):
+def load_world(
+    preset: str, max_length: int = 64, world_alpha: float | None = None, seed: int | None = None
+):
     """Models, tokenised corpus / fine-tune pairs / queries and relevant ids of a fact world.
 
     world_alpha replaces the proximity coefficient the world is fine-tuned with (0: a plain
-    fine-tune, as most users have).
+    fine-tune, as most users have); seed generates and trains another world of the preset.
     """
     w = (
-        build_world_paths(preset, None, None)
+        build_world_paths(preset, seed, None)
         if world_alpha is None
-        else _world(preset, world_alpha)
+        else _world(preset, world_alpha, seed)
     )
     pt, tok = load_model(w["pt_model"], device="cpu")
     ft, _ = load_model(w["ft_model"], device="cpu")
@@ -65,12 +70,13 @@ def load_world(preset: str, max_length: int = 64, world_alpha: float | None = No
     return w, pt, ft, tok, docs, ft_rows, qs, relevant
 
 
-def _world(preset: str, alpha: float) -> dict:
+def _world(preset: str, alpha: float, seed: int | None = None) -> dict:
     import dataclasses
 
     from msif.world import WorldConfig, build_world
 
-    paths = build_world(dataclasses.replace(WorldConfig.preset(preset), alpha=alpha))
+    config = dataclasses.replace(WorldConfig.preset(preset), alpha=alpha)
+    paths = build_world(config if seed is None else config.with_seed(seed))
     w = {k: str(getattr(paths, k)) for k in ("corpus", "finetune", "queries", "pt_model")}
     return {**w, "ft_model": str(paths.ft_model), "alpha": alpha, "accuracy": paths.accuracy}
 
@@ -98,13 +104,18 @@ def main(argv=None) -> list[dict]:
         "--world-alpha", type=float, help="fine-tune the world with this α (0: plain fine-tune)"
     )
     p.add_argument("--alphas", type=float, nargs="+", help="α grid (besides unset)")
+    p.add_argument("--factors", type=float, nargs="+", help="pre-train damping factor grid")
+    p.add_argument("--seed", type=int, help="another world of the preset (its generation seed)")
+    p.add_argument("--json", help="write the rows and the world's description here")
     args = p.parse_args(argv)
     preset = "small" if args.quick else args.preset
-    w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(preset, world_alpha=args.world_alpha)
+    w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(
+        preset, world_alpha=args.world_alpha, seed=args.seed
+    )
     pad = tok.pad_token_id or 0
     fpt, fft = fit(pt, docs, "pt", pad), fit(ft, ft_rows, "ft", pad)
     qids, dids = [q.id for q in qs], [d.id for d in docs]
-    factors_grid = [0.1, 1.0] if args.quick else [0.001, 0.01, 0.1, 1.0, 10.0]
+    factors_grid = args.factors or ([0.1, 1.0] if args.quick else [0.001, 0.01, 0.1, 1.0, 10.0])
     alphas = [None, w["alpha"] or 0.01] if args.quick else [None, 1e-4, w["alpha"] or 0.01]
     if args.alphas:
         alphas = [None, *args.alphas]
@@ -140,6 +151,10 @@ def main(argv=None) -> list[dict]:
                 f"{alpha if alpha is not None else 'rel.'} | {m:.3f} | {r:.3f} |"
             )
     print(f"grid time {time.perf_counter() - start:.0f}s")
+    if args.json:
+        world = {"preset": preset, "seed": args.seed, "world_alpha": w["alpha"]}
+        world |= {"accuracy": w["accuracy"], "documents": len(docs), "queries": len(qs)}
+        Path(args.json).write_text(json.dumps({"world": world, "rows": rows}, indent=1))
     return rows
 
 
