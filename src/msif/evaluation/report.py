@@ -627,8 +627,9 @@ class _Html:
         "proponent</span> (positive contribution: lowers the query loss) "
         '<span style="background:rgba(220,38,38,.6)">opponent</span>, intensity relative to '
         "the strongest token of the document. Each token is shaded by the contribution of "
-        "predicting it from the text before it; a document's first token predicts nothing "
-        "and is never shaded.</p>"
+        "predicting it from the text before it (strictly: the score's term at the position "
+        "that predicts it, which also carries later predictions that attend to that "
+        "position); a document's first token predicts nothing and is never shaded.</p>"
     )
 
     def heading(self, level: int, text: str, note: str = "") -> str:
@@ -753,7 +754,8 @@ class _Markdown:
 
     legend = (
         "Bold tokens contribute most to a document's score: each token counts the contribution "
-        "of predicting it from the text before it. Plots are in report.html."
+        "of predicting it from the text before it (the score's term at the position that "
+        "predicts it). Plots are in report.html."
     )
 
     def heading(self, level: int, text: str, note: str = "") -> str:
