@@ -9,9 +9,11 @@ import re
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
+from msif.attribution.scoring import predicted_token_scores
 from msif.attribution.topk import RANKING_SCHEMA
-from msif.errors import DataError
+from msif.errors import DataError, MsifError
 from msif.evaluation.report import (
     HTML_TOKENS,
     Link,
@@ -222,6 +224,8 @@ def test_report_model_is_format_free():
     )
     assert run.damping.rows[0].cells == ("gpt_neox.layers.0.mlp.dense_h_to_4h", "0.0125", "0.5")
     assert report.first_hits.rows[1].cells == (Link("q2", "q1"), "1", "-")
+    kept = '"-": no relevant document is in the top 100 kept per query.'
+    assert report.first_hits_note.endswith(kept)
     method, table = report.queries[0].ranked[1]
     assert method == "bm25" and [r.hit for r in table.rows] == [False, True]
 
@@ -281,3 +285,57 @@ def test_histogram_of_given_score_samples(tmp_path):
     assert "Score distribution per method (given scores)" in page
     assert page.count('<img src="data:image/png;base64,') == 1  # no spectra given
     assert "Λ spectrum per stage (sorted eigenvalues per module): nothing to plot" in page
+
+
+def test_highlight_sits_on_the_predicted_token():
+    # Input position 5 ("of") predicts "kapetu": its term, the only nonzero one, shades
+    # "kapetu". Shading the position itself would highlight "of", the word before the fact.
+    tokens = ["<bos>", "born", "in", "the", "town", "of", "kapetu", "."]
+    positions = torch.zeros(len(tokens))
+    positions[5] = 0.5
+    scores = predicted_token_scores(positions)
+    assert scores == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0] and sum(scores) == 0.5
+    page = highlight_html(tokens, scores)
+    assert re.findall(r"<span [^>]*>([^<]*)</span>", page) == ["kapetu"]
+    assert " of <span" in page
+    assert highlight_md(tokens, scores) == "&lt;bos&gt; born in the town of **kapetu**."
+
+
+def test_first_token_is_never_shaded_and_the_last_position_must_be_empty():
+    scores = predicted_token_scores(torch.tensor([0.25, -0.5, 0.0]))
+    assert scores == [0.0, 0.25, -0.5]
+    assert "<span" not in highlight_html(["a", "b", "c"], scores).split(" ")[0]
+    assert predicted_token_scores(torch.zeros(0)) == []
+    with pytest.raises(MsifError, match=r"last position carries \+1\.000e\+00"):
+        predicted_token_scores(torch.tensor([0.0, 1.0]))
+
+
+def _long_ranking() -> pa.Table:
+    # q1: the relevant document is 7th of 8 kept; q2: none of its 8 kept is relevant.
+    rows = [
+        ("multi-stage", q, r, f"{q}-d{r}", 1.0 / r, "", [], [], r == 7 and q == "q1")
+        for q in ("q1", "q2")
+        for r in range(1, 9)
+    ]
+    return pa.table(list(zip(*rows, strict=True)), schema=RANKING_SCHEMA)
+
+
+def test_first_hit_rank_past_the_shown_documents(tmp_path):
+    queries = _queries().set_column(3, "relevant_ids", pa.array([["q1-d7"], ["elsewhere"]]))
+    metrics = {"methods": {"multi-stage": METRICS["methods"]["multi-stage"]}, "top_k": 8}
+    write_report(tmp_path, _long_ranking(), queries, metrics, {}, None, shown_k=5)
+    page, md = (tmp_path / "report.html").read_text(), (tmp_path / "report.md").read_text()
+    # The rank is known though the section stops at 5; "-" only when no kept doc is relevant.
+    assert "| q1 | 7 |" in md and "| q2 | - |" in md
+    assert '"-": no relevant document is in the top 8 kept per query.' in md
+    assert "shows its top 5" in md and "&quot;-&quot;: no relevant document" in page
+    docs = _md_docs(md)
+    assert docs == _html_docs(page)
+    assert [row[0] for row in docs["q1", "multi-stage"]] == ["1", "2", "3", "4", "5"]
+    assert "<td>q1-d6</td>" not in page and "<td>q1-d7</td>" not in page
+
+
+def test_legends_say_which_token_a_score_shades(report):
+    page, md = report
+    assert "Each token is shaded by the contribution of predicting it from the text" in page
+    assert "each token counts the contribution of predicting it from the text before it" in md

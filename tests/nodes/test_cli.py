@@ -76,6 +76,16 @@ def test_cli_scores_equal_library_scores(world, pipeline):
     scale = float(expected.abs().max())
     for r in explained:
         assert sum(r["token_scores"]) == pytest.approx(r["score"], rel=1e-5, abs=1e-6 * scale)
+    # Token i carries input position i-1's term (the one predicting it); the first token none,
+    # and the last position, which predicts nothing, holds exactly 0.
+    per_token = msif.score(pt, batches(docs, 4, 0), pre, per_token=True).token_scores
+    qids = queries.column("id").to_pylist()
+    for r in explained:
+        n = ids.index(r["doc_id"])
+        positions = per_token[n // 4][qids.index(r["query_id"]), n % 4, : len(r["tokens"])]
+        assert float(positions[-1]) == 0.0 and r["token_scores"][0] == 0.0
+        want = positions[:-1].tolist()
+        assert r["token_scores"][1:] == pytest.approx(want, rel=1e-4, abs=1e-5 * scale)
     full = pa.concat_tables(
         [
             pq.read_table(out / "score-corpus-multi-stage" / str(i) / "full_scores.parquet")

@@ -6,7 +6,10 @@ defence behind escaping every string that comes from data (document text, ids, r
 
 Token highlighting: a document's per-token scores (which sum to its score) are normalised by
 the document's largest |score|; green marks proponent tokens (positive: they lower the query's
-loss), red opponents. The Markdown report bolds the few most positive tokens instead.
+loss), red opponents. The Markdown report bolds the few most positive tokens instead. Score i
+belongs to token i, the token predicted from the text before it (score-corpus moves each
+position's term onto the token it predicts; the report shifts nothing), so the first token
+of a document is never shaded.
 
 Both files come from one `Report` (tables of plain-text cells, facts, plots) built once by
 `build_report`, so they cannot disagree; `_render` lays it out in one reading order and the two
@@ -387,6 +390,7 @@ class Report:
     runs: list[MethodRun]
     plots: list[tuple[str, str | None]]  # title, base64 PNG or None when nothing to plot
     first_hits: Table
+    first_hits_note: str
     queries: list[QuerySection]
     hidden: int  # queries left out by max_queries
 
@@ -462,9 +466,23 @@ def _docs_table(docs: Sequence[RankedDoc]) -> Table | None:
     return Table(("rank", "document", "score", "relevant", "text"), rows, frozenset({0, 2}))
 
 
+def _shown(docs: Sequence[RankedDoc], shown_k: int | None) -> list[RankedDoc]:
+    return [d for d in docs if shown_k is None or d.rank <= shown_k]
+
+
 def _first_hit(docs: Sequence[RankedDoc]) -> str:
+    # docs is the method's whole ranking for the query, not only the documents shown.
     first = next((d.rank for d in docs if d.relevant), None)
     return "-" if first is None else str(first)
+
+
+def _first_hits_note(shown_k: int | None, kept_k: Any) -> str:
+    shown = f"; each query's section below shows its top {shown_k}" if shown_k else ""
+    kept = f"the top {kept_k} kept per query" if kept_k else "the documents ranked"
+    return (
+        f"Rank of the first relevant document in each method's ranking{shown}. "
+        f'"-": no relevant document is in {kept}.'
+    )
 
 
 def build_report(
@@ -474,14 +492,21 @@ def build_report(
     run_info: Mapping[str, Any],
     plots: Sequence[tuple[str, str | None]] = (),
     hidden: int = 0,
+    shown_k: int | None = None,
 ) -> Report:
-    """The report's content, computed once for both renderers."""
+    """The report's content, computed once for both renderers.
+
+    The views hold each method's whole ranking; a query's section shows the documents ranked
+    up to shown_k (None: all), the first-hit table finds relevant documents in all of them.
+    """
     facts = [("msif version", __version__)]
     facts += [(k, _fmt_value(v)) for k, v in metrics.items() if k != "methods"]
     facts += [(k, _fmt_value(v)) for k, v in run_info.items() if k != "methods"]
     runs = run_info.get("methods") or {}
     queries = [
-        QuerySection(f"q{i}", v, [(m, _docs_table(v.docs.get(m, []))) for m in methods])
+        QuerySection(
+            f"q{i}", v, [(m, _docs_table(_shown(v.docs.get(m, []), shown_k))) for m in methods]
+        )
         for i, v in enumerate(views)
     ]
     first_hits = [
@@ -494,6 +519,7 @@ def build_report(
         runs=[_method_run(m, runs[m] or {}) for m in order_methods(runs)],
         plots=list(plots),
         first_hits=Table(("query", *methods), first_hits, frozenset(range(1, len(methods) + 1))),
+        first_hits_note=_first_hits_note(shown_k, metrics.get("top_k")),
         queries=queries,
         hidden=hidden,
     )
@@ -506,7 +532,6 @@ METRICS_NOTE = (
     "Means over queries with relevant ids; queries without any are skipped. "
     "Ties in score are ordered by ascending document id."
 )
-FIRST_HITS_NOTE = "Rank of the first relevant document shown, per method."
 
 
 def _render(report: Report, fmt: _Html | _Markdown) -> str:
@@ -524,7 +549,7 @@ def _render(report: Report, fmt: _Html | _Markdown) -> str:
         if run.damping is not None:
             blocks.append(fmt.details("damping per module", fmt.table(run.damping)))
     blocks += fmt.plots(report.plots)
-    blocks += [fmt.heading(2, "Queries"), fmt.para(FIRST_HITS_NOTE)]
+    blocks += [fmt.heading(2, "Queries"), fmt.para(report.first_hits_note)]
     blocks += [fmt.table(report.first_hits), fmt.legend]
     for query in report.queries:
         view = query.view
@@ -601,7 +626,10 @@ class _Html:
         '<p class="legend">Token highlighting: <span style="background:rgba(22,163,74,.6)">'
         "proponent</span> (positive contribution: lowers the query loss) "
         '<span style="background:rgba(220,38,38,.6)">opponent</span>, intensity relative to '
-        "the strongest token of the document.</p>"
+        "the strongest token of the document. Each token is shaded by the contribution of "
+        "predicting it from the text before it (strictly: the score's term at the position "
+        "that predicts it, which also carries later predictions that attend to that "
+        "position); a document's first token predicts nothing and is never shaded.</p>"
     )
 
     def heading(self, level: int, text: str, note: str = "") -> str:
@@ -724,7 +752,11 @@ def _md_line(cells: Iterable[str]) -> str:
 class _Markdown:
     """Formats the report's blocks as Markdown for the KFP viewer; blocks are paragraphs."""
 
-    legend = "Bold tokens contribute most to a document's score; plots are in report.html."
+    legend = (
+        "Bold tokens contribute most to a document's score: each token counts the contribution "
+        "of predicting it from the text before it (the score's term at the position that "
+        "predicts it). Plots are in report.html."
+    )
 
     def heading(self, level: int, text: str, note: str = "") -> str:
         """A heading; below the query level a bold line, which reads better than ####."""
@@ -793,9 +825,11 @@ def render_html(
     run_info: Mapping[str, Any],
     plots: Sequence[tuple[str, str | None]],
     hidden: int,
+    shown_k: int | None = None,
 ) -> str:
     """The complete, self-contained report.html; plots are (title, base64 PNG or None)."""
-    return _render(build_report(views, methods, metrics, run_info, plots, hidden), _HTML)
+    report = build_report(views, methods, metrics, run_info, plots, hidden, shown_k)
+    return _render(report, _HTML)
 
 
 def render_markdown(
@@ -804,9 +838,11 @@ def render_markdown(
     metrics: Mapping[str, Any],
     run_info: Mapping[str, Any],
     hidden: int,
+    shown_k: int | None = None,
 ) -> str:
     """The complete report.md (plots are in report.html only)."""
-    return _render(build_report(views, methods, metrics, run_info, (), hidden), _MARKDOWN)
+    report = build_report(views, methods, metrics, run_info, (), hidden, shown_k)
+    return _render(report, _MARKDOWN)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -836,12 +872,15 @@ def write_report(
     *,
     max_queries: int | None = 200,
     score_samples: Mapping[str, np.ndarray] | None = None,
+    shown_k: int | None = None,
 ) -> None:
     """Write report.md and a self-contained report.html for a ranking into out_dir.
 
     ranking has the ranking.parquet columns (docs/CONTRACTS.md; `text`, `tokens`,
     `token_scores` and `relevant` may be absent), queries the query table columns. At most
-    max_queries queries are shown (None: all). The score histograms show score_samples
+    max_queries queries are shown (None: all), each with the documents ranked up to shown_k
+    per method (None: all); the first-hit table looks for a relevant document in the whole
+    ranking, so give it every rank kept. The score histograms show score_samples
     (method → scores, e.g. the whole top-k or full scores) when given, else the scores of the
     ranking's rows. Both files are rendered before either is written.
     """
@@ -858,7 +897,7 @@ def write_report(
         (f"Score distribution per method ({which})", hist),
         ("Λ spectrum per stage (sorted eigenvalues per module)", spectra_png(lambda_spectra or {})),
     ]
-    report = build_report(views, methods, metrics, run_info or {}, plots, hidden)
+    report = build_report(views, methods, metrics, run_info or {}, plots, hidden, shown_k)
     page, md = _render(report, _HTML), _render(report, _MARKDOWN)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

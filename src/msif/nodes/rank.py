@@ -94,9 +94,17 @@ def run(
     with runtime.published(out_uri, {"node": NAME}) as tmp:
         pq.write_table(ranking, tmp / "ranking.parquet")
         runtime.write_json(tmp / "metrics.json", metrics)
-        shown = ranking.filter(pa.compute.less_equal(ranking.column("rank"), options.report_k))
         samples = {m: t.column("score").to_numpy() for m, t in merged.items()}
-        write_report(Path(tmp), shown, queries, metrics, run_info, spectra, score_samples=samples)
+        write_report(
+            Path(tmp),
+            ranking,
+            queries,
+            metrics,
+            run_info,
+            spectra,
+            score_samples=samples,
+            shown_k=options.report_k,
+        )
     return metrics
 
 

@@ -214,7 +214,7 @@ class _Explained:
 
 
 def _explain(model, tokenizer, queries, topk, explain_k: int, options: ModelOptions) -> _Explained:
-    from msif.attribution.scoring import iter_scores
+    from msif.attribution.scoring import iter_scores, predicted_token_scores
     from msif.data.examples import batches, pad_id_of
 
     # A second, per-token pass over only the documents the report will show.
@@ -229,7 +229,7 @@ def _explain(model, tokenizer, queries, topk, explain_k: int, options: ModelOpti
             n = len(examples[doc_id].input_ids)
             out.tokens[doc_id] = tokenizer.convert_ids_to_tokens(examples[doc_id].input_ids)
             for q, qid in enumerate(queries.query_ids):
-                out.scores[(qid, doc_id)] = bs.token_scores[q, j, :n].float().tolist()
+                out.scores[(qid, doc_id)] = predicted_token_scores(bs.token_scores[q, j, :n])
     return out
 
 
