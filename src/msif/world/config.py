@@ -14,6 +14,10 @@ from msif.errors import MsifError
 WORLD_VERSION = "1"
 KNOWN_ATTRIBUTES = ("birthplace", "employer", "university", "instrument", "pet", "dish")
 MAX_PHRASINGS = 6
+MAX_DISTRACTORS = 8
+# Settings added after worlds were cached and benchmarked: at this value they are left out of
+# to_dict() and so out of the fingerprint, which keeps every earlier world's cache key.
+OFF_DEFAULTS = {"distractors_per_fact": 0}
 
 
 class WorldConfigError(MsifError):
@@ -31,6 +35,8 @@ class WorldConfig:
     values_per_attribute: int = 8
     docs_per_fact: int = 3
     filler_docs: int = 48
+    # documents naming an entity and its value without stating the fact (see facts.py)
+    distractors_per_fact: int = 0
     finetune_fraction: float = 0.5
     # the model (GPT-NeoX)
     hidden_size: int = 96
@@ -52,7 +58,8 @@ class WorldConfig:
 
     @staticmethod
     def preset(name: str) -> WorldConfig:
-        """A named configuration: 'default' (the main job's world) or 'small' (for CI)."""
+        """A named configuration: 'default' (the main job's world), 'small' (for CI) or
+        'distractor' (the default world plus lexical distractors that defeat BM25)."""
         if name not in PRESETS:
             raise WorldConfigError(
                 f"unknown fact-world preset {name!r}; choose one of {', '.join(PRESETS)}"
@@ -82,6 +89,12 @@ class WorldConfig:
                 f"docs_per_fact is {self.docs_per_fact}; each fact has 1 to {MAX_PHRASINGS} "
                 "phrasings"
             )
+        n = self.distractors_per_fact
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_DISTRACTORS:
+            raise WorldConfigError(
+                f"distractors_per_fact is {n!r}; each fact has 0 to {MAX_DISTRACTORS} "
+                "distractor phrasings"
+            )
         split = self.num_finetune_entities
         if not 0 < split < self.num_entities:
             raise WorldConfigError(
@@ -102,9 +115,12 @@ class WorldConfig:
             raise WorldConfigError("alpha and filler_docs must not be negative")
 
     def to_dict(self) -> dict:
-        """Plain JSON-able fields."""
+        """Plain JSON-able fields, less those at their OFF_DEFAULTS value."""
         d = dataclasses.asdict(self)
         d["attributes"] = list(self.attributes)
+        for name, off in OFF_DEFAULTS.items():
+            if d[name] == off:
+                del d[name]
         return d
 
     @staticmethod
@@ -145,4 +161,8 @@ PRESETS: dict[str, WorldConfig] = {
         num_heads=2,
         intermediate_size=96,
     ),
+    # Twice as many distractors as statements per fact: a lexical matcher then puts one above
+    # every true statement about half the time, while the facts, fine-tuning set and queries
+    # are exactly the default world's.
+    "distractor": WorldConfig(distractors_per_fact=6),
 }
