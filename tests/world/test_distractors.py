@@ -151,3 +151,13 @@ def test_distractor_setting_round_trips_and_bad_values_are_refused():
             generate_facts(config)
     with pytest.raises(WorldConfigError, match="distractors_per_fact is '2'"):
         WorldConfig.from_dict({**DISTRACTOR.to_dict(), "distractors_per_fact": "2"}).validate()
+
+
+def test_distractor_version_keys_only_worlds_with_distractors(monkeypatch):
+    from msif.world import config as config_module
+
+    before = {p: WorldConfig.preset(p).fingerprint() for p in ("default", "small", "distractor")}
+    monkeypatch.setattr(config_module, "DISTRACTOR_VERSION", "test")
+    after = {p: WorldConfig.preset(p).fingerprint() for p in before}
+    assert after["default"] == before["default"] and after["small"] == before["small"]
+    assert after["distractor"] != before["distractor"]

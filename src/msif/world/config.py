@@ -12,6 +12,8 @@ from msif.errors import MsifError
 # Bump when the generated text, the tokenizer or the training recipe changes, so cached
 # worlds built by older code are not reused.
 WORLD_VERSION = "1"
+# The same for the distractor phrasings; only worlds that have distractors carry it.
+DISTRACTOR_VERSION = "1"
 KNOWN_ATTRIBUTES = ("birthplace", "employer", "university", "instrument", "pet", "dish")
 MAX_PHRASINGS = 6
 MAX_DISTRACTORS = 8
@@ -137,7 +139,10 @@ class WorldConfig:
 
     def fingerprint(self) -> str:
         """A short hash of the configuration and the world version (names the cache dir)."""
-        blob = json.dumps({"v": WORLD_VERSION, "config": self.to_dict()}, sort_keys=True)
+        versions = {"v": WORLD_VERSION}
+        if self.distractors_per_fact:
+            versions["distractor_v"] = DISTRACTOR_VERSION
+        blob = json.dumps({**versions, "config": self.to_dict()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def label(self) -> str:
