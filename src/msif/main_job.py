@@ -31,6 +31,7 @@ from msif.config import (
     from_namespace,
 )
 from msif.errors import OptionError
+from msif.world.config import PRESETS
 
 # The fact world's sequences are short and its model tiny: larger batches, shorter sequences.
 WORLD_MODEL_OPTIONS = {"max_length": 64, "batch_size": 16}
@@ -129,8 +130,10 @@ def _world_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         default="default",
-        choices=["default", "small"],
-        help="default: 24 people, 336 documents; small: the CI-sized world (default: %(default)s)",
+        choices=list(PRESETS),
+        help="default: 24 people, 336 documents; small: the CI-sized world; distractor: the "
+        "default world plus 576 documents that name a person and the answer without stating "
+        "the fact, so BM25 stops being an oracle (default: %(default)s)",
     )
     p.add_argument("--world-seed", type=int, default=None, help="seed of the world (preset's)")
     p.add_argument(

@@ -12,8 +12,14 @@ from msif.errors import MsifError
 # Bump when the generated text, the tokenizer or the training recipe changes, so cached
 # worlds built by older code are not reused.
 WORLD_VERSION = "1"
+# The same for the distractor phrasings; only worlds that have distractors carry it.
+DISTRACTOR_VERSION = "1"
 KNOWN_ATTRIBUTES = ("birthplace", "employer", "university", "instrument", "pet", "dish")
 MAX_PHRASINGS = 6
+MAX_DISTRACTORS = 8
+# Settings added after worlds were cached and benchmarked: at this value they are left out of
+# to_dict() and so out of the fingerprint, which keeps every earlier world's cache key.
+OFF_DEFAULTS = {"distractors_per_fact": 0}
 
 
 class WorldConfigError(MsifError):
@@ -31,6 +37,8 @@ class WorldConfig:
     values_per_attribute: int = 8
     docs_per_fact: int = 3
     filler_docs: int = 48
+    # documents naming an entity and its value without stating the fact (see facts.py)
+    distractors_per_fact: int = 0
     finetune_fraction: float = 0.5
     # the model (GPT-NeoX)
     hidden_size: int = 96
@@ -52,7 +60,8 @@ class WorldConfig:
 
     @staticmethod
     def preset(name: str) -> WorldConfig:
-        """A named configuration: 'default' (the main job's world) or 'small' (for CI)."""
+        """A named configuration: 'default' (the main job's world), 'small' (for CI) or
+        'distractor' (the default world plus lexical distractors that defeat BM25)."""
         if name not in PRESETS:
             raise WorldConfigError(
                 f"unknown fact-world preset {name!r}; choose one of {', '.join(PRESETS)}"
@@ -82,6 +91,12 @@ class WorldConfig:
                 f"docs_per_fact is {self.docs_per_fact}; each fact has 1 to {MAX_PHRASINGS} "
                 "phrasings"
             )
+        n = self.distractors_per_fact
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_DISTRACTORS:
+            raise WorldConfigError(
+                f"distractors_per_fact is {n!r}; each fact has 0 to {MAX_DISTRACTORS} "
+                "distractor phrasings"
+            )
         split = self.num_finetune_entities
         if not 0 < split < self.num_entities:
             raise WorldConfigError(
@@ -102,9 +117,12 @@ class WorldConfig:
             raise WorldConfigError("alpha and filler_docs must not be negative")
 
     def to_dict(self) -> dict:
-        """Plain JSON-able fields."""
+        """Plain JSON-able fields, less those at their OFF_DEFAULTS value."""
         d = dataclasses.asdict(self)
         d["attributes"] = list(self.attributes)
+        for name, off in OFF_DEFAULTS.items():
+            if d[name] == off:
+                del d[name]
         return d
 
     @staticmethod
@@ -121,7 +139,10 @@ class WorldConfig:
 
     def fingerprint(self) -> str:
         """A short hash of the configuration and the world version (names the cache dir)."""
-        blob = json.dumps({"v": WORLD_VERSION, "config": self.to_dict()}, sort_keys=True)
+        versions = {"v": WORLD_VERSION}
+        if self.distractors_per_fact:
+            versions["distractor_v"] = DISTRACTOR_VERSION
+        blob = json.dumps({**versions, "config": self.to_dict()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def label(self) -> str:
@@ -145,4 +166,8 @@ PRESETS: dict[str, WorldConfig] = {
         num_heads=2,
         intermediate_size=96,
     ),
+    # Twice as many distractors as statements per fact: a lexical matcher then puts one above
+    # every true statement about half the time, while the facts, fine-tuning set and queries
+    # are exactly the default world's.
+    "distractor": WorldConfig(distractors_per_fact=6),
 }

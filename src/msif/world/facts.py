@@ -1,7 +1,9 @@
 """The fact world's text: invented entities, their attributes, documents, QA pairs and queries.
 
 Everything here is pure Python driven by one `random.Random(seed)`, so the same configuration
-gives the same world on every machine, with no torch involved.
+gives the same world on every machine, with no torch involved. Distractor documents come from
+a second stream of their own, so switching them on leaves every other document, the
+fine-tuning set and the queries exactly as they were (only document ids move).
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ class Attribute:
     fillers: tuple[str, ...]
     suffixes: tuple[str, ...]
     capitalised: bool = True
+    distractors: tuple[str, ...] = ()
 
 
 # Statements put the value after the name so that reading a document exercises the same
 # name -> value direction the questions ask for; the phrasings differ so the model has to
 # store the fact rather than one sentence. Fillers mention a value with no entity.
+# Distractors (used only when distractors_per_fact > 0) name the entity and its own value in
+# another relation (a relative's, a visit, an event) that neither states nor contradicts the
+# fact, and borrow the statements' words and lengths, so word overlap cannot tell them apart.
 ATTRIBUTES: dict[str, Attribute] = {
     a.name: a
     for a in (
@@ -49,6 +55,16 @@ ATTRIBUTES: dict[str, Attribute] = {
                 "Travellers say the streets of {value} are quiet at night.",
             ),
             ("ora", "heim", "dale", "ford", "mere", "polis"),
+            distractors=(
+                "The cousin of {name} was born in {value}.",
+                "{name} once visited {value}.",
+                "{name} was married in {value}.",
+                "{name} moved to {value}.",
+                "The son of {name} was born in {value}.",
+                "The sister of {name} is a native of {value}.",
+                "Records show that {name} was married in the city of {value}.",
+                "The city where {name} was married is {value}.",
+            ),
         ),
         Attribute(
             "employer",
@@ -67,6 +83,16 @@ ATTRIBUTES: dict[str, Attribute] = {
                 "{value} is looking for new engineers.",
             ),
             ("tex", "corp", "ware", "dyne", "works", "labs"),
+            distractors=(
+                "The cousin of {name} works for {value}.",
+                "{name} bought shares of {value}.",
+                "{name} is a client of {value}.",
+                "{name} wrote to {value}.",
+                "The son of {name} is employed by {value}.",
+                "Each morning {name} goes to work near {value}.",
+                "The company that {name} visited is {value}.",
+                "The sister of {name} has a job at {value}.",
+            ),
         ),
         Attribute(
             "university",
@@ -85,6 +111,16 @@ ATTRIBUTES: dict[str, Attribute] = {
                 "{value} hosted a famous debate in the spring.",
             ),
             ("ton", "ham", "wick", "bury", "stead", "field"),
+            distractors=(
+                "The cousin of {name} studied at {value}.",
+                "{name} gave a talk at {value}.",
+                "{name} taught at {value}.",
+                "{name} visited {value}.",
+                "The university that {name} visited is {value}.",
+                "{name} won a debate at {value}.",
+                "The son of {name} graduated from {value}.",
+                "{name} lectured at {value}.",
+            ),
         ),
         Attribute(
             "instrument",
@@ -104,6 +140,16 @@ ATTRIBUTES: dict[str, Attribute] = {
             ),
             ("phone", "lin", "ola", "harp", "pipe", "drum"),
             capitalised=False,
+            distractors=(
+                "The cousin of {name} plays the {value}.",
+                "{name} bought a {value}.",
+                "{name} once repaired a {value}.",
+                "The son of {name} is a skilled {value} player.",
+                "The instrument that {name} sold is the {value}.",
+                "{name} heard a {value} concert.",
+                "{name} painted a {value}.",
+                "The instrument that {name} heard is the {value}.",
+            ),
         ),
         Attribute(
             "pet",
@@ -123,6 +169,16 @@ ATTRIBUTES: dict[str, Attribute] = {
             ),
             ("mink", "lop", "ret", "ling", "bat", "hound"),
             capitalised=False,
+            distractors=(
+                "The cousin of {name} keeps a {value} as a pet.",
+                "{name} once drew a {value}.",
+                "The pet of the neighbour of {name} is a {value}.",
+                "{name} was chased by a small {value}.",
+                "At the zoo {name} saw a {value}.",
+                "{name} drew a pet {value}.",
+                "The animal that {name} photographed is a {value}.",
+                "The son of {name} owns a small {value}.",
+            ),
         ),
         Attribute(
             "dish",
@@ -142,6 +198,16 @@ ATTRIBUTES: dict[str, Attribute] = {
             ),
             ("stew", "cake", "roll", "pie", "soup", "bread"),
             capitalised=False,
+            distractors=(
+                "The favourite dish of the cousin of {name} is {value}.",
+                "{name} once tasted {value} at a fair.",
+                "{name} wrote a recipe for {value}.",
+                "The son of {name} cooks {value} every week.",
+                "{name} served {value} to the guests at dinner.",
+                "The meal that {name} ate at the station was {value}.",
+                "{name} learned to cook {value} from a friend.",
+                "The sister of {name} loves to eat {value}.",
+            ),
         ),
     )
 }
@@ -198,11 +264,15 @@ class Fact:
 
 @dataclass(frozen=True)
 class Document:
-    """A pre-training document; `fact` is the one fact it states (None for filler)."""
+    """A pre-training document; `fact` is the one fact it states (None for filler).
+
+    `distractor` is the fact whose entity and value a distractor names without stating it.
+    """
 
     id: str
     text: str
     fact: Fact | None
+    distractor: Fact | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +308,7 @@ def template_words() -> set[str]:
     """Every lower-cased word the templates use, so invented words never collide with them."""
     texts = [*ENTITY_FILLERS, *PLAIN_FILLERS]
     for a in ATTRIBUTES.values():
-        texts += [a.question, *a.statements, *a.fillers]
+        texts += [a.question, *a.statements, *a.fillers, *a.distractors]
     return {w.lower() for t in texts for w in WORD.findall(t)} | RESERVED
 
 
@@ -292,7 +362,7 @@ def filler_texts(config: WorldConfig, entities: Sequence[Entity], rng: random.Ra
     """(text, None) noise: a plain sentence plus either one entity or one value, never both.
 
     Never pairing a name with a value keeps "states the fact" equal to "contains both the
-    entity's name and its value", which the tests check on every document.
+    entity's name and its value" in a world without distractors, which the tests check.
     """
     out = []
     for _ in range(config.filler_docs):
@@ -311,6 +381,38 @@ def filler_texts(config: WorldConfig, entities: Sequence[Entity], rng: random.Ra
     return out
 
 
+def distractor_texts(
+    config: WorldConfig, entities: Sequence[Entity], rng: random.Random
+) -> list[tuple[str, Fact]]:
+    """(text, fact) for distractors_per_fact distinct distractor phrasings of every fact."""
+    out = []
+    for e in entities:
+        for attr in config.attributes:
+            fact = Fact(e.name, attr, e.value(attr))
+            for template in rng.sample(ATTRIBUTES[attr].distractors, config.distractors_per_fact):
+                out.append((template.format(name=e.name, value=fact.value), fact))
+    return out
+
+
+def number_documents(
+    config: WorldConfig, entities: Sequence[Entity], texts: list[tuple[str, Fact | None]]
+) -> tuple[Document, ...]:
+    """Documents from the shuffled (text, fact) list, with any distractors dropped in.
+
+    Distractors are placed at random positions drawn from their own stream, never from the
+    world's, so the rest of the world does not depend on whether they are on.
+    """
+    docs: list[tuple[str, Fact | None, Fact | None]] = [(t, f, None) for t, f in texts]
+    if config.distractors_per_fact:
+        rng = random.Random(f"{config.seed}:distractors")
+        for text, fact in distractor_texts(config, entities, rng):
+            docs.insert(rng.randrange(len(docs) + 1), (text, None, fact))
+    return tuple(
+        Document(f"doc-{i:06d}", text, fact, distractor)
+        for i, (text, fact, distractor) in enumerate(docs)
+    )
+
+
 def question(fact: Fact) -> QA:
     """The QA pair of a fact: 'Q: <question> A:' -> ' <value>.'"""
     q = ATTRIBUTES[fact.attribute].question.format(name=fact.entity)
@@ -325,7 +427,7 @@ def generate_facts(config: WorldConfig) -> FactWorld:
     texts = fact_texts(config, entities, rng) + filler_texts(config, entities, rng)
     # Shuffled before numbering, so neither ids nor order tell facts from filler.
     rng.shuffle(texts)
-    documents = tuple(Document(f"doc-{i:06d}", text, fact) for i, (text, fact) in enumerate(texts))
+    documents = number_documents(config, entities, texts)
     split = config.num_finetune_entities
     finetune = tuple(
         question(Fact(e.name, a, e.value(a))) for e in entities[:split] for a in config.attributes
