@@ -278,6 +278,29 @@ def test_corrupt_corpus_fails_its_task_with_one_line(one_task, gcs_bucket, capfd
     assert "corpus.parquet" in line
 
 
+def test_two_pipeline_path_in_containers_gives_the_inprocess_results(image, tmp_path):
+    """`msif run --via-index`: the index pipeline, then the attribute pipeline on its outputs,
+    every node of both in the image, against the same two pipelines in-process."""
+    runs = {}
+    for runner, extra in (("docker", ("--image", image[1])), ("inprocess", ())):
+        done = main_job(runner, tmp_path / runner, "--via-index", *extra)
+        assert done.returncode == 0, (
+            f"msif run --via-index --runner {runner}: {done.stderr[-3000:]}"
+        )
+        runs[runner] = (tmp_path / runner, done.stdout)
+    assert table_lines(runs["docker"][1]) == table_lines(runs["inprocess"][1])
+    got, want = (json.loads((out / "summary.json").read_text()) for out, _ in runs.values())
+    assert all(uri.startswith("gs://msif-world/") for uri in got["inputs"].values())
+    lines = (runs["docker"][0] / "containers.jsonl").read_text().splitlines()
+    record = [json.loads(line) for line in lines]
+    assert all(r["status"] == 0 and r["image"] == image[1] for r in record)
+    words = [set(" ".join(r["command"]).split()) for r in record]
+    assert any("index" in w for w in words) and any("lookup" in w for w in words)
+    rows = [pq.read_table(Path(r["ranking"]) / "ranking.parquet").to_pylist() for r in (got, want)]
+    key = ("method", "query_id", "rank", "doc_id", "relevant")
+    assert [[r[k] for k in key] for r in rows[0]] == [[r[k] for k in key] for r in rows[1]]
+
+
 def test_index_and_lookup_run_in_the_image(main_jobs, image, tmp_path):
     """The corpus index nodes in the image, as uid 1000 on a read-only root: `msif index` over
     the small world's corpus with the containerized run's pre-train factors, then `msif
