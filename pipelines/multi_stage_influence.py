@@ -86,7 +86,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         embeddings: bool = _M.embeddings,
         lm_head: bool = _M.lm_head,
         factor_dtype: str = _E.factor_dtype,
-        alpha: float = 0.0,
+        alpha: float = _P.alpha,
         damping_factor: float = _P.damping_factor,
         damping: float = 0.0,
         query_rank: int = _P.query_rank,
@@ -108,7 +108,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         gpu_cpu_request: str = d.gpu_cpu_request,
         gpu_memory_request: str = d.gpu_memory_request,
     ):
-        """alpha, damping <= 0: unset (α = damping_factor × mean Λ_ft; λ relative);
+        """alpha (default 1e-3), damping <= 0: unset (α = damping_factor × mean Λ_ft; λ relative);
         query_rank 0: dense queries; split "": a DatasetDict's only split, else train. The other
         options are msif.config's, by the same name (the column options apply to every table)."""
         params = dict(locals())  # first: every parameter, by name, for the DAG's tasks

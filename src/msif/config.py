@@ -27,6 +27,7 @@ from msif.core.modules import HEAD_PATTERN, ModuleSelection
 from msif.data.examples import EOS_MODES
 from msif.data.models import DTYPES
 from msif.data.tables import TableOptions
+from msif.ekfac.factors import DEFAULT_ALPHA, DEFAULT_DAMPING_FACTOR
 from msif.errors import OptionError
 
 STAGES = {"pt": "pre-training (θ_pt on the corpus)", "ft": "fine-tuning (θ_ft on its data)"}
@@ -188,11 +189,16 @@ class PreconditionOptions:
         choices=tuple(METHODS),
     )
     alpha: float | None = option(
-        None,
-        "proximity coefficient α of the fine-tune, used as its damping; unset: "
-        "damping_factor × mean(Λ_ft), which amplifies noise when Λ_ft is tiny",
+        DEFAULT_ALPHA,
+        "the fine-tune stage's damping: its proximity coefficient α where it has one; the "
+        "default 1e-3 suits a plain fine-tune too (any α from 1e-4 to 1 ranked alike on every "
+        "fact world, far above Λ_ft; a damping relative to mean Λ_ft lost on all of them)",
     )
-    damping_factor: float = option(0.1, "λ = damping_factor × mean(Λ) per module")
+    damping_factor: float = option(
+        DEFAULT_DAMPING_FACTOR,
+        "λ = damping_factor × mean(Λ) per module (0.01: best on held-out fact worlds, "
+        "benchmarks/RESULTS.md 'Damping defaults')",
+    )
     damping: float | None = option(None, "an absolute λ for every module instead")
     query_rank: int = option(0, "store rank-r queries (truncated SVD); 0 keeps them dense")
 

@@ -12,7 +12,7 @@ import msif
 from benchmarks import architectures as table
 from msif.attribution.precondition import rotate_tokens_first, summed_gradients
 from msif.core.modules import ModuleSelection, find_modules
-from msif.ekfac.factors import Damping, Factors, change_of_basis
+from msif.ekfac.factors import DEFAULT_DAMPING_FACTOR, Damping, Factors, change_of_basis
 from tests.support.dense import dense_solve, kron_basis, per_example_gradients
 from tests.support.tiny import (
     ARCHITECTURES,
@@ -201,7 +201,7 @@ def test_scores_equal_dense_computation_on_both_paths(two_stage, method, split):
             v = dense_solve(fft, k, v, pq.damping["ft"][k])
         if method == "multi-stage":
             lam = pq.damping["pt"][k]
-            assert lam == pytest.approx(0.1 * float(fpt.lambdas[k].mean()))
+            assert lam == pytest.approx(DEFAULT_DAMPING_FACTOR * float(fpt.lambdas[k].mean()))
             v = dense_solve(fpt, k, v, lam)
         w[k] = v
     expected = _dense_scores(w, z_grads, specs)

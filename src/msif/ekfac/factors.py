@@ -18,12 +18,19 @@ from msif.ekfac.lambdas import LambdaSums, eigenbasis_id, reduce_lambda
 from msif.errors import MismatchError, MsifError
 from msif.version import __version__
 
+# Chosen in issue 14 by MRR on fact worlds the choice was not tuned on (benchmarks/RESULTS.md,
+# "Damping defaults"): a pre-train factor of 0.01 beat 0.1 on 4 of 5 held-out worlds, and an
+# absolute fine-tune damping beat one relative to mean(Λ_ft) on all of them, because Λ_ft of a
+# confident fine-tune is tiny (1e-9 to 1e-7) and a relative λ then amplifies noise directions.
+DEFAULT_DAMPING_FACTOR = 0.01
+DEFAULT_ALPHA = 1e-3
+
 
 @dataclass(frozen=True)
 class Damping:
     """λ = factor × mean(Λ) per module, unless an absolute value is given."""
 
-    factor: float = 0.1
+    factor: float = DEFAULT_DAMPING_FACTOR
     absolute: float | None = None
 
     def value(self, lambdas: torch.Tensor) -> float:
