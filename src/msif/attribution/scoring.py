@@ -86,25 +86,6 @@ def _per_token_lowrank(a, g, usv) -> torch.Tensor:
     return (gu * av * s[:, None, :]).sum(-1).reshape(-1, b, t)
 
 
-def predicted_token_scores(position_scores: torch.Tensor) -> list[float]:
-    """One document's per-token scores (n,) moved from input positions to predicted tokens.
-
-    Position t's term Σ_modules g_tᵀ W_q a_t is computed where x_{t+1} is predicted, so entry
-    i of the result is position i−1's term and belongs to token i; the first token is predicted
-    from nothing and gets 0. The last position predicts no token of the document, so no loss
-    reaches it and its term is exactly 0: dropping it keeps the sum equal to the score.
-    """
-    values = position_scores.detach().reshape(-1).float().cpu().tolist()
-    if not values:
-        return []
-    if values[-1] != 0.0:
-        raise MsifError(
-            f"per-token scores: the last position carries {values[-1]:+.3e} although it "
-            "predicts no token of the document (is the model causal?)"
-        )
-    return [0.0, *values[:-1]]
-
-
 def per_example_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """DW_n = Σ_t g_t a_tᵀ for every sequence: (B, out, in')."""
     return torch.bmm(g.mT, a)
