@@ -22,7 +22,7 @@ CHUNK_ELEMENTS = 1 << 25
 
 @dataclass
 class BatchScores:
-    """Scores (Q, B) of one batch, per-token contributions (Q, B, T) when asked for."""
+    """Scores (Q, B) of one batch, per-position contributions (Q, B, T) when asked for."""
 
     scores: torch.Tensor
     token_scores: torch.Tensor | None = None
@@ -31,7 +31,7 @@ class BatchScores:
 
 @dataclass
 class Scores:
-    """Scores (Q, N) of all documents, per-token scores per batch when asked for."""
+    """Scores (Q, N) of all documents, per-position scores per batch when asked for."""
 
     values: torch.Tensor
     query_ids: list[str]
@@ -163,7 +163,12 @@ def score(
     path: str = "auto",
     progress: bool = False,
 ) -> Scores:
-    """Influence scores (Q, N) of every document in batches on every query."""
+    """Influence scores (Q, N) of every document in batches on every query.
+
+    per_token=True also splits each score by input position: position t gets
+    Σ_modules g_tᵀ W_q a_t (the position split, which carries every later prediction that
+    attends to t; msif.attribution.explain splits by predicted token instead).
+    """
     specs, left_out = scoring_modules(model, queries)
     paths: dict[str, str] = {}
     results = list(_iter(model, batches, queries, specs, per_token, path, progress, paths))
