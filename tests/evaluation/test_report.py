@@ -9,11 +9,12 @@ import re
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
-from msif.attribution.scoring import predicted_token_scores
+import msif
+from msif.attribution.explain import predicted_token_scores
 from msif.attribution.topk import RANKING_SCHEMA
-from msif.errors import DataError, MsifError
+from msif.core.loss import IGNORE
+from msif.errors import DataError
 from msif.evaluation.report import (
     HTML_TOKENS,
     Link,
@@ -26,6 +27,7 @@ from msif.evaluation.report import (
     write_report,
 )
 from msif.version import __version__
+from tests.support.tiny import make_batches, tiny_model
 
 PLANT = "<script>alert('x')</script>"
 TOKENS = ["<bos>", "Paris", "is", "the", "capital"]
@@ -287,27 +289,26 @@ def test_histogram_of_given_score_samples(tmp_path):
     assert "Λ spectrum per stage (sorted eigenvalues per module): nothing to plot" in page
 
 
-def test_highlight_sits_on_the_predicted_token():
-    # Input position 5 ("of") predicts "kapetu": its term, the only nonzero one, shades
-    # "kapetu". Shading the position itself would highlight "of", the word before the fact.
+def test_the_answer_token_is_shaded_by_its_own_loss_term():
+    # The query is the document's own prediction of "kapetu" from "born in the town of", so
+    # W_q = ∇ℓ_kapetu(z) and the score comes from predicting "kapetu": its share is
+    # ‖∇ℓ_kapetu‖² exactly. The position split would put that on "of", and spread it over
+    # every earlier position the prediction attends to.
     tokens = ["<bos>", "born", "in", "the", "town", "of", "kapetu", "."]
-    positions = torch.zeros(len(tokens))
-    positions[5] = 0.5
-    scores = predicted_token_scores(positions)
-    assert scores == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0] and sum(scores) == 0.5
+    ids = [1, 3, 4, 5, 6, 7, 8, 9]
+    model = tiny_model("gpt_neox")
+    query = msif.Example("q", ids[:7], [IGNORE] * 6 + [ids[6]])
+    pre = msif.precondition_queries(model, make_batches([query], 1), ["q"], method="gradient-dot")
+    pre.score_fingerprint = None  # one model stands for θ_pt and θ_ft
+    scores = predicted_token_scores(model, [(0, msif.Example("d", ids, ids))], pre)[0]
+    assert scores[0] == 0.0  # the first token predicts nothing and is never shaded
+    squared_norm = sum(float((pre.weight(k) ** 2).sum()) for k in pre.specs)
+    assert scores[6] == pytest.approx(squared_norm, rel=1e-12)
     page = highlight_html(tokens, scores)
-    assert re.findall(r"<span [^>]*>([^<]*)</span>", page) == ["kapetu"]
-    assert " of <span" in page
-    assert highlight_md(tokens, scores) == "&lt;bos&gt; born in the town of **kapetu**."
-
-
-def test_first_token_is_never_shaded_and_the_last_position_must_be_empty():
-    scores = predicted_token_scores(torch.tensor([0.25, -0.5, 0.0]))
-    assert scores == [0.0, 0.25, -0.5]
-    assert "<span" not in highlight_html(["a", "b", "c"], scores).split(" ")[0]
-    assert predicted_token_scores(torch.zeros(0)) == []
-    with pytest.raises(MsifError, match=r"last position carries \+1\.000e\+00"):
-        predicted_token_scores(torch.tensor([0.0, 1.0]))
+    spans = re.findall(r"rgba\(22,163,74,([\d.]+)\)\" title=\"[^\"]*\">([^<]*)</span>", page)
+    assert max(spans) == ("1.00", "kapetu")  # the strongest shade, in green (seeded model)
+    assert "<bos>" not in "".join(t for _, t in spans)
+    assert "of **kapetu**" in highlight_md(tokens, scores)
 
 
 def _long_ranking() -> pa.Table:
@@ -337,5 +338,6 @@ def test_first_hit_rank_past_the_shown_documents(tmp_path):
 
 def test_legends_say_which_token_a_score_shades(report):
     page, md = report
-    assert "Each token is shaded by the contribution of predicting it from the text" in page
-    assert "each token counts the contribution of predicting it from the text before it" in md
+    says = "each token is shaded by the part of the score that comes from predicting it"
+    assert "Each" + says.removeprefix("each") in page and says in md
+    assert "term at the position" not in page + md  # the split is exact, no qualifier

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import msif
+from msif.attribution.explain import predicted_token_scores
 from msif.cli import main
 from msif.data.examples import batches, tokenize_documents, tokenize_prompt_completion
 from msif.data.models import load_model
@@ -76,16 +77,17 @@ def test_cli_scores_equal_library_scores(world, pipeline):
     scale = float(expected.abs().max())
     for r in explained:
         assert sum(r["token_scores"]) == pytest.approx(r["score"], rel=1e-5, abs=1e-6 * scale)
-    # Token i carries input position i-1's term (the one predicting it); the first token none,
-    # and the last position, which predicts nothing, holds exactly 0.
-    per_token = msif.score(pt, batches(docs, 4, 0), pre, per_token=True).token_scores
+    # Token i carries the part of the score from predicting it, computed for its own query.
+    assert len(explained) == len(multi)  # 4 documents per shard, explain_k 10
     qids = queries.column("id").to_pylist()
-    for r in explained:
-        n = ids.index(r["doc_id"])
-        positions = per_token[n // 4][qids.index(r["query_id"]), n % 4, : len(r["tokens"])]
-        assert float(positions[-1]) == 0.0 and r["token_scores"][0] == 0.0
-        want = positions[:-1].tolist()
-        assert r["token_scores"][1:] == pytest.approx(want, rel=1e-4, abs=1e-5 * scale)
+    pairs = [(qids.index(r["query_id"]), docs[ids.index(r["doc_id"])]) for r in explained]
+    want = predicted_token_scores(pt, pairs, pre)
+    for r, w in zip(explained, want, strict=True):
+        assert r["token_scores"][0] == 0.0
+        assert r["token_scores"] == pytest.approx(w, rel=1e-4, abs=1e-5 * scale)
+    for i in range(3):
+        info = json.loads((out / "score-corpus-multi-stage" / str(i) / "scores.json").read_text())
+        assert info["token_scores"] == "predicted-token"
     full = pa.concat_tables(
         [
             pq.read_table(out / "score-corpus-multi-stage" / str(i) / "full_scores.parquet")

@@ -22,7 +22,7 @@ CHUNK_ELEMENTS = 1 << 25
 
 @dataclass
 class BatchScores:
-    """Scores (Q, B) of one batch, per-token contributions (Q, B, T) when asked for."""
+    """Scores (Q, B) of one batch, per-position contributions (Q, B, T) when asked for."""
 
     scores: torch.Tensor
     token_scores: torch.Tensor | None = None
@@ -31,7 +31,7 @@ class BatchScores:
 
 @dataclass
 class Scores:
-    """Scores (Q, N) of all documents, per-token scores per batch when asked for."""
+    """Scores (Q, N) of all documents, per-position scores per batch when asked for."""
 
     values: torch.Tensor
     query_ids: list[str]
@@ -84,25 +84,6 @@ def _per_token_lowrank(a, g, usv) -> torch.Tensor:
     gu = torch.matmul(g.reshape(1, b * t, -1), u)  # (Q, BT, r)
     av = torch.matmul(a.reshape(1, b * t, -1), v)
     return (gu * av * s[:, None, :]).sum(-1).reshape(-1, b, t)
-
-
-def predicted_token_scores(position_scores: torch.Tensor) -> list[float]:
-    """One document's per-token scores (n,) moved from input positions to predicted tokens.
-
-    Position t's term Σ_modules g_tᵀ W_q a_t is computed where x_{t+1} is predicted, so entry
-    i of the result is position i−1's term and belongs to token i; the first token is predicted
-    from nothing and gets 0. The last position predicts no token of the document, so no loss
-    reaches it and its term is exactly 0: dropping it keeps the sum equal to the score.
-    """
-    values = position_scores.detach().reshape(-1).float().cpu().tolist()
-    if not values:
-        return []
-    if values[-1] != 0.0:
-        raise MsifError(
-            f"per-token scores: the last position carries {values[-1]:+.3e} although it "
-            "predicts no token of the document (is the model causal?)"
-        )
-    return [0.0, *values[:-1]]
 
 
 def per_example_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -182,7 +163,12 @@ def score(
     path: str = "auto",
     progress: bool = False,
 ) -> Scores:
-    """Influence scores (Q, N) of every document in batches on every query."""
+    """Influence scores (Q, N) of every document in batches on every query.
+
+    per_token=True also splits each score by input position: position t gets
+    Σ_modules g_tᵀ W_q a_t (the position split, which carries every later prediction that
+    attends to t; msif.attribution.explain splits by predicted token instead).
+    """
     specs, left_out = scoring_modules(model, queries)
     paths: dict[str, str] = {}
     results = list(_iter(model, batches, queries, specs, per_token, path, progress, paths))

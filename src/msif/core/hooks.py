@@ -82,9 +82,11 @@ def _check_lookup(name: str, module: nn.Module, ids, output, scale) -> None:
         )
 
 
-def _input_matrix(
+def input_matrix(
     cap: Capture, name: str, mod: nn.Module, inputs: tuple, dtype: torch.dtype, scale=1.0
 ) -> torch.Tensor:
+    """A module's input a (B, T, in') in msif's layout: the bias column appended, an
+    embedding's ids as (scaled) one-hot rows; dtype is the one-hot's."""
     spec = cap.specs[name]
     x = inputs[0]
     if spec.kind == "embedding":
@@ -119,7 +121,7 @@ def capture(model: nn.Module, specs: dict[str, ModuleSpec]) -> Iterator[Capture]
             if spec.kind == "embedding" and name not in checked:
                 _check_lookup(name, mod, inputs[0], output, scale)
                 checked.add(name)
-            cap.activations[name] = _input_matrix(cap, name, mod, inputs, output.dtype, scale)
+            cap.activations[name] = input_matrix(cap, name, mod, inputs, output.dtype, scale)
             if output.requires_grad:
 
                 def grad_hook(grad, name=name):

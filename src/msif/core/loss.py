@@ -17,8 +17,11 @@ def scored_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sum of -log p(x_t | x_<t) over scored tokens; shape (B,)."""
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-log p(x_t | x_<t) of every token t ≥ 1, 0 where unscored; shape (B, T − 1).
+
+    Entry t − 1 is token t's loss, predicted from the logits at position t − 1.
+    """
     logits = logits[:, :-1]
     targets = labels[:, 1:]
     token_loss = F.cross_entropy(
@@ -29,7 +32,12 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE,
         reduction="none",
     )
-    return token_loss.view(targets.shape).sum(dim=1)
+    return token_loss.view(targets.shape)
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum of -log p(x_t | x_<t) over scored tokens; shape (B,)."""
+    return token_losses(logits, labels).sum(dim=1)
 
 
 def sequence_seed(seed: int, input_ids: torch.Tensor, labels: torch.Tensor) -> int:

@@ -7,9 +7,9 @@ defence behind escaping every string that comes from data (document text, ids, r
 Token highlighting: a document's per-token scores (which sum to its score) are normalised by
 the document's largest |score|; green marks proponent tokens (positive: they lower the query's
 loss), red opponents. The Markdown report bolds the few most positive tokens instead. Score i
-belongs to token i, the token predicted from the text before it (score-corpus moves each
-position's term onto the token it predicts; the report shifts nothing), so the first token
-of a document is never shaded.
+belongs to token i: it is the part of the score that comes from predicting token i from the
+text before it (score-corpus splits the score exactly by predicted token; the report shifts
+nothing), so the first token of a document is never shaded.
 
 Both files come from one `Report` (tables of plain-text cells, facts, plots) built once by
 `build_report`, so they cannot disagree; `_render` lays it out in one reading order and the two
@@ -626,10 +626,9 @@ class _Html:
         '<p class="legend">Token highlighting: <span style="background:rgba(22,163,74,.6)">'
         "proponent</span> (positive contribution: lowers the query loss) "
         '<span style="background:rgba(220,38,38,.6)">opponent</span>, intensity relative to '
-        "the strongest token of the document. Each token is shaded by the contribution of "
-        "predicting it from the text before it (strictly: the score's term at the position "
-        "that predicts it, which also carries later predictions that attend to that "
-        "position); a document's first token predicts nothing and is never shaded.</p>"
+        "the strongest token of the document. Each token is shaded by the part of the score "
+        "that comes from predicting it from the text before it; a document's first token is "
+        "predicted from nothing and is never shaded.</p>"
     )
 
     def heading(self, level: int, text: str, note: str = "") -> str:
@@ -753,9 +752,9 @@ class _Markdown:
     """Formats the report's blocks as Markdown for the KFP viewer; blocks are paragraphs."""
 
     legend = (
-        "Bold tokens contribute most to a document's score: each token counts the contribution "
-        "of predicting it from the text before it (the score's term at the position that "
-        "predicts it). Plots are in report.html."
+        "Bold tokens contribute most to a document's score: each token is shaded by the part "
+        "of the score that comes from predicting it from the text before it. Plots are in "
+        "report.html."
     )
 
     def heading(self, level: int, text: str, note: str = "") -> str:

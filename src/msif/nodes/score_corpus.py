@@ -15,6 +15,9 @@ from msif.nodes import runtime
 
 NAME = "score-corpus"
 log = logging.getLogger("msif")
+# What an entry of token_scores is: the part of the score from predicting that token (the
+# split by predicted token, msif.attribution.explain), recorded in scores.json.
+TOKEN_SCORES = "predicted-token"
 FULL_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32())]
 )
@@ -111,6 +114,7 @@ def run(
         options=options.recorded(),
         data=data.recorded(),
         candidates=runtime.artifact_digest(candidates_uri) if candidates_uri else None,
+        token_scores=TOKEN_SCORES,
     )
     if runtime.already_complete(out_uri, key):
         return
@@ -168,6 +172,7 @@ def run(
             "num_docs": num_docs,
             "rows": list(rows),
             "top_k": scoring.top_k,
+            "token_scores": TOKEN_SCORES,
             "modules": sorted(paths),
             "paths": paths,
             "left_out": queries.left_out,
@@ -214,23 +219,49 @@ class _Explained:
 
 
 def _explain(model, tokenizer, queries, topk, explain_k: int, options: ModelOptions) -> _Explained:
-    from msif.attribution.scoring import iter_scores, predicted_token_scores
-    from msif.data.examples import batches, pad_id_of
+    from msif.attribution.explain import predicted_token_scores
+    from msif.data.examples import pad_id_of
 
-    # A second, per-token pass over only the documents the report will show.
-    wanted = sorted({d for q in range(topk.num_queries) for d, _ in topk.rows(q)[:explain_k]})
+    # One forward-mode pass over only the documents the report will show, each query's own.
+    shown = [(q, d, s) for q in range(topk.num_queries) for d, s in topk.rows(q)[:explain_k]]
+    pairs = [(q, topk.extra(d)) for q, d, _ in shown]
+    values = predicted_token_scores(
+        model, pairs, queries, batch_size=options.batch_size, pad_id=pad_id_of(tokenizer)
+    )
     out = _Explained()
-    if not wanted:
-        return out
-    examples = {d: topk.extra(d) for d in wanted}
-    stream = batches(list(examples.values()), options.batch_size, pad_id_of(tokenizer))
-    for bs in iter_scores(model, stream, queries, per_token=True):
-        for j, doc_id in enumerate(bs.ids):
-            n = len(examples[doc_id].input_ids)
-            out.tokens[doc_id] = tokenizer.convert_ids_to_tokens(examples[doc_id].input_ids)
-            for q, qid in enumerate(queries.query_ids):
-                out.scores[(qid, doc_id)] = predicted_token_scores(bs.token_scores[q, j, :n])
+    tolerance = sum_tolerance(next(model.parameters()).dtype)
+    for (q, doc_id, score), (_, example), token_scores in zip(shown, pairs, values, strict=True):
+        qid = queries.query_ids[q]
+        check_token_sum(token_scores, score, tolerance, f"document {doc_id!r} on query {qid!r}")
+        out.tokens[doc_id] = tokenizer.convert_ids_to_tokens(example.input_ids)
+        out.scores[(qid, doc_id)] = token_scores
     return out
+
+
+def sum_tolerance(dtype) -> float:
+    """How far, relative to the document's scale, per-token scores may sum from its score:
+    the two passes round differently, by ~1e-6 in float32 and ~1e-2 in half precision."""
+    import torch
+
+    return 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+
+
+def check_token_sum(token_scores: list[float], score: float, tolerance: float, what: str) -> None:
+    """Refuse per-token scores that do not sum to the document's score (a wrong direction).
+
+    The scale is max(|score|, Σ|s_i|): a score near 0 may be the sum of large terms.
+    """
+    import math
+
+    from msif.errors import MsifError
+
+    total = math.fsum(token_scores)
+    scale = max(abs(score), math.fsum(abs(v) for v in token_scores), 1e-30)
+    if not math.isfinite(total) or abs(total - score) > tolerance * scale:
+        raise MsifError(
+            f"per-token scores of {what} sum to {total:+.6e}, not to its score {score:+.6e} "
+            f"(tolerance {tolerance:g} of {scale:.3e}): they are not the split of its score"
+        )
 
 
 def _tracked(stream: Iterator[Example], seen: list[Example]) -> Iterator[Example]:
