@@ -434,10 +434,19 @@ def method_scores(
     damping_factor: float,
     alpha: float | None,
     seed: int = 0,
+    factors: tuple | None = None,
 ) -> dict[str, torch.Tensor]:
-    """(held-out queries × corpus documents) scores of each method, corpus order."""
+    """(held-out queries × corpus documents) scores of each method, corpus order.
+
+    factors: (pt, ft) from counterfactual.fit_factors, to fit them once for a sweep.
+    """
     out = counterfactual.influence_scores(
-        world, world.query_examples, methods, damping_factor=damping_factor, alpha=alpha
+        world,
+        world.query_examples,
+        methods,
+        damping_factor=damping_factor,
+        alpha=alpha,
+        factors=factors,
     )
     out = {m: v.double() for m, v in out.items()}
     ids = world.corpus.column("id").to_pylist()
