@@ -196,13 +196,29 @@ def query_losses(model: torch.nn.Module, examples: Sequence[Example], pad: int) 
     return sequence_losses(logits, batch["labels"]).tolist()
 
 
-def influence_scores(world: World, picked: Sequence[Example], methods: Sequence[str]) -> dict:
-    """Scores (queries × documents) of each influence method, as `msif run` computes them."""
+def fit_factors(world: World) -> tuple[msif.Factors, msif.Factors]:
+    """The pre-train and fine-tune factors of the world's models, fitted in memory."""
+    return fit(world.pt, world.docs, "pt", world.pad), fit(world.ft, world.ft_rows, "ft", world.pad)
+
+
+def influence_scores(
+    world: World,
+    picked: Sequence[Example],
+    methods: Sequence[str],
+    *,
+    damping_factor: float = PT_DAMPING_FACTOR,
+    alpha: float | None = None,
+    factors: tuple[msif.Factors, msif.Factors] | None = None,
+) -> dict:
+    """Scores (queries × documents) of each influence method, as `msif run` computes them.
+
+    alpha None is the world's own proximity coefficient; factors (pt, ft) are fitted when not
+    given, so a damping sweep can fit them once.
+    """
     wanted = [m for m in INFLUENCE_METHODS if m in methods]
     if not wanted:
         return {}
-    fpt = fit(world.pt, world.docs, "pt", world.pad)
-    fft = fit(world.ft, world.ft_rows, "ft", world.pad)
+    fpt, fft = factors if factors is not None else fit_factors(world)
     ids = [q.id for q in picked]
     out = {}
     for method in wanted:
@@ -213,8 +229,8 @@ def influence_scores(world: World, picked: Sequence[Example], methods: Sequence[
             method=method,
             ft_factors=fft,
             pt_factors=fpt,
-            alpha=world.alpha,
-            damping=Damping(PT_DAMPING_FACTOR),
+            alpha=world.alpha if alpha is None else alpha,
+            damping=Damping(damping_factor),
         )
         model = world.ft if method == "single-stage" else world.pt
         out[method] = msif.score(model, batches(world.docs, 16, world.pad), pre).values
