@@ -2,7 +2,7 @@
 
 python -m benchmarks.lds [--quick] [--preset default] [--subsets 64] [--seeds 2]
                          [--queries all|answered] [--methods multi-stage,...]
-                         [--damping-factor 0.1] [--alpha A] [--truth PATH] [--json out.json]
+                         [--damping-factor 0.01] [--alpha A] [--truth PATH] [--json out.json]
 
 Ground truth and evaluation are apart. The truth file (plain JSON, readable without msif)
 holds M seeded random halves of the pre-training corpus to remove, the training seeds, and
