@@ -139,12 +139,12 @@ def compile_pipeline(
     out = Path(out)
     with components_in(image, pipeline) as module:
         given = {
-            **_plan_defaults(requests),
             "accelerator_type": accelerator_type,
             "accelerator_count": accelerator_count,
             "gke_accelerator": gke_accelerator,
         }
-        defaults = module.PipelineDefaults(**{k: v for k, v in given.items() if v is not None})
+        given = {**_plan_defaults(requests), **{k: v for k, v in given.items() if v is not None}}
+        defaults = module.PipelineDefaults(**given)
         pipeline = module.build_pipeline(defaults)
         out.parent.mkdir(parents=True, exist_ok=True)
         # The compiler creates the file itself, so it gets the usual umask permissions.

@@ -50,7 +50,7 @@ class PlanInputs:
     finetune_tokens: int
     queries: int = 16
     num_shards: int = 4
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ()  # (): every method the pipelines run
     gpu: str = "H100"
     gpus: int = 0  # GPUs that run at once; 0: one per shard
     via_index: bool = False
@@ -97,8 +97,6 @@ class PlanInputs:
         _choice("eigendecompose_on", self.eigendecompose_on, ("cpu", "gpu"))
         _choice("statistics_precision", self.statistics_precision, costs.STATISTICS_PRECISIONS)
         LookupOptions(self.top_c, self.candidates_from)  # validates candidates_from
-        if not self.methods:
-            raise OptionError("--methods needs at least one method")
         for m in self.methods:
             _choice("methods", m, METHODS)
         if self.via_index and not set(self.methods) <= set(INDEXED_METHODS):
@@ -110,6 +108,11 @@ class PlanInputs:
             raise OptionError(f"--mfu must be in (0, 1], not {self.mfu!r}")
         if self.eigendecompose_on == "gpu" and self.gpu == CPU:
             raise OptionError("--eigendecompose-on gpu needs a --gpu")
+
+    @property
+    def run_methods(self) -> tuple[str, ...]:
+        """The methods planned: those asked for, else every one the pipelines run."""
+        return self.methods or (INDEXED_METHODS if self.via_index else METHODS)
 
     @property
     def ft_length(self) -> int:

@@ -224,7 +224,7 @@ def estimate(inputs: PlanInputs, shape: ModelShape) -> Plan:
     nodes = []
     for name in pipelines_of(inputs):
         for task in pipeline(name).tasks:
-            if not _wanted(task, inputs.methods):
+            if not _wanted(task, inputs.run_methods):
                 continue
             if task.node == "score-corpus":
                 est = score_corpus(c, task, rerank=name == ATTRIBUTE)
@@ -416,10 +416,7 @@ def inputs_from_namespace(args: argparse.Namespace) -> PlanInputs:
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     for k in ("include", "exclude", "split_heads_pattern"):
         values[k] = tuple(values.get(k, ()))
-    if args.methods is None:
-        values["methods"] = INDEXED_METHODS if args.via_index else METHODS
-    else:
-        values["methods"] = tuple(dict.fromkeys(args.methods))
+    values["methods"] = tuple(dict.fromkeys(args.methods or ()))
     return PlanInputs(**values)
 
 
