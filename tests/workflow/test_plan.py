@@ -209,6 +209,12 @@ def test_plan_walks_the_dag(tiny, tmp_path):
     ]
     assert [n.task for n in indexed.nodes] == want
     assert {n.pipeline for n in indexed.nodes} == {INDEX, ATTRIBUTE}
+    split = indexed.by_pipeline()
+    assert sum(t["gpu_hours"] for t in split.values()) == pytest.approx(indexed.gpu_hours)
+    index_gpu = sum(
+        n.device_hours for n in indexed.nodes if n.pipeline == INDEX and n.runs_on == "gpu"
+    )
+    assert split[INDEX]["gpu_hours"] == pytest.approx(index_gpu)
 
 
 def test_index_storage_by_hand(tmp_path):
@@ -316,6 +322,9 @@ def test_reducers_hold_every_shard(tmp_path):
         - nodes(two)["eigendecompose (pt)"].host_memory
     )
     assert grown == 6 * part
+    streaming = make_plan(tiny_inputs(tmp_path, num_shards=8, reduce="streaming"))
+    held = nodes(streaming)["eigendecompose (pt)"].host_memory
+    assert held == nodes(two)["eigendecompose (pt)"].host_memory - part  # 3 partials, not 4
     # A fit pod's memory does not depend on the shard count; its hours fall with it.
     a, b = nodes(two)["fit-covariance (pt)"], nodes(eight)["fit-covariance (pt)"]
     assert a.gpu_memory == b.gpu_memory and a.flops == b.flops

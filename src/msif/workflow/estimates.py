@@ -38,6 +38,7 @@ BM25_BYTES_PER_WORD = Figure(
 )
 BM25_WORDS_PER_S = Figure(2.0e5, "measured: BM25Index.build, 1 thread, loaded 2-core machine")
 WORDS_PER_TOKEN = Figure(0.75, "assumed: 0.75 words per token (English, a BPE tokenizer)")
+REDUCES = ("all-at-once", "streaming")
 SMALL = 64 << 20  # what a node writes that the plan does not size (top-k tables, reports)
 
 
@@ -74,6 +75,7 @@ class PlanInputs:
     eigendecompose_on: str = CPU
     mfu: float = costs.GPU_MFU.value
     statistics_precision: str = "float32"
+    reduce: str = "all-at-once"  # or "streaming": if the reducers added one partial at a time
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     split_heads: bool = False
@@ -96,6 +98,7 @@ class PlanInputs:
         _choice("index_dtype", self.index_dtype, INDEX_DTYPES)
         _choice("eigendecompose_on", self.eigendecompose_on, ("cpu", "gpu"))
         _choice("statistics_precision", self.statistics_precision, costs.STATISTICS_PRECISIONS)
+        _choice("reduce", self.reduce, REDUCES)
         LookupOptions(self.top_c, self.candidates_from)  # validates candidates_from
         for m in self.methods:
             _choice("methods", m, METHODS)
@@ -353,18 +356,30 @@ def eigendecompose(c: Costs, task: Task) -> NodeEstimate:
         pods=1,
         flops=flops,
         # The partials, their running sum, every float64 eigenvector, the cast copy to save.
-        host_memory=costs.BASE_PROCESS_BYTES + (n + 2) * part + 2 * out,
+        host_memory=costs.BASE_PROCESS_BYTES + _held_partials(c) * part + 2 * out,
         storage=out,
         hours_per_pod=_hours(flops / rate, transfers),
         time_source=source,
         gpu_memory=8.0 * 2 * largest**2 if on_gpu else 0.0,
         disk=n * part + out,
         transfers=transfers,
-        notes=(f"holds all {n} covariance partials at once; the largest block is {largest}²",),
+        notes=(f"{_reduce_note(c, 'covariance')}; the largest block is {largest}²",),
     )
 
 
 _CORES_NOTE = "× the node's CPU request (" + costs.CPU_NODE_THREADS_SCALE.source + ")"
+
+
+def _held_partials(c: Costs) -> int:
+    """Partials a reducer holds at its peak: every shard's, their running sum and the next
+    sum (msif.core.artifact.reduce_partials); streaming: one loaded, the sum, the next."""
+    return c.inputs.num_shards + 2 if c.inputs.reduce == "all-at-once" else 3
+
+
+def _reduce_note(c: Costs, what: str) -> str:
+    if c.inputs.reduce == "all-at-once":
+        return f"holds all {c.inputs.num_shards} {what} partials at once (as written today)"
+    return f"assumes a streaming reduce, one {what} partial at a time (not written yet)"
 
 
 def build_factors(c: Costs, task: Task) -> NodeEstimate:
@@ -378,13 +393,13 @@ def build_factors(c: Costs, task: Task) -> NodeEstimate:
         runs_on="cpu",
         pods=1,
         flops=float(n * c.shape.tracked_parameters),
-        host_memory=costs.BASE_PROCESS_BYTES + (n + 2) * part + basis + 2 * out,
+        host_memory=costs.BASE_PROCESS_BYTES + _held_partials(c) * part + basis + 2 * out,
         storage=out,
         hours_per_pod=_hours(0.0, transfers),
         time_source=f"transfers only: {costs.IO_BANDWIDTH.source} (the sums are cheap adds)",
         disk=transfers,
         transfers=transfers,
-        notes=(f"holds all {n} Λ partials at once",),
+        notes=(_reduce_note(c, "Λ"),),
     )
 
 

@@ -28,6 +28,7 @@ from msif.workflow.estimates import (
     CPU,
     DEVICES,
     ESTIMATORS,
+    REDUCES,
     REQUEST_HEADROOM,
     WORDS_PER_TOKEN,
     Costs,
@@ -61,6 +62,16 @@ class Plan:
     def storage(self) -> float:
         """Bytes written by every node."""
         return sum(n.storage for n in self.nodes)
+
+    def by_pipeline(self) -> dict[str, dict[str, float]]:
+        """GPU-hours, CPU-node-hours and bytes written per pipeline: an index run is paid
+        once per pre-trained model and corpus, an attribute run once per fine-tune."""
+        out: dict[str, dict[str, float]] = {}
+        for n in self.nodes:
+            sums = out.setdefault(n.pipeline, {"gpu_hours": 0.0, "cpu_node_hours": 0.0})
+            sums["gpu_hours" if n.runs_on == "gpu" else "cpu_node_hours"] += n.device_hours
+            sums["storage_bytes"] = sums.get("storage_bytes", 0.0) + n.storage
+        return out
 
     def wall_hours(self) -> float:
         """Hours with every node after the one before (an upper bound: KFP runs the two
@@ -127,6 +138,7 @@ class Plan:
                 "cpu_node_hours": self.cpu_node_hours,
                 "storage_bytes": self.storage,
                 "wall_hours": self.wall_hours(),
+                "by_pipeline": self.by_pipeline(),
                 "largest_gpu_memory": _largest(self, "gpu_memory"),
                 "largest_host_memory": _largest(self, "host_memory"),
             },
@@ -323,6 +335,12 @@ def format_plan(plan: Plan) -> str:
         f"total: {plan.gpu_hours:,.1f} GPU-hours, {plan.cpu_node_hours:,.1f} CPU-node-hours, "
         f"{_size(plan.storage)} written; wall ≤ {plan.wall_hours():,.1f} h with "
         f"{i.gpus or i.num_shards} GPUs (nodes one after another)",
+        *(
+            f"- {name}: {t['gpu_hours']:,.1f} GPU-hours, {t['cpu_node_hours']:,.1f} "
+            f"CPU-node-hours, {_size(t['storage_bytes'])} written"
+            for name, t in plan.by_pipeline().items()
+            if len(plan.by_pipeline()) > 1
+        ),
         f"largest GPU memory: {big_gpu.task} ({_size(big_gpu.gpu_memory)}); largest RAM: "
         f"{big_host.task} ({_size(big_host.host_memory)})",
         f"reference: one training step over the corpus tokens ≈ {_hours(plan.reference_hours)} "
@@ -394,6 +412,13 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="REGEX")
     p.add_argument("--split-heads", action="store_true")
     p.add_argument("--split-heads-pattern", nargs="+", action="extend", default=[], metavar="REGEX")
+    p.add_argument(
+        "--reduce",
+        default="all-at-once",
+        choices=REDUCES,
+        help="how eigendecompose and build-factors add the shards' partials: all-at-once "
+        "(today's code) or streaming (one at a time: what a streaming reduce would need)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan_command)
     return p
