@@ -135,7 +135,7 @@ GPU_EIGH_EFFICIENCY = Figure(
 )
 IO_BANDWIDTH = Figure(0.5e9, "assumed: 0.5 GB/s per pod to and from GCS, not measured")
 CPU_NODE_THREADS_SCALE = Figure(
-    1.0, "assumed: a CPU node's cores speed up float64 eigh and reductions linearly"
+    1.0, "assumed: a CPU node's cores speed its matmuls and eigh up linearly"
 )
 
 

@@ -516,16 +516,20 @@ def lookup(c: Costs, task: Task) -> NodeEstimate:
     docs = i.corpus_tokens / i.max_length
     whole = docs * index_bytes_per_doc(c)
     stored = costs.stored_query_bytes(c.shape, i.queries, i.query_rank)
+    cores = _cpu_cores("lookup")
     if i.index_tier == "factored":
         flops = 2.0 * i.rank * c.shape.tracked_parameters * docs * i.queries
-        rate, factors = "lookup-factored", 0.0
+        rate, factors, rotations = "lookup-factored", 0.0, 0.0
     else:
         cells = costs.projected_cells(c.shape, i.index_values, i.rank)
         flops = 2.0 * cells * docs * i.queries
-        flops += costs.precondition_flops(c.shape, "single-stage", i.queries, 0)  # rotations
         rate, factors = "lookup-projected", c.factor_bytes()
+        # The queries rotated into the eigenbasis: dense matmuls, at the training step's rate.
+        rotations = costs.precondition_flops(c.shape, "single-stage", i.queries, 0)
+    seconds = flops / (c.rates[rate].value * cores)
+    seconds += rotations / (c.rates["training"].value * cores)
+    flops += rotations
     transfers = whole + stored + factors
-    seconds = flops / (c.rates[rate].value * _cpu_cores("lookup"))
     return NodeEstimate(
         task=task.display_name,
         node=task.node,
