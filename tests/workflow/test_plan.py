@@ -218,11 +218,19 @@ def test_plan_walks_the_dag(tiny, tmp_path):
 
 
 def test_index_storage_by_hand(tmp_path):
-    factored = make_plan(tiny_inputs(tmp_path, via_index=True, index_tier="factored"))
+    factored = make_plan(tiny_inputs(tmp_path, via_index=True, index_dtype="bfloat16"))
     n = nodes(factored)
     # 1024 documents × rank 8 × Σ(out + in + 1) = 135 values in bfloat16.
     assert n["index"].storage == 1024 * 8 * (128 + 7) * 2
-    projected = make_plan(tiny_inputs(tmp_path, via_index=True, index_values=64))
+    projected = make_plan(
+        tiny_inputs(
+            tmp_path,
+            via_index=True,
+            index_tier="projected",
+            index_values=64,
+            index_dtype="bfloat16",
+        )
+    )
     assert nodes(projected)["index"].storage == 1024 * 32 * (2 + 4)
 
 

@@ -17,8 +17,11 @@ from msif.config import (
     DEFAULT_INDEX_RANKS,
     INDEX_DTYPES,
     INDEX_TIERS,
+    EigenOptions,
+    IndexOptions,
     LookupOptions,
     ModelOptions,
+    ScoreOptions,
 )
 from msif.errors import OptionError
 from msif.workflow import costs
@@ -39,7 +42,14 @@ BM25_BYTES_PER_WORD = Figure(
 BM25_WORDS_PER_S = Figure(2.0e5, "measured: BM25Index.build, 1 thread, loaded 2-core machine")
 WORDS_PER_TOKEN = Figure(0.75, "assumed: 0.75 words per token (English, a BPE tokenizer)")
 REDUCES = ("all-at-once", "streaming")
-SMALL = 64 << 20  # what a node writes that the plan does not size (top-k tables, reports)
+SMALL = 64 << 20
+# The defaults are msif.config's, so a plan without options plans what the pipeline runs.
+_M, _S, _I, _L = (
+    ModelOptions(),
+    ScoreOptions(),
+    IndexOptions(),
+    LookupOptions(),
+)  # what a node writes that the plan does not size (top-k tables, reports)
 
 
 @dataclass(frozen=True)
@@ -55,23 +65,23 @@ class PlanInputs:
     gpu: str = "H100"
     gpus: int = 0  # GPUs that run at once; 0: one per shard
     via_index: bool = False
-    max_length: int = 512
+    max_length: int = _M.max_length
     finetune_length: int = 0  # 0: max_length
     query_length: int = 128
-    batch_size: int = 8
-    dtype: str = "bfloat16"
-    factor_dtype: str = "float32"
+    batch_size: int = _M.batch_size
+    dtype: str = _M.dtype
+    factor_dtype: str = EigenOptions().factor_dtype
     query_rank: int = 0
-    top_k: int = 100
-    explain_k: int = 10
-    contraction: str = "auto"
-    index_tier: str = "projected"
+    top_k: int = _S.top_k
+    explain_k: int = _S.explain_k
+    contraction: str = _S.contraction
+    index_tier: str = _I.index_tier
     index_rank: int = 0
-    index_values: int = 4096
-    index_dtype: str = "bfloat16"
-    index_whitening: float = 0.5
-    top_c: int = 100
-    candidates_from: str = "index"
+    index_values: int = _I.index_values
+    index_dtype: str = _I.index_dtype
+    index_whitening: float = _I.index_whitening
+    top_c: int = _L.top_c
+    candidates_from: str = _L.candidates_from
     eigendecompose_on: str = CPU
     mfu: float = costs.GPU_MFU.value
     statistics_precision: str = "float32"

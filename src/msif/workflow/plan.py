@@ -355,6 +355,9 @@ def format_plan(plan: Plan) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
+DEFAULTS = {f.name: f.default for f in fields(PlanInputs)}
+
+
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     """`msif plan`."""
     p = subparsers.add_parser(
@@ -370,51 +373,94 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--corpus-tokens", type=_count, required=True, help="pre-training sample tokens")
     p.add_argument("--finetune-tokens", type=_count, required=True, help="fine-tuning data tokens")
-    p.add_argument("--queries", type=int, default=16, help="queries (default: %(default)s)")
-    p.add_argument("--num-shards", type=int, default=4, help="shards per fan-out (default: 4)")
+    p.add_argument("--queries", default=DEFAULTS["queries"], type=int, help="queries (16)")
+    p.add_argument(
+        "--num-shards", default=DEFAULTS["num_shards"], type=int, help="shards per fan-out (4)"
+    )
     p.add_argument(
         "--methods",
         nargs="+",
         choices=METHODS,
         help=f"methods (default: all; with --via-index: {', '.join(INDEXED_METHODS)})",
     )
-    p.add_argument("--gpu", choices=DEVICES, default="H100", help="GPU of the GPU nodes, or cpu")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs at once (default: one per shard)")
-    p.add_argument("--via-index", action="store_true", help="the index and attribute pipelines")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per document (512)")
-    p.add_argument("--finetune-length", type=int, default=0, help="tokens per fine-tune row")
-    p.add_argument("--query-length", type=int, default=128, help="tokens per query (128)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (8)")
     p.add_argument(
-        "--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16", "float64")
+        "--gpu", default=DEFAULTS["gpu"], choices=DEVICES, help="GPU of the GPU nodes, or cpu"
     )
-    p.add_argument("--factor-dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--query-rank", type=int, default=0, help="rank-r queries (0: dense)")
-    p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--explain-k", type=int, default=10)
-    p.add_argument("--contraction", default="auto", choices=CONTRACTIONS)
-    p.add_argument("--index-tier", default="projected", choices=INDEX_TIERS)
-    p.add_argument("--index-rank", type=int, default=0, help="0: the tier's default")
-    p.add_argument("--index-values", type=int, default=4096)
-    p.add_argument("--index-dtype", default="bfloat16", choices=INDEX_DTYPES)
-    p.add_argument("--index-whitening", type=float, default=0.5)
-    p.add_argument("--top-c", type=int, default=100)
-    p.add_argument("--candidates-from", default="index", choices=("index", "bm25", "both"))
-    p.add_argument("--eigendecompose-on", default=CPU, choices=("cpu", "gpu"))
-    p.add_argument("--mfu", type=float, default=costs.GPU_MFU.value, help="assumed GPU MFU (0.4)")
+    p.add_argument(
+        "--gpus", default=DEFAULTS["gpus"], type=int, help="GPUs at once (default: one per shard)"
+    )
+    p.add_argument("--via-index", action="store_true", help="the index and attribute pipelines")
+    p.add_argument(
+        "--max-length", default=DEFAULTS["max_length"], type=int, help="tokens per document (512)"
+    )
+    p.add_argument(
+        "--finetune-length",
+        default=DEFAULTS["finetune_length"],
+        type=int,
+        help="tokens per fine-tune row",
+    )
+    p.add_argument(
+        "--query-length", default=DEFAULTS["query_length"], type=int, help="tokens per query (128)"
+    )
+    p.add_argument(
+        "--batch-size", default=DEFAULTS["batch_size"], type=int, help="sequences per batch (8)"
+    )
+    same = "as the node option of that name, with its default"
+    p.add_argument(
+        "--dtype",
+        default=DEFAULTS["dtype"],
+        choices=("float32", "bfloat16", "float16", "float64"),
+        help=same,
+    )
+    p.add_argument(
+        "--factor-dtype",
+        default=DEFAULTS["factor_dtype"],
+        choices=("float32", "float64"),
+        help=same,
+    )
+    p.add_argument(
+        "--query-rank", default=DEFAULTS["query_rank"], type=int, help="rank-r queries (0: dense)"
+    )
+    p.add_argument("--top-k", default=DEFAULTS["top_k"], type=int, help=same)
+    p.add_argument("--explain-k", default=DEFAULTS["explain_k"], type=int, help=same)
+    p.add_argument(
+        "--contraction", default=DEFAULTS["contraction"], choices=CONTRACTIONS, help=same
+    )
+    p.add_argument("--index-tier", default=DEFAULTS["index_tier"], choices=INDEX_TIERS, help=same)
+    p.add_argument(
+        "--index-rank", default=DEFAULTS["index_rank"], type=int, help="0: the tier's default"
+    )
+    p.add_argument("--index-values", default=DEFAULTS["index_values"], type=int, help=same)
+    p.add_argument(
+        "--index-dtype", default=DEFAULTS["index_dtype"], choices=INDEX_DTYPES, help=same
+    )
+    p.add_argument("--index-whitening", default=DEFAULTS["index_whitening"], type=float, help=same)
+    p.add_argument("--top-c", default=DEFAULTS["top_c"], type=int, help=same)
+    p.add_argument(
+        "--candidates-from",
+        default=DEFAULTS["candidates_from"],
+        choices=("index", "bm25", "both"),
+        help=same,
+    )
+    p.add_argument(
+        "--eigendecompose-on",
+        default=DEFAULTS["eigendecompose_on"],
+        choices=("cpu", "gpu"),
+        help="cpu: the pipeline's CPU node (today); gpu: float64 eigh on the GPU",
+    )
+    p.add_argument("--mfu", default=DEFAULTS["mfu"], type=float, help="assumed GPU MFU (0.4)")
     p.add_argument(
         "--statistics-precision",
-        default="float32",
+        default=DEFAULTS["statistics_precision"],
         choices=costs.STATISTICS_PRECISIONS,
         help="what msif's per-module matmuls run in on a GPU (float32: today's code)",
     )
-    p.add_argument("--include", nargs="+", action="extend", default=[], metavar="REGEX")
-    p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="REGEX")
-    p.add_argument("--split-heads", action="store_true")
-    p.add_argument("--split-heads-pattern", nargs="+", action="extend", default=[], metavar="REGEX")
+    for flag in ("--include", "--exclude", "--split-heads-pattern"):
+        p.add_argument(flag, nargs="+", action="extend", default=[], metavar="REGEX", help=same)
+    p.add_argument("--split-heads", action="store_true", help=same)
     p.add_argument(
         "--reduce",
-        default="all-at-once",
+        default=DEFAULTS["reduce"],
         choices=REDUCES,
         help="how eigendecompose and build-factors add the shards' partials: all-at-once "
         "(today's code) or streaming (one at a time: what a streaming reduce would need)",
