@@ -12,6 +12,7 @@ compiles them into `resourceAccelerator`/`resourceCpuRequest` placeholders and a
 nodes on plain CPU nodes.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,8 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class PipelineDefaults:
-    """Compile-time defaults of the pipeline's accelerator parameters."""
+    """Compile-time defaults of the pipeline's accelerator parameters, and the fixed requests
+    of its CPU nodes (`msif pipeline compile --plan` takes both from `msif plan`)."""
 
     accelerator_type: str = "nvidia.com/gpu"
     accelerator_count: int = 1
@@ -67,6 +69,7 @@ class PipelineDefaults:
     gpu_cpu_request: str = "8"
     gpu_memory_request: str = "48Gi"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    cpu_nodes: Mapping[str, CpuResources] = field(default_factory=lambda: dict(CPU_NODES))
 
     def node_selector(self) -> dict[str, str]:
         """The default `gpu_node_selector` (empty when no GKE accelerator is named)."""
@@ -108,8 +111,10 @@ def on_gpu(task: PipelineTask, gpu: Gpu, name: str) -> PipelineTask:
     return task
 
 
-def on_cpu(task: PipelineTask, node: str, name: str) -> PipelineTask:
-    res = CPU_NODES[node]
+def on_cpu(
+    task: PipelineTask, node: str, name: str, cpu_nodes: Mapping[str, CpuResources] = CPU_NODES
+) -> PipelineTask:
+    res = cpu_nodes[node]
     task.set_display_name(name)
     task.set_cpu_request(res.cpu)
     task.set_memory_request(res.memory)
@@ -117,11 +122,16 @@ def on_cpu(task: PipelineTask, node: str, name: str) -> PipelineTask:
     return task
 
 
-def add_tasks(name: str, params: dict, gpu: Gpu) -> None:
+def add_tasks(
+    name: str, params: dict, gpu: Gpu, cpu_nodes: Mapping[str, CpuResources] = CPU_NODES
+) -> None:
     """Every task of pipeline name (msif.workflow.dag), fanned out over shards where the DAG
     says so; what it imports from another run enters through dsl.importer."""
     shards = on_cpu(
-        COMPONENTS["shard-indices"](num_shards=params["num_shards"]), "shard-indices", "shards"
+        COMPONENTS["shard-indices"](num_shards=params["num_shards"]),
+        "shard-indices",
+        "shards",
+        cpu_nodes,
     )
     spec = pipeline(name)
     # Task id → (first output, whether sharded). Each consumer gets its own dsl.Collected:
@@ -147,10 +157,10 @@ def add_tasks(name: str, params: dict, gpu: Gpu) -> None:
         if task.sharded:
             with dsl.ParallelFor(shards.output) as shard:
                 kfp_task = component(**args, shard=shard)
-                _place(kfp_task, task, gpu)
+                _place(kfp_task, task, gpu, cpu_nodes)
         else:
             kfp_task = component(**args)
-            _place(kfp_task, task, gpu)
+            _place(kfp_task, task, gpu, cpu_nodes)
         # Later tasks read the first output; a sharded task's arrive collected (fan-in).
         first = kfp_task.outputs[next(iter(component.component_spec.outputs))]
         produced[task.id] = (first, task.sharded)
@@ -164,11 +174,11 @@ def _importer(uri: Any, parameter: str) -> PipelineTask:
     return task
 
 
-def _place(kfp_task: PipelineTask, task: Task, gpu: Gpu) -> None:
+def _place(kfp_task: PipelineTask, task: Task, gpu: Gpu, cpu_nodes) -> None:
     if task.gpu:
         on_gpu(kfp_task, gpu, task.display_name)
     else:
-        on_cpu(kfp_task, task.node, task.display_name)
+        on_cpu(kfp_task, task.node, task.display_name, cpu_nodes)
 
 
 def run_pipeline_tasks(name: str, params: dict, defaults: PipelineDefaults) -> None:
@@ -181,4 +191,4 @@ def run_pipeline_tasks(name: str, params: dict, defaults: PipelineDefaults) -> N
         params["gpu_memory_request"],
         defaults.retry,
     )
-    add_tasks(name, params, gpu)
+    add_tasks(name, params, gpu, defaults.cpu_nodes)

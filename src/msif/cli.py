@@ -59,6 +59,7 @@ def build_parser() -> ArgumentParser:
     from msif.main_job import add_parsers as add_main_job_parsers
     from msif.nodes import NODES
     from msif.workflow.cli import add_pipeline_parser
+    from msif.workflow.plan import add_plan_parser
 
     parser = ArgumentParser(
         prog="msif", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,6 +73,7 @@ def build_parser() -> ArgumentParser:
         node.add_parser(sub)
     add_main_job_parsers(sub)
     add_pipeline_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

@@ -138,11 +138,16 @@ def _selected(name: str, module: nn.Module, model: nn.Module, sel: ModuleSelecti
     if module is _input_embeddings(model):
         return sel.embeddings
     # Only linears inside the repeated transformer blocks (a ".<index>." in the name).
-    if _kind(module) == "embedding" or not _IN_BLOCK.search(name + "."):
+    if _kind(module) == "embedding" or not in_block(name):
         return False
     if sel.include and not any(re.search(p, name) for p in sel.include):
         return False
     return not any(re.search(p, name) for p in sel.exclude)
+
+
+def in_block(name: str) -> bool:
+    """Whether a qualified module name lies inside a repeated transformer block."""
+    return _IN_BLOCK.search(name + ".") is not None
 
 
 def _output_embeddings(model: nn.Module) -> nn.Module | None:

@@ -118,12 +118,15 @@ def compile_pipeline(
     accelerator_count: int | None = None,
     gke_accelerator: str | None = None,
     pipeline: str | None = None,
+    plan: Path | None = None,
 ) -> Path:
     """Compile a pipeline (default: the full one) to out (atomically); None keeps the
     default of each setting.
 
     The image defaults to $MSIF_IMAGE, else `msif.components.image.DEFAULT_IMAGE`; the
-    accelerator settings become the defaults of the pipeline's run-time parameters.
+    accelerator settings become the defaults of the pipeline's run-time parameters. plan, a
+    `msif plan --json` file, sets the GPU model, the GPU pods' memory request and the CPU
+    nodes' requests; the accelerator options given beside it win.
     """
     from kfp import compiler
 
@@ -132,6 +135,7 @@ def compile_pipeline(
     image = check_image(image or os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE)
     if accelerator_count is not None and accelerator_count < 0:
         raise PipelineCliError(f"--accelerator-count must be >= 0, not {accelerator_count}")
+    requests = plan_requests(Path(plan)) if plan is not None else {}
     out = Path(out)
     with components_in(image, pipeline) as module:
         given = {
@@ -139,7 +143,8 @@ def compile_pipeline(
             "accelerator_count": accelerator_count,
             "gke_accelerator": gke_accelerator,
         }
-        defaults = module.PipelineDefaults(**{k: v for k, v in given.items() if v is not None})
+        given = {**_plan_defaults(requests), **{k: v for k, v in given.items() if v is not None}}
+        defaults = module.PipelineDefaults(**given)
         pipeline = module.build_pipeline(defaults)
         out.parent.mkdir(parents=True, exist_ok=True)
         # The compiler creates the file itself, so it gets the usual umask permissions.
@@ -153,6 +158,63 @@ def compile_pipeline(
     return out
 
 
+_REQUEST_RE = re.compile(r"^[1-9][0-9]*Gi$")
+_CPU_RE = re.compile(r"^(?:[1-9][0-9]*|[1-9][0-9]*m)$")
+
+
+def plan_requests(path: Path) -> dict[str, Any]:
+    """The pod requests of a `msif plan --json` file, checked; a plan that does not fit its
+    GPU is refused, since its pods could not run."""
+    try:
+        plan = json.loads(path.read_text())
+    except OSError as exc:
+        raise PipelineCliError(f"--plan {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise PipelineCliError(f"--plan {path} is not JSON: {exc}") from None
+    requests = plan.get("requests") if isinstance(plan, dict) else None
+    if not isinstance(requests, dict):
+        raise PipelineCliError(f"--plan {path} has no requests: write it with `msif plan --json`")
+    if plan.get("problems"):
+        raise PipelineCliError(f"--plan {path} does not fit its GPU: {plan['problems'][0]}")
+    _check_request(path, "gpu_memory_request", requests.get("gpu_memory_request"), _REQUEST_RE)
+    _check_request(path, "gpu_cpu_request", requests.get("gpu_cpu_request"), _CPU_RE)
+    nodes = requests.get("cpu_nodes")
+    if not isinstance(nodes, dict):
+        raise PipelineCliError(f"--plan {path}: requests.cpu_nodes is not a mapping")
+    for name, res in nodes.items():
+        if not isinstance(res, dict):
+            raise PipelineCliError(f"--plan {path}: requests of {name!r} are not a mapping")
+        _check_request(path, f"{name} memory", res.get("memory"), _REQUEST_RE)
+        _check_request(path, f"{name} cpu", res.get("cpu"), _CPU_RE)
+    return requests
+
+
+def _check_request(path: Path, what: str, value: Any, pattern: re.Pattern) -> None:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise PipelineCliError(f"--plan {path}: {what} {value!r} is not a Kubernetes request")
+
+
+def _plan_defaults(requests: dict[str, Any]) -> dict[str, Any]:
+    """PipelineDefaults fields from a plan's requests (none without a plan); called while
+    the pipeline modules are imported for the image, so the classes are theirs."""
+    if not requests:
+        return {}
+    from msif.pipelines.build import CPU_NODES, CpuResources
+
+    cpu_nodes = dict(CPU_NODES)
+    for name, res in requests["cpu_nodes"].items():
+        if name not in cpu_nodes:
+            raise PipelineCliError(f"--plan: {name!r} is not a CPU node of the pipeline")
+        cpu_nodes[name] = CpuResources(res["cpu"], res["memory"])
+    return {
+        "gke_accelerator": requests.get("gke_accelerator"),
+        "accelerator_count": requests.get("accelerator_count"),
+        "gpu_cpu_request": requests["gpu_cpu_request"],
+        "gpu_memory_request": requests["gpu_memory_request"],
+        "cpu_nodes": cpu_nodes,
+    }
+
+
 def _compile_command(args: argparse.Namespace) -> int:
     out = compile_pipeline(
         Path(args.out) if args.out else default_package(args.pipeline),
@@ -161,6 +223,7 @@ def _compile_command(args: argparse.Namespace) -> int:
         accelerator_count=args.accelerator_count,
         gke_accelerator=args.gke_accelerator,
         pipeline=args.pipeline,
+        plan=Path(args.plan) if args.plan else None,
     )
     print(out)
     return 0
@@ -523,6 +586,10 @@ def add_pipeline_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--gke-accelerator",
         help="default GKE GPU model for the node selector (nvidia-l4; '' for none)",
+    )
+    p.add_argument(
+        "--plan",
+        help="a `msif plan --json` file: its GPU model, GPU pod memory and CPU node requests",
     )
     p.set_defaults(run=_compile_command)
 
