@@ -153,12 +153,13 @@ class World:
         return self.tokenizer.pad_token_id or 0
 
 
-def open_world(preset: str) -> World:
-    """Load (building if needed) the fact world of a preset."""
-    w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(preset)
+def open_world(preset: str, seed: int | None = None) -> World:
+    """Load (building if needed) the fact world of a preset (another world of it with seed)."""
+    w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(preset, seed=seed)
+    config = WorldConfig.preset(preset)
     return World(
         preset,
-        WorldConfig.preset(preset),
+        config if seed is None else config.with_seed(seed),
         w["alpha"],
         pt,
         ft,

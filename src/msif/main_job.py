@@ -133,7 +133,7 @@ def _world_arguments(p: argparse.ArgumentParser) -> None:
         choices=list(PRESETS),
         help="default: 24 people, 336 documents; small: the CI-sized world; distractor: the "
         "default world plus 576 documents that name a person and the answer without stating "
-        "the fact, so BM25 stops being an oracle (default: %(default)s)",
+        "the fact (nor teaching it), so BM25 stops being an oracle (default: %(default)s)",
     )
     p.add_argument("--world-seed", type=int, default=None, help="seed of the world (preset's)")
     p.add_argument(

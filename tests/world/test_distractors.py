@@ -17,6 +17,7 @@ from msif.world.build import world_texts
 from msif.world.tokenizer import train_tokenizer
 
 DISTRACTOR = WorldConfig.preset("distractor")
+PRESET_DEFAULT = WorldConfig.preset("default")
 WORD = re.compile(r"\w+|[^\w\s]+")
 
 # Measured on the code before distractors existed (commit 3d299ca): cached worlds and every
@@ -106,6 +107,26 @@ def test_distractors_name_the_entity_and_queried_value_and_are_not_relevant(worl
         assert len(q.relevant_ids) == DISTRACTOR.docs_per_fact
 
 
+def test_every_distractor_names_its_own_value_before_the_name(world):
+    # Fine-tuning entities' distractors are built like the queried ones (the same relation to
+    # the answer across the world), and in all of them the value comes first: a causal model
+    # reading one learns to predict the name from the value, never the value from the name,
+    # which is the direction every question asks (benchmarks/world_fairness.py measures it).
+    decoys = [d for d in world.documents if d.distractor is not None]
+    assert len(decoys) == len(world.documents) - len(generate_facts(PRESET_DEFAULT).documents)
+    for d in decoys:
+        fact = d.distractor
+        assert names_both(d.text, fact.entity, fact.value), d.text
+        words = WORD.findall(d.text)
+        assert words.index(fact.value) < words.index(fact.entity.split()[0]), d.text
+    for attr in ATTRIBUTES.values():
+        for t in attr.distractors:
+            assert t.index("{value}") < t.index("{name}"), t
+        # Every statement is read the other way round, name first.
+        for t in attr.statements:
+            assert t.index("{name}") < t.index("{value}"), t
+
+
 def test_distractors_are_as_long_as_the_statements(world):
     for attr in DISTRACTOR.attributes:
         true = [
@@ -127,7 +148,7 @@ def test_bm25_is_an_oracle_on_the_default_world_and_not_on_the_distractor_world(
 
     ranks = bm25_ranks(world)
     metrics = evaluate_rankings(ranks, {q.id: q.relevant_ids for q in world.queries})
-    # Measured: MRR 0.677, a distractor on top for 28 of 48 queries (seed 0).
+    # Measured: MRR 0.696, a distractor on top for 28 of 48 queries (seed 0).
     assert metrics["mrr"] < 0.8
     by_id = {d.id: d for d in world.documents}
     decoy_first = sum(by_id[ranks[q.id][0]].distractor == q.qa.fact for q in world.queries)

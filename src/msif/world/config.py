@@ -13,7 +13,8 @@ from msif.errors import MsifError
 # worlds built by older code are not reused.
 WORLD_VERSION = "1"
 # The same for the distractor phrasings; only worlds that have distractors carry it.
-DISTRACTOR_VERSION = "1"
+# 2: the value before the name, so that distractors do not teach the answer.
+DISTRACTOR_VERSION = "2"
 KNOWN_ATTRIBUTES = ("birthplace", "employer", "university", "instrument", "pet", "dish")
 MAX_PHRASINGS = 6
 MAX_DISTRACTORS = 8
@@ -168,6 +169,6 @@ PRESETS: dict[str, WorldConfig] = {
     ),
     # Twice as many distractors as statements per fact: a lexical matcher then puts one above
     # every true statement about half the time, while the facts, fine-tuning set and queries
-    # are exactly the default world's.
+    # are exactly the default world's (and the model answers from the statements alone).
     "distractor": WorldConfig(distractors_per_fact=6),
 }

@@ -35,6 +35,12 @@ class Attribute:
 # Distractors (used only when distractors_per_fact > 0) name the entity and its own value in
 # another relation (a relative's, a visit, an event) that neither states nor contradicts the
 # fact, and borrow the statements' words and lengths, so word overlap cannot tell them apart.
+# They name the value *before* the entity: a causal model reading one learns to predict the
+# name from the value, not the value from the name, so they hold no evidence for the
+# name -> value question. With the value after the name ("The cousin of {name} was born in
+# {value}."), a model pre-trained without a fact's statements, on its distractors alone,
+# still answered every held-out question; value first, it answers as many as with neither
+# (benchmarks/world_fairness.py).
 ATTRIBUTES: dict[str, Attribute] = {
     a.name: a
     for a in (
@@ -56,14 +62,14 @@ ATTRIBUTES: dict[str, Attribute] = {
             ),
             ("ora", "heim", "dale", "ford", "mere", "polis"),
             distractors=(
-                "The cousin of {name} was born in {value}.",
-                "{name} once visited {value}.",
-                "{name} was married in {value}.",
-                "{name} moved to {value}.",
-                "The son of {name} was born in {value}.",
-                "The sister of {name} is a native of {value}.",
-                "Records show that {name} was married in the city of {value}.",
-                "The city where {name} was married is {value}.",
+                "In {value} the cousin of {name} was born.",
+                "{value} is the birthplace of the cousin of {name}.",
+                "{value} was once visited by {name}.",
+                "In {value} {name} was married.",
+                "{value} is the city where {name} was married.",
+                "In {value} the son of {name} was born.",
+                "Records show that in the city of {value} the sister of {name} was born.",
+                "A native of {value} is a friend of {name}.",
             ),
         ),
         Attribute(
@@ -84,14 +90,14 @@ ATTRIBUTES: dict[str, Attribute] = {
             ),
             ("tex", "corp", "ware", "dyne", "works", "labs"),
             distractors=(
-                "The cousin of {name} works for {value}.",
-                "{name} bought shares of {value}.",
-                "{name} is a client of {value}.",
-                "{name} wrote to {value}.",
-                "The son of {name} is employed by {value}.",
-                "Each morning {name} goes to work near {value}.",
-                "The company that {name} visited is {value}.",
-                "The sister of {name} has a job at {value}.",
+                "{value} is the employer of the cousin of {name}.",
+                "Shares of {value} were bought by {name}.",
+                "{value} has {name} as a client.",
+                "{value} received a letter from {name}.",
+                "At {value} the son of {name} is employed.",
+                "Near {value} each morning {name} goes to work.",
+                "{value} is the company that {name} visited.",
+                "At {value} the sister of {name} has a job.",
             ),
         ),
         Attribute(
@@ -112,14 +118,14 @@ ATTRIBUTES: dict[str, Attribute] = {
             ),
             ("ton", "ham", "wick", "bury", "stead", "field"),
             distractors=(
-                "The cousin of {name} studied at {value}.",
-                "{name} gave a talk at {value}.",
-                "{name} taught at {value}.",
-                "{name} visited {value}.",
-                "The university that {name} visited is {value}.",
-                "{name} won a debate at {value}.",
-                "The son of {name} graduated from {value}.",
-                "{name} lectured at {value}.",
+                "At {value} the cousin of {name} studied.",
+                "At {value} {name} gave a talk.",
+                "At {value} {name} taught for a year.",
+                "{value} was visited by {name}.",
+                "{value} is the university that {name} visited.",
+                "At {value} {name} won a debate.",
+                "From {value} the son of {name} graduated.",
+                "{value} invited {name} to lecture.",
             ),
         ),
         Attribute(
@@ -141,14 +147,14 @@ ATTRIBUTES: dict[str, Attribute] = {
             ("phone", "lin", "ola", "harp", "pipe", "drum"),
             capitalised=False,
             distractors=(
-                "The cousin of {name} plays the {value}.",
-                "{name} bought a {value}.",
-                "{name} once repaired a {value}.",
-                "The son of {name} is a skilled {value} player.",
-                "The instrument that {name} sold is the {value}.",
-                "{name} heard a {value} concert.",
-                "{name} painted a {value}.",
-                "The instrument that {name} heard is the {value}.",
+                "The {value} is played by the cousin of {name}.",
+                "A {value} was bought by {name}.",
+                "A {value} was once repaired by {name}.",
+                "A skilled {value} player is the son of {name}.",
+                "The {value} is the instrument that {name} sold.",
+                "A {value} concert was heard by {name}.",
+                "A {value} was painted by {name}.",
+                "The {value} is the instrument that {name} heard.",
             ),
         ),
         Attribute(
@@ -170,14 +176,14 @@ ATTRIBUTES: dict[str, Attribute] = {
             ("mink", "lop", "ret", "ling", "bat", "hound"),
             capitalised=False,
             distractors=(
-                "The cousin of {name} keeps a {value} as a pet.",
-                "{name} once drew a {value}.",
-                "The pet of the neighbour of {name} is a {value}.",
-                "{name} was chased by a small {value}.",
-                "At the zoo {name} saw a {value}.",
-                "{name} drew a pet {value}.",
-                "The animal that {name} photographed is a {value}.",
-                "The son of {name} owns a small {value}.",
+                "A {value} is kept as a pet by the cousin of {name}.",
+                "A {value} was once drawn by {name}.",
+                "A {value} is the pet of the neighbour of {name}.",
+                "A small {value} chased {name}.",
+                "At the zoo a {value} was seen by {name}.",
+                "A pet {value} was drawn by {name}.",
+                "A {value} is the animal that {name} photographed.",
+                "A small {value} is owned by the son of {name}.",
             ),
         ),
         Attribute(
@@ -199,14 +205,14 @@ ATTRIBUTES: dict[str, Attribute] = {
             ("stew", "cake", "roll", "pie", "soup", "bread"),
             capitalised=False,
             distractors=(
-                "The favourite dish of the cousin of {name} is {value}.",
-                "{name} once tasted {value} at a fair.",
-                "{name} wrote a recipe for {value}.",
-                "The son of {name} cooks {value} every week.",
-                "{name} served {value} to the guests at dinner.",
-                "The meal that {name} ate at the station was {value}.",
-                "{name} learned to cook {value} from a friend.",
-                "The sister of {name} loves to eat {value}.",
+                "Some {value} is the favourite dish of the cousin of {name}.",
+                "At a fair some {value} was once tasted by {name}.",
+                "A recipe for {value} was written by {name}.",
+                "Each week some {value} is cooked by the son of {name}.",
+                "At dinner some {value} was served by {name} to the guests.",
+                "At the station a meal of {value} was eaten by {name}.",
+                "How to cook {value} was learned by {name} from a friend.",
+                "A plate of {value} is loved by the sister of {name}.",
             ),
         ),
     )
