@@ -151,6 +151,7 @@ def test_failed_cuda_eigh_falls_back_to_cpu_and_warns_once(monkeypatch, caplog, 
     with caplog.at_level(logging.WARNING, logger="msif"):
         basis = msif.eigendecompose(cov, dtype=torch.float64, device="cuda")
     assert len(attempts) == 2 * len(cov.specs)  # the device was tried for every matrix
+    assert basis.info["eigh_cpu_fallbacks"] == len(cov.specs)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "on cuda failed" in warnings[0].getMessage()

@@ -125,5 +125,9 @@ def eigendecompose(
         num_sequences=cov.num_sequences,
         fingerprint=cov.fingerprint,
         seed=cov.seed,
-        info={"dtype": str(dtype).removeprefix("torch."), "eigh_device": str(eigh.device)},
+        info={
+            "dtype": str(dtype).removeprefix("torch."),
+            "eigh_device": str(eigh.device),
+            "eigh_cpu_fallbacks": eigh.fallbacks,
+        },
     )
