@@ -180,18 +180,23 @@ def measure(name: str, fn: Callable[[], Any], device: torch.device, tokens: int 
     return out, record
 
 
-def training_steps(model, data: list[dict], device: torch.device) -> None:
-    """Forward, backward and an AdamW step per batch (Hugging Face's mean loss)."""
+def trainer(model) -> Callable[[list[dict], torch.device], None]:
+    """steps(data, device): forward, backward and an AdamW step per batch (Hugging Face's
+    mean loss), one optimizer across calls so the timed steps find its state allocated."""
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    for b in data:
-        moved = to_device(b, device)
-        out = model(input_ids=moved["input_ids"], labels=moved["labels"], use_cache=False)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+
+    def steps(data: list[dict], device: torch.device) -> None:
+        for b in data:
+            moved = to_device(b, device)
+            out = model(input_ids=moved["input_ids"], labels=moved["labels"], use_cache=False)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return steps
 
 
 def stream_scores(model, data: list[dict], queries) -> TopK:
@@ -232,13 +237,9 @@ def dtype_passes(setup: Setup, dtype_name: str, device: torch.device) -> list[di
         log.info("%s %s: %.2fs", dtype_name, name, rec["seconds"])
         return out
 
-    trainee = copy.deepcopy(model)
-    timed(
-        "training step",
-        lambda: training_steps(trainee, data, device),
-        warmup=lambda: training_steps(trainee, warm, device),
-    )
-    trainee = None  # freed before msif's passes (a del would break the closures above)
+    steps = trainer(copy.deepcopy(model))
+    timed("training step", lambda: steps(data, device), warmup=lambda: steps(warm, device))
+    steps = None  # the copy and its optimizer, freed before msif's passes
     cov = timed(
         "covariance",
         lambda: msif.fit_covariance(model, data, stage="ft"),

@@ -56,13 +56,17 @@ def factors(model, docs):
 
 
 @pytest.fixture(scope="module")
-def pre(model, factors, queries):
+def fine_tuned(model, queries):
     ft = perturbed(model)
-    ft_basis = msif.eigendecompose(msif.fit_covariance(ft, queries[1], stage="ft"), device="cpu")
-    ft_factors = msif.Factors.build(ft_basis, msif.fit_lambda(ft, queries[1], ft_basis))
-    pt_factors = factors[1]
+    basis = msif.eigendecompose(msif.fit_covariance(ft, queries[1], stage="ft"), device="cpu")
+    return ft, msif.Factors.build(basis, msif.fit_lambda(ft, queries[1], basis))
+
+
+@pytest.fixture(scope="module")
+def pre(fine_tuned, factors, queries):
+    ft, ft_factors = fine_tuned
     return msif.precondition_queries(
-        ft, queries[1], queries[2], ft_factors=ft_factors, pt_factors=pt_factors
+        ft, queries[1], queries[2], ft_factors=ft_factors, pt_factors=factors[1]
     )
 
 
@@ -87,15 +91,12 @@ def test_covariance_and_lambda(model, docs, factors):
 
 
 @pytest.mark.parametrize("method", ["multi-stage", "single-stage"])
-def test_query_gradients(model, factors, queries, method):
+def test_query_gradients(fine_tuned, factors, queries, method):
     small, large, ids = queries
-    f = factors[1]
-    ft = perturbed(model)
-    ft_basis = msif.eigendecompose(msif.fit_covariance(ft, large, stage="ft"), device="cpu")
-    ft_factors = msif.Factors.build(ft_basis, msif.fit_lambda(ft, large, ft_basis))
+    ft, ft_factors = fine_tuned
     kwargs = {"ft_factors": ft_factors, "method": method}
     if method == "multi-stage":
-        kwargs["pt_factors"] = f
+        kwargs["pt_factors"] = factors[1]
 
     def run(batches, n):
         return lambda: msif.precondition_queries(ft, batches, ids[:n], **kwargs)
