@@ -77,6 +77,12 @@ def _finite_positive(name: str, value: Any, advice: str = "") -> None:
         raise OptionError(f"{_flag(name)} must be > 0, not {value!r}" + advice)
 
 
+def check_device(value: Any) -> None:
+    """--device must be auto, cpu, mps, cuda or cuda:N."""
+    if not (isinstance(value, str) and _DEVICE.fullmatch(value)):
+        raise OptionError(f"--device {value!r} is not auto, cpu, mps, cuda or cuda:N")
+
+
 def _one_of(name: str, value: Any, choices) -> None:
     if not isinstance(value, str) or value not in choices:
         raise OptionError(f"{_flag(name)} {value!r} is not one of {', '.join(choices)}")
@@ -128,8 +134,7 @@ class ModelOptions:
         _integer("batch_size", self.batch_size, 1)
         _integer("seed", self.seed, 0, MAX_SEED)
         _one_of("dtype", self.dtype, DTYPES)
-        if not (isinstance(self.device, str) and _DEVICE.fullmatch(self.device)):
-            raise OptionError(f"--device {self.device!r} is not auto, cpu, mps, cuda or cuda:N")
+        check_device(self.device)
         _patterns("include", self.include)
         _patterns("exclude", self.exclude)
         _patterns("split_heads_pattern", self.split_heads_pattern)

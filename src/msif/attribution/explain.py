@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -33,8 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from msif.attribution.precondition import PreconditionedQueries
 from msif.attribution.scoring import scoring_modules
-from msif.core.device import model_device, to_device, work_dtype
-from msif.core.hooks import Capture, embedding_scale, frozen, input_matrix, model_attention_mask
+from msif.core.device import model_device, to_device, to_host, work_dtype
+from msif.core.hooks import Capture, embedding_scale, frozen, input_matrix, run_attention_mask
 from msif.core.loss import token_losses
 from msif.core.modules import ModuleSpec, resolve
 from msif.data.examples import Example, collate
@@ -50,20 +50,39 @@ class _Direction:
 
     queries: PreconditionedQueries
     rows: list[int]  # the query index of each row of the batch
+    moved: dict = field(default_factory=dict, repr=False)  # queries on the device, shared
 
     def along(self, name: str, a: torch.Tensor) -> torch.Tensor:
         """(B, T, out) in a's dtype, a (B, T, in')."""
         out = a.new_empty(*a.shape[:-1], self.queries.specs[name].out_features)
-        for q in sorted(set(self.rows)):
-            sel = torch.tensor([j for j, r in enumerate(self.rows) if r == q], device=a.device)
-            out[sel] = self._apply(name, q, a[sel])
+        # Rows of one query are contiguous runs (the caller sorts by query): slices, so no
+        # index tensor is built and copied to the device per module and batch.
+        for q, start, stop in _runs(self.rows):
+            out[start:stop] = self._apply(name, q, a[start:stop])
         return out
 
     def _apply(self, name: str, q: int, a: torch.Tensor) -> torch.Tensor:
+        key = (name, a.device, a.dtype)
+        if key not in self.moved:  # once per module, not per batch and query
+            if name in self.queries.lowrank:
+                self.moved[key] = tuple(x.to(a.device, a.dtype) for x in self.queries.lowrank[name])
+            else:
+                self.moved[key] = self.queries.dense[name].to(a.device, a.dtype)
         if name in self.queries.lowrank:
-            u, s, v = (x[q].to(a.device, a.dtype) for x in self.queries.lowrank[name])
+            u, s, v = (x[q] for x in self.moved[key])
             return ((a @ v) * s) @ u.T
-        return a @ self.queries.dense[name][q].to(a.device, a.dtype).T
+        return a @ self.moved[key][q].T
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(value, start, stop) of each run of equal consecutive values."""
+    runs: list[tuple[int, int, int]] = []
+    for j, q in enumerate(rows):
+        if runs and runs[-1][0] == q:
+            runs[-1] = (q, runs[-1][1], j + 1)
+        else:
+            runs.append((q, j, j + 1))
+    return runs
 
 
 @contextmanager
@@ -100,12 +119,12 @@ def _perturbed(
 
 def _batch_scores(model, batch, direction, specs, mode: str) -> torch.Tensor:
     """s (B, T − 1): entry i − 1 of a row is token i's s_i."""
-    batch = to_device(batch, model_device(model))
+    moved = to_device(batch, model_device(model))
     cap = Capture(specs, batch_shape=tuple(batch["input_ids"].shape))
-    labels = batch["labels"]
+    labels = moved["labels"]
     run = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": model_attention_mask(batch["attention_mask"]),
+        "input_ids": moved["input_ids"],
+        "attention_mask": run_attention_mask(batch["attention_mask"], moved["attention_mask"]),
         "use_cache": False,
     }
     if mode == "forward":
@@ -131,26 +150,28 @@ def _batch_scores(model, batch, direction, specs, mode: str) -> torch.Tensor:
 
 def _scores(model, batch, direction, specs, mode: str) -> tuple[torch.Tensor, str]:
     """s of one batch and the mode that gave it: forward mode falls back, for the rest of
-    the documents, where an op has no forward derivative or gives a non-finite tangent
-    (float16 layer norm on the CPU)."""
+    the documents, where an op has no forward derivative. Nothing is read back here (a
+    non-finite forward tangent is found, and redone, once all batches are queued)."""
     if mode == "forward":
         try:
-            s = _batch_scores(model, batch, direction, specs, mode)
-            if bool(torch.isfinite(s).all()):
-                return s, mode
-            reason = "a non-finite tangent"
+            return _batch_scores(model, batch, direction, specs, mode), mode
         except NotImplementedError as exc:
-            reason = str(exc).splitlines()[0]
-        log.info("per-token scores by double backward (forward-mode AD: %s)", reason)
-        mode = "double-backward"
-    s = _batch_scores(model, batch, direction, specs, mode)
-    if not bool(torch.isfinite(s).all()):
-        row = int((~torch.isfinite(s)).any(dim=1).nonzero()[0, 0])
-        raise MsifError(
-            f"non-finite per-token score (NaN or inf) of document {batch['ids'][row]!r} on "
-            f"query {direction.queries.query_ids[direction.rows[row]]!r}: the model overflows"
-        )
-    return s, mode
+            log.info(
+                "per-token scores by double backward (forward-mode AD: %s)",
+                str(exc).splitlines()[0],
+            )
+            mode = "double-backward"
+    return _batch_scores(model, batch, direction, specs, mode), mode
+
+
+def _check_finite(s: torch.Tensor, batch, direction) -> None:
+    if bool(torch.isfinite(s).all()):
+        return
+    row = int((~torch.isfinite(s)).any(dim=1).nonzero()[0, 0])
+    raise MsifError(
+        f"non-finite per-token score (NaN or inf) of document {batch['ids'][row]!r} on "
+        f"query {direction.queries.query_ids[direction.rows[row]]!r}: the model overflows"
+    )
 
 
 def predicted_token_scores(
@@ -176,14 +197,35 @@ def predicted_token_scores(
     # Rows of one query side by side: a batch then applies one or two queries' W_q.
     order = sorted(range(len(pairs)), key=lambda k: pairs[k][0])
     out: list[list[float]] = [[] for _ in pairs]
+    done, moved = [], {}
     with frozen(model), sdpa_kernel(SDPBackend.MATH):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = collate([pairs[k][1] for k in chunk], pad_id)
-            direction = _Direction(queries, [pairs[k][0] for k in chunk])
-            s, mode = _scores(model, batch, direction, specs, mode)
-            values = s.double().cpu()
-            for j, k in enumerate(chunk):
-                n = len(pairs[k][1].input_ids)
-                out[k] = [0.0, *values[j, : n - 1].tolist()] if n else []
+            direction = _Direction(queries, [pairs[k][0] for k in chunk], moved)
+            s, used = _scores(model, batch, direction, specs, mode)
+            mode = used
+            done.append((chunk, batch, direction, s, used))
+        # One host read for every batch: forward tangents that came out non-finite (float16
+        # layer norm on the CPU) are redone by double backward.
+        finite = (
+            torch.stack([torch.isfinite(s).all() for *_, s, _ in done]).tolist() if done else []
+        )
+        for j, ok in enumerate(finite):
+            chunk, batch, direction, s, used = done[j]
+            if not ok and used == "forward":
+                log.info(
+                    "per-token scores by double backward (forward-mode AD: %s)",
+                    "a non-finite tangent",
+                )
+                s = _batch_scores(model, batch, direction, specs, "double-backward")
+                done[j] = (chunk, batch, direction, s, "double-backward")
+            if not ok:
+                _check_finite(done[j][3], batch, direction)
+    copies = [(chunk, to_host(s.double())) for chunk, _, _, s, _ in done]  # all at once
+    for chunk, copy in copies:
+        values = copy.get()
+        for j, k in enumerate(chunk):
+            n = len(pairs[k][1].input_ids)
+            out[k] = [0.0, *values[j, : n - 1].tolist()] if n else []
     return out

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from msif.core.artifact import Artifact, module_specs, per_module
+from msif.core.device import model_device, work_dtype
 from msif.core.fingerprint import check_fingerprint, model_fingerprint, same_model
 from msif.core.hooks import hooked_batches
 from msif.core.linalg import low_rank, rotate_output
@@ -97,6 +98,8 @@ def query_gradients(
     With a basis they come in that stage's Kronecker eigenbasis, Q_Gᵀ ∇ℓ Q_A.
     """
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in specs}
+    if basis is not None:  # moved once, not per batch
+        basis = basis.moved(model_device(model), work_dtype(next(model.parameters()).dtype))
     for hb in hooked_batches(model, batches, specs, progress=progress, desc="query gradients"):
         for spec, a, g in hb.modules():
             parts[spec.name].append(summed_gradients(spec, a, g, basis))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -92,13 +93,19 @@ def per_example_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def module_scores(a, g, queries: PreconditionedQueries, name: str, path: str, dense_cache: dict):
-    """Scores (Q, B) or per-token (Q, B, T) of one module."""
+    """Scores (Q, B) or per-token (Q, B, T) of one module; dense_cache keeps the queries'
+    tensors on a's device between batches (moved once per pass, not per batch)."""
     work = a.dtype
     if path == "per-token":
+        key = (name, path)
+        if key not in dense_cache:
+            if name in queries.lowrank:
+                dense_cache[key] = tuple(x.to(a.device, work) for x in queries.lowrank[name])
+            else:
+                dense_cache[key] = queries.dense[name].to(a.device, work)
         if name in queries.lowrank:
-            usv = tuple(x.to(a.device, work) for x in queries.lowrank[name])
-            return _per_token_lowrank(a, g, usv)
-        return _per_token_dense(a, g, queries.dense[name].to(a.device, work))
+            return _per_token_lowrank(a, g, dense_cache[key])
+        return _per_token_dense(a, g, dense_cache[key])
     if name not in dense_cache:
         w = queries.weight(name).to(a.device, work)
         dense_cache[name] = w.reshape(w.shape[0], -1)
@@ -120,24 +127,33 @@ def _score_batch(hb: HookedBatch, queries, per_token, path, dense_cache, paths_u
             s = s.sum(-1)
         total = s if total is None else total + s
     ids = hb.batch.get("ids")
-    _check_finite_scores(total, ids, queries)
+    finite = torch.isfinite(total.reshape(total.shape[0], total.shape[1], -1)).all(-1)
+    hb.defer(_FiniteScores(ids, list(queries.query_ids)), finite)  # read a batch later
     if per_token:
         return BatchScores(total.sum(-1), total, ids)
     return BatchScores(total, None, ids)
 
 
-def _check_finite_scores(total: torch.Tensor, ids, queries: PreconditionedQueries) -> None:
-    # One reduction and one sync per batch; a and g were checked by the hooked loop, so a
-    # non-finite score comes from the queries' W_q or a float32 overflow.
-    if bool(torch.isfinite(total).all()):
-        return
-    bad = ~torch.isfinite(total.reshape(total.shape[0], total.shape[1], -1)).all(-1)
-    q, n = (int(x) for x in bad.nonzero()[0])
-    doc = repr(ids[n]) if ids is not None and n < len(ids) else f"{n} of its batch"
-    raise MsifError(
-        f"non-finite score (NaN or inf) of document {doc} on query {queries.query_ids[q]!r}: "
-        "the preconditioned queries or the model overflow"
-    )
+@dataclass
+class _FiniteScores:
+    """Raises for the first non-finite score of a batch, from its (Q, B) host-side flags.
+
+    a and g were checked by the hooked loop (first), so a non-finite score comes from the
+    queries' W_q or a float32 overflow."""
+
+    ids: list | None
+    query_ids: list[str]
+
+    def __call__(self, finite: torch.Tensor) -> None:
+        if bool(finite.all()):
+            return
+        q, n = (~finite).nonzero()[0].tolist()
+        ids = self.ids
+        doc = repr(ids[n]) if ids is not None and n < len(ids) else f"{n} of its batch"
+        raise MsifError(
+            f"non-finite score (NaN or inf) of document {doc} on query {self.query_ids[q]!r}: "
+            "the preconditioned queries or the model overflow"
+        )
 
 
 def scoring_modules(model: nn.Module, queries: PreconditionedQueries):
@@ -190,17 +206,46 @@ def iter_scores(
     path: str = "auto",
     progress: bool = False,
     paths_used: dict | None = None,
+    to_host: bool = False,
 ) -> Iterator[BatchScores]:
-    """Yield BatchScores batch by batch (streaming; memory independent of corpus size)."""
+    """Yield BatchScores batch by batch (streaming; memory independent of corpus size).
+
+    to_host: yield them on the CPU, each copied without blocking and handed out a batch later
+    (the host never waits on the batch in flight); else on the model's device, at once.
+    """
     specs, _ = scoring_modules(model, queries)
     used = paths_used if paths_used is not None else {}
-    yield from _iter(model, batches, queries, specs, per_token, path, progress, used)
+    yield from _iter(model, batches, queries, specs, per_token, path, progress, used, to_host)
 
 
-def _iter(model, batches, queries, specs, per_token, path, progress, used):
+def _iter(model, batches, queries, specs, per_token, path, progress, used, to_host=False):
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}")
     cache: dict = {}
     desc = f"score ({queries.method})"
+    ready: deque[BatchScores] = deque()
     for hb in hooked_batches(model, batches, specs, progress=progress, desc=desc):
-        yield _score_batch(hb, queries, per_token, path, cache, used)
+        scores = _score_batch(hb, queries, per_token, path, cache, used)
+        if not to_host:
+            yield scores
+            continue
+        hb.defer(_Collect(ready, scores.ids), scores.scores, *_tokens(scores))
+        while ready:
+            yield ready.popleft()
+    while ready:  # the last batches, collected when the loop ended
+        yield ready.popleft()
+
+
+def _tokens(scores: BatchScores) -> tuple[torch.Tensor, ...]:
+    return () if scores.token_scores is None else (scores.token_scores,)
+
+
+@dataclass
+class _Collect:
+    """Appends a batch's host-side scores to ready, once their copy has finished."""
+
+    ready: deque
+    ids: list[str] | None
+
+    def __call__(self, scores: torch.Tensor, token_scores: torch.Tensor | None = None) -> None:
+        self.ready.append(BatchScores(scores, token_scores, self.ids))

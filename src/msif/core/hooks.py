@@ -1,5 +1,11 @@
 """Forward/backward hooks that capture each tracked module's inputs a and output gradients g,
-and the one hooked loop over batches (forward, backward, per-module a and g) every stage runs."""
+and the one hooked loop over batches (forward, backward, per-module a and g) every stage runs.
+
+The loop never makes the host wait on the GPU per batch: what it checks on the batch (token
+ids, labels, the padding pattern, which positions are scored) it reads from the host batch
+before moving it, and what it checks on device results (finite a and g) it reads a batch
+later through msif.core.device.Deferred.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from msif.core.device import model_device, to_device, work_dtype
-from msif.core.loss import IGNORE, sample_labels, sequence_losses
+from msif.core.device import Deferred, model_device, to, to_device, work_dtype
+from msif.core.loss import IGNORE, sample_labels, scored_positions, sequence_losses
 from msif.core.modules import ModuleSpec, resolve
 from msif.core.progress import progress_bar
 from msif.errors import MismatchError, MsifError
@@ -194,6 +200,15 @@ def model_attention_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(mask)
 
 
+def run_attention_mask(host_mask: torch.Tensor, moved_mask: torch.Tensor) -> torch.Tensor | None:
+    """The mask the model is run with (model_attention_mask), decided on the host mask: None
+    where that is all ones, which Hugging Face models read as "no padding" without checking a
+    device mask's values (their check, mask.all(), makes the host wait for the GPU)."""
+    if model_attention_mask(host_mask) is host_mask:
+        return moved_mask
+    return None
+
+
 def _row_name(batch: Mapping, row: int) -> str:
     ids = batch.get("ids")
     if isinstance(ids, Sequence) and not isinstance(ids, str) and row < len(ids):
@@ -224,10 +239,11 @@ def _check_labels(batch: Mapping, labels: torch.Tensor, vocab: int) -> None:
         )
 
 
-def check_finite(cap: Capture, batch: Mapping) -> None:
+def check_finite(cap: Capture, batch: Mapping, deferred: Deferred | None = None) -> None:
     """Refuse a batch whose captured a or g hold NaN or inf, naming the first such row.
 
-    One reduction per tensor and one host sync per batch; rows are looked up only on failure.
+    One reduction per tensor and row, on the device; the flags are read on the host through
+    deferred (later, without waiting on the batch in flight), or at once without one.
     """
     tensors = [
         (what, name, t)
@@ -236,59 +252,99 @@ def check_finite(cap: Capture, batch: Mapping) -> None:
     ]
     if not tensors:
         return
-    flags = torch.stack([torch.isfinite(t).all() for _, _, t in tensors])
-    if bool(flags.all()):
-        return
-    what, name, t = next(x for x, ok in zip(tensors, flags.tolist(), strict=True) if not ok)
-    row = int((~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).nonzero()[0, 0])
-    raise MsifError(
-        f"non-finite {what} (NaN or inf) of module {name!r} on row {_row_name(batch, row)} in "
-        f"{str(t.dtype).removeprefix('torch.')}: the model overflows or is undefined there; "
-        "try another --dtype"
-    )
+    # Every captured tensor is (B, T, d) (Capture.per_token): one flag per tensor and row.
+    rows = [torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) for _, _, t in tensors]
+    labels = [(what, name, str(t.dtype).removeprefix("torch.")) for what, name, t in tensors]
+    ids = batch.get("ids")
+    report = _FiniteReport(labels, list(ids) if isinstance(ids, Sequence) else None)
+    flags = torch.stack(rows)
+    if deferred is None:
+        report(flags.cpu())
+    else:
+        deferred.add(report, flags)
+
+
+@dataclass
+class _FiniteReport:
+    """Raises for the first non-finite (tensor, row) of a batch's host-side flags."""
+
+    labels: list[tuple[str, str, str]]
+    ids: list | None
+
+    def __call__(self, flags: torch.Tensor) -> None:
+        if bool(flags.all()):
+            return
+        bad = (~flags).nonzero()[0].tolist()
+        what, name, dtype = self.labels[bad[0]]
+        where = _row_name({"ids": self.ids}, bad[1])
+        raise MsifError(
+            f"non-finite {what} (NaN or inf) of module {name!r} on row {where} in {dtype}: "
+            "the model overflows or is undefined there; try another --dtype"
+        )
 
 
 def gradient_pass(
-    model: nn.Module, batch: Mapping, cap: Capture, *, sample: bool = False, seed: int = 0
+    model: nn.Module,
+    batch: Mapping,
+    cap: Capture,
+    *,
+    sample: bool = False,
+    seed: int = 0,
+    deferred: Deferred | None = None,
 ) -> torch.Tensor:
     """Fill cap with a and g for the batch; return the labels the loss used (true or sampled).
 
     Refuses token ids outside the embedding (MismatchError) and non-finite a or g (MsifError),
-    each naming the row.
+    each naming the row; with deferred, the second is checked when deferred runs its work.
     """
+    return _gradient_pass(model, batch, cap, sample, seed, deferred)[0]
+
+
+def _gradient_pass(model, batch, cap, sample, seed, deferred) -> tuple[torch.Tensor, dict]:
     cap.clear()
+    # Every check of the batch itself reads the host batch: no device value is read back.
     check_token_ids(batch, batch["input_ids"], model.get_input_embeddings().num_embeddings)
-    batch = to_device(batch, model_device(model))
+    moved = to_device(batch, model_device(model))
     cap.batch_shape = tuple(batch["input_ids"].shape)
     out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=model_attention_mask(batch["attention_mask"]),
+        input_ids=moved["input_ids"],
+        attention_mask=run_attention_mask(batch["attention_mask"], moved["attention_mask"]),
         use_cache=False,
     )
-    labels = batch["labels"]
-    _check_labels(batch, labels, out.logits.shape[-1])
+    _check_labels(batch, batch["labels"], out.logits.shape[-1])
+    labels = moved["labels"]
     if sample:
         labels = sample_labels(
-            out.logits.detach(), batch["input_ids"], labels, batch["attention_mask"], seed
+            out.logits.detach(),
+            batch["input_ids"],
+            batch["labels"],
+            batch["attention_mask"],
+            seed,
         )
     losses = sequence_losses(out.logits, labels)
     if losses.requires_grad:
         losses.sum().backward()
-    check_finite(cap, batch)
-    return labels
+    check_finite(cap, batch, deferred)
+    return labels, moved
 
 
 @dataclass
 class HookedBatch:
     """One batch after its forward and backward pass of the summed sequence loss.
 
-    batch is the batch as given; labels are the ones the loss used (true or sampled), on the
-    model's device. The captured a and g are dropped when the next batch is drawn.
+    batch is the batch as given (on the host); labels are the ones the loss used (true or
+    sampled), on the model's device, and moved the batch's tensors there. The captured a and
+    g are dropped when the next batch is drawn. defer(fn, *tensors) hands device results to
+    the host without waiting on this batch (see msif.core.device.Deferred).
     """
 
     batch: Mapping[str, Any]
     labels: torch.Tensor
     capture: Capture
+    moved: Mapping[str, Any] = field(default_factory=dict)
+    deferred: Deferred | None = None
+    _host_scored: torch.Tensor | None = field(default=None, repr=False)
+    _scored_rows: torch.Tensor | None = field(default=None, repr=False)
 
     def tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """a (B, T, in') and g (B, T, out) of one module, in the work dtype."""
@@ -301,6 +357,32 @@ class HookedBatch:
         for name, spec in self.capture.specs.items():
             yield (spec, *self.tensors(name))
 
+    def host_scored(self) -> torch.Tensor:
+        """Bool (B, T) on the host: the positions whose output predicts a scored token (the
+        same under sampled labels, which are drawn exactly there)."""
+        if self._host_scored is None:
+            self._host_scored = scored_positions(self.batch["labels"].cpu())
+        return self._host_scored
+
+    @property
+    def num_scored(self) -> int:
+        """Number of scored positions, counted on the host."""
+        return int(self.host_scored().sum())
+
+    def scored_rows(self) -> torch.Tensor:
+        """Flat (B·T) indices of the scored positions, on the model's device."""
+        if self._scored_rows is None:
+            flat = self.host_scored().reshape(-1).nonzero().squeeze(1)
+            self._scored_rows = to(flat, self.labels.device)
+        return self._scored_rows
+
+    def defer(self, fn, *tensors: torch.Tensor) -> None:
+        """fn(*host copies of tensors), run later (at once when the loop defers nothing)."""
+        if self.deferred is None:
+            fn(*(t.detach().cpu() for t in tensors))
+        else:
+            self.deferred.add(fn, *tensors)
+
 
 def hooked_batches(
     model: nn.Module,
@@ -311,18 +393,29 @@ def hooked_batches(
     seed: int = 0,
     progress: bool = False,
     desc: str = "batches",
+    lag: int = 1,
 ) -> Iterator[HookedBatch]:
     """Run every batch forward and backward through the frozen, hooked model.
 
     The one loop every stage shares: weights get no gradients, the model is restored and
     the hooks removed when the iteration ends (or is abandoned). With sample=True the loss
     uses labels sampled from the model (seeded per sequence), else the batch's labels.
+
+    Device results are read on the host `lag` batches late (HookedBatch.defer), so that the
+    host queues batch k + 1 while the GPU runs batch k; a non-finite batch is refused that
+    much later, always before the iteration ends. lag=0 checks each batch before it is
+    yielded (for passes that synchronise per batch anyway).
     """
+    deferred = Deferred(lag)
     with frozen(model), capture(model, specs) as cap:
         try:
             for batch in progress_bar(batches, progress, desc):
-                labels = gradient_pass(model, batch, cap, sample=sample, seed=seed)
-                yield HookedBatch(batch, labels, cap)
+                labels, moved = _gradient_pass(model, batch, cap, sample, seed, deferred)
+                deferred.run()
+                yield HookedBatch(batch, labels, cap, moved, deferred)
                 cap.clear()  # before the next batch is drawn
+                deferred.advance()
+            deferred.flush()
         finally:
+            deferred.discard()
             cap.clear()

@@ -7,7 +7,11 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from msif.core.device import to
+
 IGNORE = -100
+# Label sampling turns this many logits at a time into float64 probabilities.
+SAMPLE_CHUNK_ELEMENTS = 1 << 24
 
 
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -57,26 +61,45 @@ def sample_labels(
     attention_mask: torch.Tensor,
     seed: int,
 ) -> torch.Tensor:
-    """Labels drawn from the model's own predictive distribution at the scored positions."""
-    sampled = torch.full_like(labels, IGNORE)
-    mask = scored_positions(labels)
+    """Labels drawn from the model's own predictive distribution at the scored positions.
+
+    The seeds, positions and uniforms come from input_ids, labels and attention_mask on the
+    host (pass the host batch: nothing is then read back from the device); the draws are
+    made where the logits are, a chunk of positions at a time. Returned on the logits' device.
+    """
+    ids, labels_h, mask_h = (x.detach().cpu() for x in (input_ids, labels, attention_mask))
+    b, t = labels_h.shape
+    sampled = torch.full((b, t), IGNORE, dtype=labels.dtype, device=logits.device)
+    scored = scored_positions(labels_h)
+    flat, uniforms = [], []
+    for n in range(b):
+        pos = scored[n].nonzero().squeeze(1)
+        if pos.numel() == 0:
+            continue
+        real = mask_h[n].bool()
+        s = sequence_seed(seed, ids[n][real], labels_h[n][real])
+        # Uniforms drawn on the CPU: a CUDA generator would give GPU shards other labels.
+        gen = torch.Generator().manual_seed(s)
+        uniforms.append(torch.rand(pos.numel(), 1, generator=gen, dtype=torch.float64))
+        flat.append(n * t + pos)
+    if not flat:
+        return sampled
+    rows = to(torch.cat(flat), logits.device)
+    u = to(torch.cat(uniforms), logits.device)
+    step = max(1, SAMPLE_CHUNK_ELEMENTS // logits.shape[-1])
     with torch.no_grad():
-        for n in range(labels.shape[0]):
-            pos = mask[n].nonzero().squeeze(1)
-            if pos.numel() == 0:
-                continue
-            real = attention_mask[n].bool()
-            s = sequence_seed(seed, input_ids[n][real], labels[n][real])
-            # Uniforms drawn on the CPU: a CUDA generator would give GPU shards other labels.
-            gen = torch.Generator().manual_seed(s)
-            probs = torch.softmax(logits[n, pos].double(), dim=-1)
-            draw = _inverse_cdf_draw(probs, gen)
-            sampled[n, pos + 1] = draw
+        table = logits.reshape(b * t, -1)
+        for i in range(0, rows.shape[0], step):
+            r = rows[i : i + step]
+            probs = torch.softmax(table.index_select(0, r).double(), dim=-1)
+            draw = _inverse_cdf_draw(probs, u[i : i + step])
+            sampled.view(-1).index_copy_(0, r + 1, draw.to(sampled.dtype))
     return sampled
 
 
-def _inverse_cdf_draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One categorical draw per row by inverse CDF (torch.multinomial is slow on wide rows)."""
+def _inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One categorical draw per row by inverse CDF, u (rows, 1) uniforms (torch.multinomial is
+    slow on wide rows)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64).to(probs)
+    u = u.to(probs)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)

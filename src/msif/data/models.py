@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from msif.core.device import resolve_device
 from msif.data.examples import check_tokenizer
 from msif.errors import MsifError
 
@@ -33,15 +34,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TRAINER_FILES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
 # A fixed text whose encoding shows how a tokenizer splits, normalises and adds special tokens.
 _PROBE = "The quick brown fox, 12345 — naïve CAFÉ!\n\ttabs  and  spaces"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """cuda when asked for or available under auto, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MsifError(f"device {device!r} asked for, but no CUDA device is available")
-    return torch.device(device)
 
 
 def position_limit(model) -> int | None:

@@ -14,7 +14,6 @@ from msif.core.device import sums_device
 from msif.core.fingerprint import model_fingerprint
 from msif.core.hooks import hooked_batches
 from msif.core.linalg import gram
-from msif.core.loss import scored_positions
 from msif.core.modules import ModuleSelection, ModuleSpec, find_modules
 
 
@@ -36,11 +35,14 @@ class CovarianceSums(PartialSums):
     info: dict = field(default_factory=dict)
 
 
-def _accumulate(cov: CovarianceSums, spec: ModuleSpec, a, g, mask) -> None:
+def _accumulate(cov: CovarianceSums, spec: ModuleSpec, a, g, rows) -> None:
     # Small blocks pay off on CPU; a GPU's matmuls want larger ones.
     leaf = 256 if a.device.type == "cpu" else 1024
-    a_t = a[mask]
-    g_t = g[mask].view(-1, spec.num_blocks, spec.block_size)
+    # The scored tokens by index (found on the host), not by a device mask: a[mask] sizes its
+    # output by device data, which makes the host wait for the GPU.
+    a_t = a.reshape(-1, a.shape[-1]).index_select(0, rows)
+    g_t = g.reshape(-1, g.shape[-1]).index_select(0, rows)
+    g_t = g_t.view(-1, spec.num_blocks, spec.block_size)
     act, grad = cov.activation[spec.name], cov.gradient[spec.name]
     act += gram(a_t, leaf).to(act.device)
     blocks = g_t.transpose(0, 1)  # (k, n, bs): one matmul per block
@@ -87,10 +89,10 @@ def fit_covariance(
     for hb in hooked_batches(
         model, batches, specs, sample=True, seed=seed, progress=progress, desc=desc
     ):
-        mask = scored_positions(hb.labels)
+        rows = hb.scored_rows()
         for spec, a, g in hb.modules():
-            _accumulate(cov, spec, a, g, mask)
-        cov.num_tokens += int(mask.sum())
+            _accumulate(cov, spec, a, g, rows)
+        cov.num_tokens += hb.num_scored
         cov.num_sequences += int(hb.batch["input_ids"].shape[0])
     cov.activation = {k: v.cpu() for k, v in cov.activation.items()}
     cov.gradient = {k: v.cpu() for k, v in cov.gradient.items()}

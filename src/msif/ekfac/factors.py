@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -102,6 +103,20 @@ class Factors(Artifact):
                 f"the {f.stage} factors in {directory}",
             )
         return f
+
+    def moved(self, device: torch.device, dtype: torch.dtype) -> Factors:
+        """These factors with every Q_A, Q_G and Λ on device in dtype, moved once for a pass
+        (eigenvectors() then copies nothing per batch); the stored factors are untouched."""
+
+        def move(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(device, dtype) for k, v in tensors.items()}
+
+        return dataclasses.replace(
+            self,
+            activation_eigvecs=move(self.activation_eigvecs),
+            gradient_eigvecs=move(self.gradient_eigvecs),
+            lambdas=move(self.lambdas),
+        )
 
     def damping_for(self, name: str, damping: Damping) -> float:
         """The λ this module gets under a damping rule."""

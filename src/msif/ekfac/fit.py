@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from msif.core.device import model_device
 from msif.core.modules import ModuleSelection, ModuleSpec
 from msif.ekfac.covariance import fit_covariance
 from msif.ekfac.eigenbasis import eigendecompose
@@ -28,7 +29,8 @@ def fit_factors(
 
     batches_fn is called twice, once for the covariance pass and once for the Λ pass, and must
     return a fresh iterable of the same batches each time. dtype is that of the stored
-    eigenvectors and Λ (the eigendecomposition itself runs in float64).
+    eigenvectors and Λ (the eigendecomposition itself runs in float64, on the model's GPU
+    when it has one).
     """
     if not callable(batches_fn):
         raise TypeError(
@@ -38,5 +40,5 @@ def fit_factors(
     cov = fit_covariance(
         model, batches_fn(), stage=stage, modules=modules, seed=seed, progress=progress
     )
-    basis = eigendecompose(cov, dtype=dtype)
+    basis = eigendecompose(cov, dtype=dtype, device=model_device(model))
     return Factors.build(basis, fit_lambda(model, batches_fn(), basis, progress=progress))

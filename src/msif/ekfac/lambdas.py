@@ -21,7 +21,6 @@ from msif.core.device import model_device, sums_device, work_dtype
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
 from msif.core.hooks import hooked_batches
 from msif.core.linalg import rotate_output
-from msif.core.loss import IGNORE
 from msif.core.modules import ModuleSpec
 from msif.ekfac.eigenbasis import Eigenbasis
 from msif.errors import MsifError
@@ -106,11 +105,11 @@ def fit_lambda(
     for hb in hooked_batches(
         model, batches, specs, sample=True, seed=seed, progress=progress, desc=desc
     ):
-        real = hb.batch["attention_mask"].to(hb.labels.device).bool()
+        real = hb.moved["attention_mask"].bool()
         for spec, a, g in hb.modules():
             a = a * real[..., None].to(a.dtype)
             _accumulate(result.sums[spec.name], spec, a, g, q_a[spec.name], q_g[spec.name])
-        result.num_tokens += int((hb.labels != IGNORE).sum())
+        result.num_tokens += hb.num_scored  # = sampled labels != IGNORE, counted on the host
         result.num_sequences += int(hb.batch["input_ids"].shape[0])
     result.sums = {k: v.cpu() for k, v in result.sums.items()}
     check_finite_sums({"Λ": result.sums}, "Λ sums")

@@ -9,7 +9,7 @@ DW_z; otherwise from DW_z itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -100,6 +100,11 @@ class Metric:
     d_g: torch.Tensor
     power: float
 
+    def on(self, device: torch.device, dtype: torch.dtype) -> Metric:
+        """This metric with its tensors on device in dtype (moved once per pass)."""
+        move = lambda t: t.to(device, dtype)  # noqa: E731
+        return Metric(move(self.q_a), move(self.q_g), move(self.d_a), move(self.d_g), self.power)
+
 
 def pt_metric(factors, name: str, lambda_: float, power: float) -> Metric:
     """The metric of one module from pre-train factors and the damping λ of the queries."""
@@ -124,6 +129,19 @@ def whitening_metrics(factors, power: float, damping_factor: float) -> dict[str,
         return None
     rule = Damping(damping_factor)
     return {n: pt_metric(factors, n, factors.damping_for(n, rule), power) for n in factors.specs}
+
+
+def on_model_device(metrics: Mapping[str, Metric], model: nn.Module) -> dict[str, Metric]:
+    """metrics moved once to the model's device, in its work dtype."""
+    from msif.core.device import model_device, work_dtype
+
+    device, work = model_device(model), work_dtype(next(model.parameters()).dtype)
+    return {name: m.on(device, work) for name, m in metrics.items()}
+
+
+def collect_into(chunks: list) -> Callable[..., None]:
+    """A deferred callback appending a batch's host tensors to chunks, as one tuple."""
+    return lambda *host: chunks.append(host)
 
 
 def batch_doc_ids(batch: Mapping, seen: int) -> list[str]:
@@ -199,17 +217,19 @@ def build_index(
     metrics: per module the norm the truncation minimises (default: Frobenius)."""
     doc_ids: list[str] = []
     parts: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in specs}
-    for hb in hooked_batches(model, batches, specs, progress=progress, desc="index"):
+    metrics = on_model_device(metrics or {}, model)
+    # lag 0: the SVDs synchronise per batch anyway, and a/g are checked before they run.
+    for hb in hooked_batches(model, batches, specs, progress=progress, desc="index", lag=0):
         doc_ids += batch_doc_ids(hb.batch, len(doc_ids))
         # Padding needs no mask: its g is exactly zero, so it adds nothing to Gᵀ A.
         for spec, a, g in hb.modules():
-            metric = (metrics or {}).get(spec.name)
+            metric = metrics.get(spec.name)
             usv = (
                 document_factors(a, g, rank)
                 if metric is None
                 else whitened_document_factors(a, g, rank, metric)
             )
-            parts[spec.name].append(tuple(x.to("cpu", dtype) for x in usv))
+            hb.defer(collect_into(parts[spec.name]), *(x.to(dtype) for x in usv))
     factors = {
         name: tuple(
             torch.cat([p[j] for p in chunks]) if chunks else _empty(specs[name], rank, j, dtype)

@@ -33,7 +33,14 @@ from msif.core.fingerprint import model_fingerprint
 from msif.core.hooks import hooked_batches
 from msif.core.modules import ModuleSpec
 from msif.errors import MismatchError, MsifError
-from msif.index.factored import Metric, batch_doc_ids, eigenbasis_factors, pt_metric
+from msif.index.factored import (
+    Metric,
+    batch_doc_ids,
+    collect_into,
+    eigenbasis_factors,
+    on_model_device,
+    pt_metric,
+)
 
 TIER = "projected"
 
@@ -170,15 +177,16 @@ def build_projected_index(
     specs = factors.specs
     plan = layouts(factors, values, rank, power, damping)
     metrics = {n: pt_metric(factors, n, damping[n], power) for n in specs}
+    metrics = on_model_device(metrics, model)
     doc_ids: list[str] = []
     parts: dict[str, list[tuple[torch.Tensor, ...]]] = {n: [] for n in specs}
-    for hb in hooked_batches(model, batches, specs, progress=progress, desc="index"):
+    # lag 0: the SVDs synchronise per batch anyway, and a/g are checked before they run.
+    for hb in hooked_batches(model, batches, specs, progress=progress, desc="index", lag=0):
         doc_ids += batch_doc_ids(hb.batch, len(doc_ids))
         for spec, a, g in hb.modules():
             uv = document_sparse_factors(a, g, metrics[spec.name], plan[spec.name])
-            parts[spec.name].append(
-                tuple(x.to("cpu", dtype if x.is_floating_point() else x.dtype) for x in uv)
-            )
+            stored = (x.to(dtype) if x.is_floating_point() else x for x in uv)
+            hb.defer(collect_into(parts[spec.name]), *stored)
     stored = {}
     for name, chunks in parts.items():
         lay = plan[name]

@@ -1,10 +1,11 @@
-"""Node `eigendecompose` (CPU): reduce a stage's covariance shards and eigendecompose them."""
+"""Node `eigendecompose`: reduce a stage's covariance shards and eigendecompose them (float64,
+on the node's GPU when it has one, else on the CPU)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from msif.config import EigenOptions, add_options, from_namespace
+from msif.config import EigenOptions, add_options, check_device, from_namespace
 from msif.nodes import runtime
 
 NAME = "eigendecompose"
@@ -17,26 +18,43 @@ def add_parser(sub) -> None:
         NAME,
         "reduce covariance shards and eigendecompose them",
         "Add the covariance partial sums of every shard of one stage (all shards must be\n"
-        "there) and compute the EK-FAC eigenbasis Q_A, Q_G in float64. Needs no model.",
+        "there) and compute the EK-FAC eigenbasis Q_A, Q_G in float64. Needs no model.\n"
+        "On a CUDA device one matrix at a time is on the GPU; a matrix whose CUDA eigh fails\n"
+        "(cuSOLVER error, out of memory) is done on the CPU, with a warning.",
     )
     p.add_argument("--partials", nargs="+", required=True, help="every shard's covariance output")
     runtime.add_out_argument(p, "where the eigenbasis goes")
     add_options(p, EigenOptions)
-    p.set_defaults(run=lambda a: run(a.partials, a.out, from_namespace(EigenOptions, a)))
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where eigh runs: auto (cuda when available), cpu, cuda or cuda:N (default: auto)",
+    )
+    p.set_defaults(
+        run=lambda a: run(a.partials, a.out, from_namespace(EigenOptions, a), device=a.device)
+    )
 
 
 @runtime.timed
-def run(partial_uris: Sequence[str], out_uri: str, options: EigenOptions | None = None) -> None:
-    """Reduce covariance partial sums and eigendecompose them."""
+def run(
+    partial_uris: Sequence[str],
+    out_uri: str,
+    options: EigenOptions | None = None,
+    *,
+    device: str = "auto",
+) -> None:
+    """Reduce covariance partial sums and eigendecompose them (on device, see eigh_device)."""
     from msif.data.models import DTYPES
     from msif.ekfac.covariance import CovarianceSums
-    from msif.ekfac.eigenbasis import eigendecompose
+    from msif.ekfac.eigenbasis import eigendecompose, eigh_device
 
     options = options or EigenOptions()
+    check_device(device)
+    eigh_device(device)  # a CUDA device asked for on a machine without one: refused now
     runtime.check_output(out_uri, partial_uris)
     parts = runtime.load_partials(partial_uris, CovarianceSums.load)
     runtime.check_shard_set([p.info for p in parts], "covariance partial sums")
-    basis = eigendecompose(parts, dtype=DTYPES[options.factor_dtype])
+    basis = eigendecompose(parts, dtype=DTYPES[options.factor_dtype], device=device)
     basis.info.update(
         {k: parts[0].info.get(k) for k in ("data", "data_fingerprint", "model", "tokenizer")}
     )

@@ -151,8 +151,9 @@ def run(
             path=scoring.contraction,
             progress=options.progress,
             paths_used=paths,
+            to_host=True,
         ):
-            values = bs.scores.double().cpu().numpy()
+            values = bs.scores.double().numpy()
             # The examples are kept only while they are in some query's top-k.
             topk.update(values, bs.ids, extras=pending[: len(bs.ids)])
             del pending[: len(bs.ids)]
