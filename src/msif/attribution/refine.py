@@ -381,3 +381,22 @@ def refine_queries(
             "max_final_residual": float(solve.residuals[-1].max()),
         }
     return {k: b[k].to(grads[k].dtype) for k in grads}, record
+
+
+def refinement_id(info: dict) -> str | None:
+    """What identifies preconditioned queries' refinement (K, each stage's data and sample,
+    its seed), from their info; None for EK-FAC alone. Scores or candidates of queries with
+    other ids must not be merged or reranked together."""
+    import hashlib
+    import json
+
+    record = info.get("refine")
+    if not record:
+        return None
+    keys = ("data_fingerprint", "rows", "seed", "max_length", "data_options")
+    identity = {
+        "steps": record.get("steps"),
+        "stages": {s: {k: r.get(k) for k in keys} for s, r in record["stages"].items()},
+    }
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return f"K{record.get('steps')}-" + hashlib.sha256(blob).hexdigest()[:16]
