@@ -14,7 +14,10 @@ benchmarks/sensitivity.py, whose loader and factor fit this reuses (α = the wor
 
 Columns per K: MRR and recall@10 of multi-stage and single-stage; each stage's mean relative
 residual ‖r_K‖ / ‖b‖; wall seconds: the fine-tune stage's first K steps (measured per step)
-plus the pre-train solve for K (multi-stage), the fine-tune part alone (single-stage).
+plus the pre-train solve for K, which includes the product for its starting residual even at
+K = 0 (multi-stage), the fine-tune part alone (single-stage); multi-stage MRR with the
+relevant documents restricted to those in the pre-train sample, and to those outside it (the
+exact inverse on a sample shrinks the sampled documents' own directions).
 
 For other benchmarks (benchmarks/lds.py):
 
@@ -159,12 +162,15 @@ class Row:
     pt_residual: float
     multi_seconds: float
     single_seconds: float
+    multi_mrr_sampled: float | None = None  # relevant documents: only those in the pt sample
+    multi_mrr_unsampled: float | None = None  # only those outside it
 
 
 def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> list[Row]:
     """Every K: one nested fine-tune solve, a pre-train solve per K, both methods scored."""
     top = max(steps)
     ft_sample, pt_sample = state.sample("ft", samples, seed), state.sample("pt", samples, seed)
+    sampled = {e.id for e in pt_sample.examples}
     stamps = [time.perf_counter()]
     ft = solve_stage(
         state.factors["ft"],
@@ -191,23 +197,39 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
             rows=ROWS,
         )
         pt_seconds = time.perf_counter() - start
-        multi = mrr(state.scores("multi-stage", pt.solution), state.query_ids, state.doc_ids,
-                    state.relevant)  # fmt: skip
+        multi_scores = state.scores("multi-stage", pt.solution)
+        multi = mrr(multi_scores, state.query_ids, state.doc_ids, state.relevant)
+        split = [
+            mrr(multi_scores, state.query_ids, state.doc_ids, part)[0]
+            for part in _split_relevant(state.relevant, sampled)
+        ]
         single = mrr(state.scores("single-stage", ft.iterates[k]), state.query_ids,
                      state.doc_ids, state.relevant)  # fmt: skip
         ft_time = ft_seconds[k] if k else 0.0
         rows.append(
             Row(k, *multi, *single, float(ft.residuals[k].mean()), float(pt.residuals[-1].mean()),
-                ft_time + pt_seconds, ft_time)
+                ft_time + pt_seconds, ft_time, *split)
         )  # fmt: skip
         r = rows[-1]
         print(
             f"| {k} | {r.multi_mrr:.3f} | {r.multi_recall:.3f} | {r.single_mrr:.3f} | "
             f"{r.single_recall:.3f} | {r.ft_residual:.2e} | {r.pt_residual:.2e} | "
-            f"{r.multi_seconds:.0f} | {r.single_seconds:.0f} |",
+            f"{r.multi_seconds:.0f} | {r.single_seconds:.0f} | {_fmt(r.multi_mrr_sampled)} | "
+            f"{_fmt(r.multi_mrr_unsampled)} |",
             flush=True,
         )
     return rows
+
+
+def _split_relevant(relevant: dict, sampled: set[str]) -> tuple[dict, dict]:
+    """The relevant sets restricted to documents in the pre-train sample, and to the rest."""
+    inside = {q: [d for d in r if d in sampled] for q, r in relevant.items()}
+    outside = {q: [d for d in r if d not in sampled] for q, r in relevant.items()}
+    return inside, outside
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main(argv=None) -> list[Row]:
@@ -234,7 +256,8 @@ def main(argv=None) -> list[Row]:
     )
     print(
         "| K | multi-stage MRR | recall@10 | single-stage MRR | recall@10 | ft residual | "
-        "pt residual | multi-stage s | single-stage s |\n" + "|---:" * 9 + "|"
+        "pt residual | multi-stage s | single-stage s | multi-stage MRR, relevant in pt sample | "
+        "outside it |\n" + "|---:" * 11 + "|"
     )
     rows = sweep(state, steps, args.samples, args.seed)
     print(f"total {time.perf_counter() - start:.0f}s")
