@@ -221,6 +221,45 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
     return rows
 
 
+def pt_sweep(
+    state: WorldState, steps: Sequence[int], ft_steps: int, samples: int, seed: int
+) -> list[dict]:
+    """Multi-stage with the fine-tune stage refined ft_steps times and the pre-train stage's
+    iterates nested (one solve, snapshots at every K): how MRR moves as that stage converges."""
+    ft = solve_stage(state.factors["ft"], state.sample("ft", samples, seed), state.specs,
+                     state.damping["ft"], state.grads, ft_steps, rows=ROWS)  # fmt: skip
+    pt_sample = state.sample("pt", samples, seed)
+    sampled = {e.id for e in pt_sample.examples}
+    stamps = [time.perf_counter()]
+    pt = solve_stage(
+        state.factors["pt"], pt_sample, state.specs, state.damping["pt"], ft.solution,
+        max(steps), rows=ROWS, snapshots=steps,
+        on_step=lambda k, r: stamps.append(time.perf_counter()),
+    )  # fmt: skip
+    print(f"fine-tune stage: {ft_steps} steps, residual {float(ft.residuals[-1].mean()):.2e}")
+    print(
+        "| pt K | multi-stage MRR | recall@10 | pt residual | pt seconds | MRR, relevant in pt "
+        "sample | outside it |\n" + "|---:" * 7 + "|"
+    )
+    rows = []
+    for k in steps:
+        scores = state.scores("multi-stage", pt.iterates[k])
+        m, r = mrr(scores, state.query_ids, state.doc_ids, state.relevant)
+        split = [mrr(scores, state.query_ids, state.doc_ids, part)[0]
+                 for part in _split_relevant(state.relevant, sampled)]  # fmt: skip
+        row = {"pt_steps": k, "mrr": m, "recall@10": r,
+               "pt_residual": float(pt.residuals[k].mean()),
+               "pt_seconds": stamps[k] - stamps[0], "mrr_sampled": split[0],
+               "mrr_unsampled": split[1]}  # fmt: skip
+        rows.append(row)
+        print(
+            f"| {k} | {m:.3f} | {r:.3f} | {row['pt_residual']:.2e} | {row['pt_seconds']:.0f} | "
+            f"{_fmt(split[0])} | {_fmt(split[1])} |",
+            flush=True,
+        )
+    return rows
+
+
 def _split_relevant(relevant: dict, sampled: set[str]) -> tuple[dict, dict]:
     """The relevant sets restricted to documents in the pre-train sample, and to the rest."""
     inside = {q: [d for d in r if d in sampled] for q, r in relevant.items()}
@@ -241,6 +280,13 @@ def main(argv=None) -> list[Row]:
     p.add_argument("--samples", type=int, default=SAMPLES, help="sequences per stage sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument(
+        "--pt-only",
+        type=int,
+        metavar="FT_STEPS",
+        help="instead: the fine-tune stage refined FT_STEPS times, the pre-train stage's "
+        "iterates nested over --steps (multi-stage only)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     preset = "small" if args.quick else args.preset
@@ -259,6 +305,14 @@ def main(argv=None) -> list[Row]:
         "pt residual | multi-stage s | single-stage s | multi-stage MRR, relevant in pt sample | "
         "outside it |\n" + "|---:" * 11 + "|"
     )
+    if args.pt_only is not None:
+        table = pt_sweep(state, steps, args.pt_only, args.samples, args.seed)
+        print(f"total {time.perf_counter() - start:.0f}s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"preset": preset, "samples": args.samples, "seed": args.seed,
+                           "ft_steps": args.pt_only, "rows": table}, f, indent=1)  # fmt: skip
+        return table
     rows = sweep(state, steps, args.samples, args.seed)
     print(f"total {time.perf_counter() - start:.0f}s")
     if args.json:

@@ -222,3 +222,11 @@ def test_bad_refinement_input_is_refused(world):
         precondition(world, "multi-stage", Refinement(2, swapped))
     with pytest.raises(MsifError, match="at least one sequence"):
         GaussNewton(world.pt, world.specs, [], {n: 0.1 for n in world.specs})
+
+
+def test_a_model_without_forward_mode_rules_is_refused():
+    model = tiny_model("bloom")  # its GeLU is a custom autograd function without a jvp
+    specs = msif.find_modules(model)
+    operator = GaussNewton(model, specs, random_examples(2, seed=1), {n: 0.1 for n in specs})
+    with pytest.raises(MsifError, match="cannot refine through BloomForCausalLM: forward-mode"):
+        operator(random_vectors(specs, 2, seed=0))

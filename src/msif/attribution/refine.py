@@ -239,7 +239,7 @@ def _product_pass(model: nn.Module, cap, batch: dict, v: Vectors) -> Vectors:
     ]
     try:
         with fwad.dual_level():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = _dual_forward(model, ids, mask)
             primal, tangent = fwad.unpack_dual(logits)
             if tangent is None:  # no tracked module reaches the logits
                 return {k: torch.zeros_like(t) for k, t in v.items()}
@@ -250,6 +250,17 @@ def _product_pass(model: nn.Module, cap, batch: dict, v: Vectors) -> Vectors:
         for h in handles:
             h.remove()
         cap.clear()
+
+
+def _dual_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    try:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    except NotImplementedError as e:  # an operation without a forward-mode derivative
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MsifError(
+            f"cannot refine through {type(model).__name__}: forward-mode autodiff is not "
+            f"implemented for one of its operations ({first})"
+        ) from None
 
 
 def _tracked(model: nn.Module, specs: dict[str, ModuleSpec]) -> dict[str, nn.Module]:
