@@ -184,6 +184,11 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
         on_step=lambda k, x: stamps.append(time.perf_counter()),
     )
     ft_seconds = [t - stamps[0] for t in stamps]  # after step k (index 0: start)
+    print(
+        "| K | multi-stage MRR | recall@10 | single-stage MRR | recall@10 | ft residual | "
+        "pt residual | multi-stage s | single-stage s | multi-stage MRR, relevant in pt sample | "
+        "outside it |\n" + "|---:" * 11 + "|"
+    )
     rows = []
     for k in steps:
         start = time.perf_counter()
@@ -299,11 +304,6 @@ def main(argv=None) -> list[Row]:
         f"world {preset}: {len(state.docs)} documents, {len(state.ft_rows)} fine-tune pairs, "
         f"{len(state.query_ids)} queries; samples {args.samples} (seed {args.seed}); "
         f"gradient-dot MRR {dot[0]:.3f}; setup {time.perf_counter() - start:.0f}s; {machine()}"
-    )
-    print(
-        "| K | multi-stage MRR | recall@10 | single-stage MRR | recall@10 | ft residual | "
-        "pt residual | multi-stage s | single-stage s | multi-stage MRR, relevant in pt sample | "
-        "outside it |\n" + "|---:" * 11 + "|"
     )
     if args.pt_only is not None:
         table = pt_sweep(state, steps, args.pt_only, args.samples, args.seed)
