@@ -1,7 +1,7 @@
 """Iterative refinement toward the exact damped influence: MRR on the fact world against K.
 
 python -m benchmarks.refine [--quick] [--preset default] [--steps 0 1 2 5 10 20 50]
-                            [--samples 128] [--seed 0] [--json out.json]
+                            [--samples 128] [--seed 0] [--json out.json] [--pt-only FT_STEPS]
 
 Each stage's damped system (G_s + λ_s I) x = b is solved by K steps of conjugate gradients
 preconditioned with the EK-FAC inverse (msif.attribution.refine), with exact Gauss–Newton
@@ -17,7 +17,11 @@ residual ‖r_K‖ / ‖b‖; wall seconds: the fine-tune stage's first K steps 
 plus the pre-train solve for K, which includes the product for its starting residual even at
 K = 0 (multi-stage), the fine-tune part alone (single-stage); multi-stage MRR with the
 relevant documents restricted to those in the pre-train sample, and to those outside it (the
-exact inverse on a sample shrinks the sampled documents' own directions).
+exact inverse on a sample shrinks the sampled documents' own directions). After the table,
+per method, the mean per-query Spearman correlation of each K's scores with the largest K's.
+
+`--pt-only FT_STEPS` instead fixes the fine-tune stage at FT_STEPS steps and nests the
+pre-train stage's iterates (one solve): how far the slower stage is from converging.
 
 For other benchmarks (benchmarks/lds.py):
 
@@ -43,6 +47,7 @@ import torch
 import msif
 from benchmarks.common import machine
 from benchmarks.sensitivity import fit, load_world, mrr
+from benchmarks.stats import spearman
 from msif.attribution.precondition import PreconditionedQueries
 from msif.attribution.refine import StageSample, sample_rows, solve_stage
 from msif.data.examples import Example, batches
@@ -189,7 +194,7 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
         "pt residual | multi-stage s | single-stage s | multi-stage MRR, relevant in pt sample | "
         "outside it |\n" + "|---:" * 11 + "|"
     )
-    rows = []
+    rows, kept = [], {}
     for k in steps:
         start = time.perf_counter()
         pt = solve_stage(
@@ -203,13 +208,15 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
         )
         pt_seconds = time.perf_counter() - start
         multi_scores = state.scores("multi-stage", pt.solution)
+        kept.setdefault("multi-stage", {})[k] = multi_scores
         multi = mrr(multi_scores, state.query_ids, state.doc_ids, state.relevant)
         split = [
             mrr(multi_scores, state.query_ids, state.doc_ids, part)[0]
             for part in _split_relevant(state.relevant, sampled)
         ]
-        single = mrr(state.scores("single-stage", ft.iterates[k]), state.query_ids,
-                     state.doc_ids, state.relevant)  # fmt: skip
+        single_scores = state.scores("single-stage", ft.iterates[k])
+        kept.setdefault("single-stage", {})[k] = single_scores
+        single = mrr(single_scores, state.query_ids, state.doc_ids, state.relevant)
         ft_time = ft_seconds[k] if k else 0.0
         rows.append(
             Row(k, *multi, *single, float(ft.residuals[k].mean()), float(pt.residuals[-1].mean()),
@@ -223,6 +230,8 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
             f"{_fmt(r.multi_mrr_unsampled)} |",
             flush=True,
         )
+    for method, by_k in kept.items():
+        _print_agreement(method, by_k)
     return rows
 
 
@@ -246,9 +255,9 @@ def pt_sweep(
         "| pt K | multi-stage MRR | recall@10 | pt residual | pt seconds | MRR, relevant in pt "
         "sample | outside it |\n" + "|---:" * 7 + "|"
     )
-    rows = []
+    rows, kept = [], {}
     for k in steps:
-        scores = state.scores("multi-stage", pt.iterates[k])
+        scores = kept[k] = state.scores("multi-stage", pt.iterates[k])
         m, r = mrr(scores, state.query_ids, state.doc_ids, state.relevant)
         split = [mrr(scores, state.query_ids, state.doc_ids, part)[0]
                  for part in _split_relevant(state.relevant, sampled)]  # fmt: skip
@@ -262,7 +271,22 @@ def pt_sweep(
             f"{_fmt(split[0])} | {_fmt(split[1])} |",
             flush=True,
         )
+    _print_agreement("multi-stage", kept)
     return rows
+
+
+def agreement(by_k: dict[int, torch.Tensor]) -> dict[int, float]:
+    """Mean over queries of the Spearman correlation of each K's scores with the largest K's:
+    how close K steps come to where the refinement is heading."""
+    last = by_k[max(by_k)]
+    return {
+        k: sum(spearman(s[q], last[q]) for q in range(len(s))) / len(s) for k, s in by_k.items()
+    }
+
+
+def _print_agreement(method: str, by_k: dict[int, torch.Tensor]) -> None:
+    values = ", ".join(f"K={k} {v:.3f}" for k, v in agreement(by_k).items())
+    print(f"{method}: per-query Spearman with K={max(by_k)}'s scores: {values}")
 
 
 def _split_relevant(relevant: dict, sampled: set[str]) -> tuple[dict, dict]:
