@@ -15,6 +15,11 @@ def precondition_queries(
     damping_factor: float,
     damping: float,
     query_rank: int,
+    refine_steps: int,
+    refine_samples: int,
+    pt_model: str,
+    corpus: str,
+    finetune_data: str,
     max_length: int,
     batch_size: int,
     seed: int,
@@ -49,9 +54,15 @@ def precondition_queries(
         damping_factor: λ = damping_factor × mean(Λ) per module.
         damping: An absolute λ instead; <= 0: use damping_factor.
         query_rank: Store rank-r queries; 0 keeps them dense.
+        refine_steps: Conjugate-gradient steps per stage toward the exact damped Gauss–Newton
+            system, EK-FAC as preconditioner; 0: EK-FAC alone (the stage data is not read).
+        refine_samples: Sequences of each stage's data the refinement's exact products use.
+        pt_model: θ_pt, for refining the pre-train stage (multi-stage).
+        corpus: The pre-training corpus, sampled to refine the pre-train stage.
+        finetune_data: The fine-tuning data, sampled to refine the fine-tune stage.
         max_length: Tokens per sequence.
-        batch_size: Queries per forward and backward pass.
-        seed: Unused by this node's maths; recorded with the options.
+        batch_size: Queries per forward and backward pass (refinement: sequences per pass).
+        seed: Seed of the refinement's data samples; recorded with the options.
         device: auto, cpu, cuda or cuda:N.
         dtype: dtype the model is loaded in.
         include: Module regexes, as for fit-covariance (without factors).
@@ -77,5 +88,7 @@ def precondition_queries(
     from msif.config import none_if_not_positive
 
     arguments.update(alpha=none_if_not_positive(alpha), damping=none_if_not_positive(damping))
-    arguments.update(base_model=base_model or None)  # KFP strings cannot be None
+    # KFP strings cannot be None: "" is "not given".
+    for name in ("base_model", "pt_model", "corpus", "finetune_data"):
+        arguments[name] = arguments[name] or None
     run_subcommand("precondition-queries", out=arguments.pop("preconditioned"), **arguments)

@@ -72,6 +72,8 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         damping_factor: float = _P.damping_factor,
         damping: float = 0.0,
         query_rank: int = _P.query_rank,
+        refine_steps: int = _P.refine_steps,
+        refine_samples: int = _P.refine_samples,
         top_c: int = _L.top_c,
         candidates_from: str = _L.candidates_from,
         top_k: int = _S.top_k,
@@ -94,8 +96,8 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
     ):
         """pt_factors_uri, index_uris: an index run's build-factors (pt) output and every
         index shard's output; num_shards: this run's corpus and fine-tune shards (any number,
-        not the index's); alpha, damping <= 0: unset; query_rank 0: dense queries; the other
-        options are msif.config's, by the same name."""
+        not the index's); alpha, damping <= 0: unset; query_rank 0: dense queries;
+        refine_steps 0: EK-FAC alone; the other options are msif.config's, by the same name."""
         params = dict(locals())  # first: every parameter, by name, for the DAG's tasks
         run_pipeline_tasks(PIPELINE_NAME, params, d)
 

@@ -90,6 +90,8 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         damping_factor: float = _P.damping_factor,
         damping: float = 0.0,
         query_rank: int = _P.query_rank,
+        refine_steps: int = _P.refine_steps,
+        refine_samples: int = _P.refine_samples,
         top_k: int = _S.top_k,
         explain_k: int = _S.explain_k,
         full: bool = _S.full,
@@ -109,8 +111,10 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         gpu_memory_request: str = d.gpu_memory_request,
     ):
         """alpha (default 1e-3), damping <= 0: unset (α = damping_factor × mean Λ_ft; λ relative);
-        query_rank 0: dense queries; split "": a DatasetDict's only split, else train. The other
-        options are msif.config's, by the same name (the column options apply to every table)."""
+        query_rank 0: dense queries; refine_steps 0: EK-FAC alone (else the precondition
+        tasks sample the stages' data and θ_pt); split "": a DatasetDict's only split, else
+        train. The other options are msif.config's, by the same name (the column options apply
+        to every table)."""
         params = dict(locals())  # first: every parameter, by name, for the DAG's tasks
         run_pipeline_tasks(PIPELINE_NAME, params, d)
 

@@ -206,6 +206,17 @@ class PreconditionOptions:
     )
     damping: float | None = option(None, "an absolute λ for every module instead")
     query_rank: int = option(0, "store rank-r queries (truncated SVD); 0 keeps them dense")
+    refine_steps: int = option(
+        0,
+        "conjugate-gradient steps per stage toward the exact damped Gauss–Newton system, "
+        "preconditioned by EK-FAC (needs each stage's model and data: --pt-model, --corpus, "
+        "--finetune-data); 0 is EK-FAC alone",
+    )
+    refine_samples: int = option(
+        128,
+        "sequences of each stage's data (seeded by --seed) the exact products of "
+        "--refine-steps run on; a step costs about 4 × queries × samples sequence passes",
+    )
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, METHODS)
@@ -215,6 +226,8 @@ class PreconditionOptions:
         if self.damping is not None:
             _finite_positive("damping", self.damping, "; leave it unset for --damping-factor")
         _integer("query_rank", self.query_rank, 0)
+        _integer("refine_steps", self.refine_steps, 0)
+        _integer("refine_samples", self.refine_samples, 1)
 
 
 def _top_k():

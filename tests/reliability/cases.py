@@ -309,6 +309,8 @@ for flag, value, expect in [
     ("--damping-factor", "nan", "--damping-factor must be a finite number"),
     ("--damping-factor", "inf", "--damping-factor must be a finite number"),
     ("--query-rank", "-1", "--query-rank must be at least 0"),
+    ("--refine-steps", "-1", "--refine-steps must be at least 0"),
+    ("--refine-samples", "0", "--refine-samples must be at least 1"),
     ("--seed", str(2**64), "--seed must be at most 9223372036854775807"),
     ("--seed", "-1", "--seed must be at least 0"),
     ("--max-length", "1", "--max-length must be at least 2"),
@@ -724,6 +726,41 @@ case(
         c.out,
     ],
     "needs fine-tune factors",
+)
+case(
+    "refine-without-corpus",
+    G,
+    "precondition-queries --refine-steps 2 (multi-stage) with the fine-tune data and θ_pt but "
+    "no corpus",
+    lambda c: W.precondition(
+        c,
+        None,
+        "--refine-steps",
+        "2",
+        "--finetune-data",
+        c.w["finetune"],
+        "--pt-model",
+        c.w["pt_model"],
+    ),  # fmt: skip
+    "--refine-steps 2 with --method multi-stage needs --corpus (the pre-training corpus)",
+)
+case(
+    "refine-ft-as-pt",
+    G,
+    "precondition-queries --refine-steps 1 given θ_ft as --pt-model",
+    lambda c: W.precondition(
+        c,
+        None,
+        "--refine-steps",
+        "1",
+        "--finetune-data",
+        c.w["finetune"],
+        "--corpus",
+        c.w["corpus"],
+        "--pt-model",
+        c.w["ft_model"],
+    ),  # fmt: skip
+    "the pt stage's refinement model",
 )
 case(
     "eigendecompose-lambda-shards",

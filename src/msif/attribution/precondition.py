@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from msif.attribution.refine import Refinement, refine_queries
 from msif.core.artifact import Artifact, module_specs, per_module
 from msif.core.device import model_device, work_dtype
 from msif.core.fingerprint import check_fingerprint, model_fingerprint, same_model
@@ -167,12 +168,17 @@ def precondition_queries(
     rank: int | None = None,
     modules: ModuleSelection | None = None,
     progress: bool = False,
+    refine: Refinement | None = None,
 ) -> PreconditionedQueries:
     """Gradients of the queries at θ_ft (model), preconditioned for the chosen method.
 
     multi-stage: (F_pt + λ_pt I)⁻¹ (F_ft + α I)⁻¹ ∇ℓ(q); single-stage: (F_ft + λ I)⁻¹ ∇ℓ(q);
     gradient-dot: ∇ℓ(q). α=None gives the fine-tune stage relative damping like λ_pt (worse on
     every fact world measured: a confident fine-tune's Λ_ft is tiny).
+
+    refine: K > 0 conjugate-gradient steps toward each stage's exact damped Gauss–Newton
+    system (msif.attribution.refine), on that stage's sample; K = 0 or None is EK-FAC alone,
+    and gradient-dot, which applies no curvature, ignores it.
     """
     if method not in METHOD_INFO:
         raise MsifError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -197,28 +203,24 @@ def precondition_queries(
     if pt_factors is not None:
         _check_not_fine_tuned(model, pt_factors)
     specs, left_out = _common_specs(specs, *need)
-    # Preconditioned queries start in the fine-tune eigenbasis, where (F_ft + αI)⁻¹ is diagonal.
-    basis = ft_factors if recipe.stages else None
+    refining = refine is not None and refine.steps > 0 and bool(recipe.stages)
+    # Preconditioned queries start in the fine-tune eigenbasis, where (F_ft + αI)⁻¹ is diagonal;
+    # refinement works in weight coordinates, where its Gauss–Newton products are taken.
+    basis = ft_factors if recipe.stages and not refining else None
     grads = query_gradients(model, batches, specs, basis=basis, progress=progress)
     ids = list(query_ids)
     if len(ids) != next(iter(grads.values())).shape[0]:
         raise MsifError(f"{len(ids)} query ids for {next(iter(grads.values())).shape[0]} queries")
     out = PreconditionedQueries(ids, method, specs, rank=rank, left_out=left_out)
-    out.damping = {"ft": {}, "pt": {}}
+    out.damping = lambdas = _stage_damping(recipe, specs, ft_factors, pt_factors, damping, alpha)
+    if refining:
+        both = {"ft": ft_factors, "pt": pt_factors}
+        refined, record = refine_queries(grads, specs, recipe.stages, both, lambdas, refine)
     for name in specs:
-        w = grads[name]
-        if "ft" in recipe.stages:
-            rule = Damping(damping.factor, alpha) if alpha is not None else damping
-            lam = ft_factors.damping_for(name, rule)
-            out.damping["ft"][name] = lam
-            w = ft_factors.divide(name, w, lam)
-        if "pt" in recipe.stages:
-            lam = pt_factors.damping_for(name, damping)
-            out.damping["pt"][name] = lam
-            w = change_of_basis(ft_factors, pt_factors, name, w)
-            w = pt_factors.from_eigenbasis(name, pt_factors.divide(name, w, lam))
-        elif "ft" in recipe.stages:
-            w = ft_factors.from_eigenbasis(name, w)
+        if refining:
+            w = refined[name]
+        else:
+            w = _ekfac_preconditioned(recipe, name, grads[name], ft_factors, pt_factors, lambdas)
         _check_finite_queries(name, w, ids)
         if rank:
             out.lowrank[name] = low_rank(w, rank)
@@ -230,6 +232,33 @@ def precondition_queries(
         "damping_factor": damping.factor,
         "damping_absolute": damping.absolute,
     }
+    if refining:
+        out.info["refine"] = record
+    return out
+
+
+def _ekfac_preconditioned(recipe: Method, name: str, w, ft_factors, pt_factors, lambdas):
+    """The stages' EK-FAC inverses applied to one module's gradients (in the ft eigenbasis)."""
+    if "ft" in recipe.stages:
+        w = ft_factors.divide(name, w, lambdas["ft"][name])
+    if "pt" in recipe.stages:
+        w = change_of_basis(ft_factors, pt_factors, name, w)
+        w = pt_factors.divide(name, w, lambdas["pt"][name])
+        return pt_factors.from_eigenbasis(name, w)
+    if "ft" in recipe.stages:
+        return ft_factors.from_eigenbasis(name, w)
+    return w
+
+
+def _stage_damping(recipe: Method, specs, ft_factors, pt_factors, damping, alpha) -> dict:
+    """λ per stage and module: α (or the relative rule) for ft, the damping rule for pt."""
+    out: dict[str, dict[str, float]] = {"ft": {}, "pt": {}}
+    rule = Damping(damping.factor, alpha) if alpha is not None else damping
+    for name in specs:
+        if "ft" in recipe.stages:
+            out["ft"][name] = ft_factors.damping_for(name, rule)
+        if "pt" in recipe.stages:
+            out["pt"][name] = pt_factors.damping_for(name, damping)
     return out
 
 

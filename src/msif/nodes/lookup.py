@@ -93,6 +93,7 @@ def run(
     import pyarrow.parquet as pq
 
     from msif.attribution.precondition import PreconditionedQueries
+    from msif.attribution.refine import refinement_id
 
     source = lookup.candidates_from
     if source != "bm25" and not index_uris:
@@ -126,6 +127,7 @@ def run(
             "candidates_from": source,
             "num_candidates": len({r[1] for r in rows}),
             "queries_fingerprint": queries.info.get("queries_fingerprint"),
+            "refinement": refinement_id(queries.info),
         }
     )
     with runtime.published(out_uri, {"node": NAME, "method": queries.method}) as tmp:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from msif.config import (
     DataOptions,
     ModelOptions,
@@ -9,6 +11,7 @@ from msif.config import (
     add_options,
     from_namespace,
 )
+from msif.errors import MsifError
 from msif.nodes import runtime
 
 NAME = "precondition-queries"
@@ -22,7 +25,11 @@ def add_parser(sub) -> None:
         "precondition query gradients (fine-tuned model)",
         "Gradients of the queries' completion loss at θ_ft, preconditioned by\n"
         "(F_pt+λI)⁻¹(F_ft+αI)⁻¹ (multi-stage), (F_ft+λI)⁻¹ (single-stage) or nothing\n"
-        "(gradient-dot). Needs the fine-tuned model, and the factors --method names.",
+        "(gradient-dot). Needs the fine-tuned model, and the factors --method names.\n"
+        "--refine-steps K > 0 refines each stage's inverse by K conjugate-gradient steps on\n"
+        "the exact damped Gauss–Newton system (EK-FAC as preconditioner), on a seeded sample of\n"
+        "that stage's data: --finetune-data (at --model), and for multi-stage --corpus at\n"
+        "--pt-model too.",
     )
     p.add_argument("--model", required=True, help="the fine-tuned model θ_ft")
     runtime.add_base_model_argument(p)
@@ -35,6 +42,14 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--pt-factors",
         help="pre-train factors (multi-stage; gradient-dot: only to check the corpus model)",
+    )
+    p.add_argument("--pt-model", help="the pre-trained model θ_pt (--refine-steps, multi-stage)")
+    p.add_argument(
+        "--corpus", help="the pre-training corpus, sampled by --refine-steps (multi-stage)"
+    )
+    p.add_argument(
+        "--finetune-data",
+        help="the fine-tuning data, sampled by --refine-steps (multi-stage, single-stage)",
     )
     runtime.add_out_argument(p, "where the preconditioned queries go")
     add_options(p, PreconditionOptions)
@@ -51,8 +66,23 @@ def add_parser(sub) -> None:
             pt_factors_uri=a.pt_factors,
             data=from_namespace(DataOptions, a),
             base_model_uri=a.base_model,
+            refine_data=RefineData(a.pt_model, a.corpus, a.finetune_data),
         )
     )
+
+
+@dataclass(frozen=True)
+class RefineData:
+    """Where --refine-steps samples each stage's data: θ_pt with its corpus, and the
+    fine-tuning data (at θ_ft, the node's own model). Unread when K = 0."""
+
+    pt_model: str | None = None
+    corpus: str | None = None
+    finetune_data: str | None = None
+
+    def uris(self) -> list[str | None]:
+        """The inputs, for the output-placement checks."""
+        return [self.pt_model, self.corpus, self.finetune_data]
 
 
 @runtime.timed
@@ -67,18 +97,29 @@ def run(
     pt_factors_uri: str | None = None,
     data: DataOptions | None = None,
     base_model_uri: str | None = None,
+    refine_data: RefineData | None = None,
 ) -> None:
-    """Precondition the queries' gradients at θ_ft for one method."""
+    """Precondition the queries' gradients at θ_ft for one method (refined when asked)."""
     from msif.attribution.precondition import precondition_queries
     from msif.data.examples import batches, pad_id_of
     from msif.data.models import tokenizer_identity
     from msif.ekfac.factors import Damping, Factors
 
     method = precondition.method
+    refine_data = refine_data or RefineData()
     runtime.check_output(
-        out_uri, model_uri, queries_uri, ft_factors_uri, pt_factors_uri, base_model_uri
+        out_uri,
+        model_uri,
+        queries_uri,
+        ft_factors_uri,
+        pt_factors_uri,
+        base_model_uri,
+        refine_data.uris(),
     )
     data = data or DataOptions()
+    refining = precondition.refine_steps > 0 and method != "gradient-dot"
+    if refining:
+        _check_refine_data(method, precondition.refine_steps, refine_data)
     model, tokenizer, options = runtime.load_stage_model(model_uri, options, base_model_uri)
     table = runtime.read_queries(queries_uri, data, options.max_length)
     ids = table.ids
@@ -98,6 +139,11 @@ def run(
         runtime.check_tokenizer(ft.info.get("tokenizer"), tokenizer, ft_factors_uri)
     if pt is not None:  # θ_ft's tokenizer may append tokens to θ_pt's, no more
         runtime.check_tokenizer(pt.info.get("tokenizer"), tokenizer, pt_factors_uri, extends=True)
+    refine = (
+        _refinement(model, tokenizer, options, precondition, data, refine_data, pt, method)
+        if refining
+        else None
+    )
     queries = precondition_queries(
         model,
         batches(examples, options.batch_size, pad_id_of(tokenizer)),
@@ -110,6 +156,7 @@ def run(
         rank=precondition.query_rank or None,
         modules=options.selection(),
         progress=options.progress,
+        refine=refine,
     )
     queries.info.update(
         {
@@ -126,3 +173,39 @@ def run(
     )
     with runtime.published(out_uri, {"node": NAME, "method": method}) as tmp:
         queries.save(tmp)
+
+
+def _check_refine_data(method: str, steps: int, given: RefineData) -> None:
+    """Refuse --refine-steps without a stage's data, before any model is loaded."""
+    need = [("--finetune-data", given.finetune_data, "the fine-tuning data")]
+    if method == "multi-stage":
+        need += [
+            ("--pt-model", given.pt_model, "the pre-trained model θ_pt"),
+            ("--corpus", given.corpus, "the pre-training corpus"),
+        ]
+    for flag, value, what in need:
+        if not value:
+            raise MsifError(
+                f"--refine-steps {steps} with --method {method} needs {flag} ({what}): "
+                "refinement takes exact curvature products on each stage's data"
+            )
+
+
+def _refinement(model, tokenizer, options, precondition, data, given: RefineData, pt, method):
+    """Each refined stage's model and seeded sample of its data."""
+    from msif.attribution.refine import Refinement, StageSample
+
+    n, seed = precondition.refine_samples, options.seed
+    examples, record = runtime.sample_examples(
+        model, tokenizer, given.finetune_data, n, seed, options, data
+    )
+    samples = {"ft": StageSample(model, examples, record)}
+    if method == "multi-stage":
+        pt_model, pt_tokenizer, pt_options = runtime.load_stage_model(given.pt_model, options)
+        if pt is not None:  # else precondition_queries refuses the missing factors
+            runtime.check_tokenizer(pt.info.get("tokenizer"), pt_tokenizer, given.pt_model)
+        examples, record = runtime.sample_examples(
+            pt_model, pt_tokenizer, given.corpus, n, seed, pt_options, data, corpus=True
+        )
+        samples["pt"] = StageSample(pt_model, examples, {**record, "model": given.pt_model})
+    return Refinement(precondition.refine_steps, samples, rows=options.batch_size)

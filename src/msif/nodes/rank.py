@@ -78,7 +78,16 @@ def run(
         info = shards[0][0]
         run_info["methods"][method] = {
             k: info.get(k)
-            for k in ("modules", "left_out", "damping", "alpha", "rank", "model", "num_shards")
+            for k in (
+                "modules",
+                "left_out",
+                "damping",
+                "alpha",
+                "rank",
+                "model",
+                "num_shards",
+                "refinement",
+            )  # fmt: skip
         }
     ranking = _ranking_table(merged, queries, corpus, data)
     relevant = _relevant(queries)
@@ -154,6 +163,13 @@ def _check_scores(
             raise MismatchError(f"{method} shard {i.get('shard')} was scored on another corpus")
         if i.get("queries_fingerprint") != queries_fp:
             raise MismatchError(f"{method} shard {i.get('shard')} was scored for other queries")
+        if i.get("refinement") != infos[0].get("refinement"):
+            raise MismatchError(
+                f"{method} shard {i.get('shard')} was scored with queries refined otherwise "
+                f"({i.get('refinement') or 'EK-FAC alone'}) than shard {infos[0].get('shard')} "
+                f"({infos[0].get('refinement') or 'EK-FAC alone'}): rescore every shard with "
+                "the same preconditioned queries"
+            )
     runtime.check_shard_set(
         [{**i, "data_fingerprint": i.get("corpus_fingerprint")} for i in infos],
         f"{method} shard scores",

@@ -279,6 +279,48 @@ def shard_examples(
     return examples, source, (start, stop)
 
 
+def sample_examples(
+    model,
+    tokenizer,
+    uri: str,
+    samples: int,
+    seed: int,
+    opts: ModelOptions,
+    data: DataOptions,
+    *,
+    corpus: bool = False,
+) -> tuple[list, dict]:
+    """A seeded uniform sample of a table's rows as examples (every row when it has no more
+    than samples), with what identifies it: data, fingerprint, rows drawn, seed."""
+    from msif.attribution.refine import sample_rows
+
+    source = open_table(uri, data)
+    table = data.table(opts.max_length)
+    kind = table_kind(source.schema, uri, table)
+    if corpus and kind != "corpus":
+        raise DataError(
+            f"{uri} is not a corpus: it needs a text column `{data.text_column}` "
+            "(--text-column) or `input_ids`"
+        )
+    rows = sample_rows(source.num_rows, samples, seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    examples = [
+        e for r in rows for e in iter_examples(source, tokenizer, kind, table, vocab, r, r + 1)
+    ]
+    if not examples:
+        raise DataError(f"{uri} has no rows to sample")
+    record = {
+        "data": uri,
+        "data_fingerprint": source.fingerprint(),
+        "num_rows": source.num_rows,
+        "rows": rows,
+        "seed": seed,
+        "data_options": data.recorded(),
+        "max_length": opts.max_length,
+    }
+    return examples, record
+
+
 def stage_batches(
     model,
     tokenizer,

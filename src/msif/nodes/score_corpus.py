@@ -92,6 +92,7 @@ def run(
     import pyarrow.parquet as pq
 
     from msif.attribution.precondition import PreconditionedQueries
+    from msif.attribution.refine import refinement_id
     from msif.attribution.scoring import iter_scores
     from msif.attribution.topk import TopK
     from msif.data.examples import batches, pad_id_of
@@ -119,6 +120,8 @@ def run(
     if runtime.already_complete(out_uri, key):
         return
     queries = PreconditionedQueries.load(runtime.input_dir(preconditioned_uri))
+    if candidates_uri:
+        check_candidate_refinement(candidates_uri, queries)
     model, tokenizer, options = runtime.load_stage_model(model_uri, options, base_model_uri)
     runtime.check_tokenizer(
         queries.info.get("corpus_tokenizer"), tokenizer, f"the queries of {preconditioned_uri}"
@@ -170,6 +173,7 @@ def run(
             "corpus": corpus_uri,
             "corpus_fingerprint": source.fingerprint(),
             "queries_fingerprint": queries.info.get("queries_fingerprint"),
+            "refinement": refinement_id(queries.info),
             "num_docs": num_docs,
             "rows": list(rows),
             "top_k": scoring.top_k,
@@ -209,6 +213,27 @@ def candidate_ids(uri: str, corpus_fingerprint: str) -> set[str]:
                 raise MismatchError(f"the candidates of {uri} are documents of another corpus")
             return set(pq.read_table(folder / table, columns=["doc_id"])["doc_id"].to_pylist())
     raise MsifError(f"{uri} holds no candidates.parquet (lookup) or scores.parquet (bm25)")
+
+
+def check_candidate_refinement(uri: str, queries) -> None:
+    """Refuse a lookup's candidates found by queries refined otherwise (K, sample, seed)
+    than the queries that rerank them; bm25 candidates involve no queries' refinement."""
+    import json
+
+    from msif.attribution.refine import refinement_id
+    from msif.errors import MismatchError
+
+    sidecar = runtime.input_dir(uri) / "candidates.json"
+    if not sidecar.exists():
+        return
+    found = json.loads(sidecar.read_text()).get("refinement")
+    ours = refinement_id(queries.info)
+    if found != ours:
+        raise MismatchError(
+            f"the candidates of {uri} were looked up with queries refined otherwise "
+            f"({found or 'EK-FAC alone'}) than these ({ours or 'EK-FAC alone'}): "
+            "look up with the queries you rerank with"
+        )
 
 
 @dataclass

@@ -36,6 +36,13 @@ URI_PARAMETERS = ("pt_model_uri", "ft_model_uri", "corpus_uri", "finetune_data_u
 # Every task that loads θ_ft gets θ_pt as `base_model`: a PEFT (LoRA) adapter given as
 # ft_model_uri is merged into it (a full fine-tuned model ignores it).
 FT_BASE = {"base_model": "pt_model_uri"}
+# What precondition-queries samples when refine_steps > 0 (unread otherwise): each stage's data
+# and θ_pt (θ_ft is its own model).
+REFINE_DATA = {
+    "pt_model": "pt_model_uri",
+    "corpus": "corpus_uri",
+    "finetune_data": "finetune_data_uri",
+}
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,7 @@ def _method_tasks(method: str, *, indexed: bool = False) -> list[Task]:
     # must be scored with (gradient-dot applies no factors, but needs that check).
     stages = dict.fromkeys((*spec.stages, spec.corpus_model))
     factors = {f"{s}_factors": f"build-factors-{s}" for s in stages}
-    queries = {"model": "ft_model_uri", "queries": "queries_uri", **FT_BASE}
+    queries = {"model": "ft_model_uri", "queries": "queries_uri", **FT_BASE, **REFINE_DATA}
     corpus = {"model": f"{spec.corpus_model}_model_uri", "corpus": "corpus_uri"}
     if spec.corpus_model == "ft":
         corpus.update(FT_BASE)
