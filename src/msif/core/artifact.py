@@ -152,6 +152,17 @@ class PartialSums(Artifact):
         """Refuse to add sums fitted with other modules, models, stages or seeds."""
         check_compatible(self, other, self.what)
 
+    def add_(self: P, other: P) -> P:
+        """Add other's sums into self in place (no third copy: a streaming reduce)."""
+        self.check_addable(other)
+        for f in tensor_fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            for k, v in mine.items():
+                v.add_(theirs[k])
+        self.num_tokens += other.num_tokens
+        self.num_sequences += other.num_sequences
+        return self
+
     def __add__(self: P, other: P) -> P:
         self.check_addable(other)
         summed = {

@@ -26,16 +26,15 @@ def add_parser(sub) -> None:
 
 @runtime.timed
 def run(eigenbasis_uri: str, partial_uris: Sequence[str], out_uri: str) -> None:
-    """Reduce Λ partial sums into the stage's factors."""
+    """Reduce Λ partial sums (one at a time) into the stage's factors."""
     from msif.ekfac.eigenbasis import Eigenbasis
     from msif.ekfac.factors import Factors
     from msif.ekfac.lambdas import LambdaSums
 
     runtime.check_output(out_uri, eigenbasis_uri, partial_uris)
     basis = Eigenbasis.load(runtime.input_dir(eigenbasis_uri))
-    parts = runtime.load_partials(partial_uris, LambdaSums.load)
-    runtime.check_shard_set([p.info for p in parts], "Λ partial sums")
-    factors = Factors.build(basis, parts)
+    lam = runtime.sum_partials(partial_uris, LambdaSums.load, "Λ partial sums")
+    factors = Factors.build(basis, lam)
     factors.info.update({k: basis.info.get(k) for k in ("data", "model", "tokenizer")})
     with runtime.published(out_uri, {"node": NAME, "stage": factors.stage}) as tmp:
         factors.save(tmp)

@@ -43,7 +43,8 @@ def run(
     *,
     device: str = "auto",
 ) -> None:
-    """Reduce covariance partial sums and eigendecompose them (on device, see eigh_device)."""
+    """Reduce covariance partial sums (one at a time) and eigendecompose them (on device,
+    see eigh_device)."""
     from msif.data.models import DTYPES
     from msif.ekfac.covariance import CovarianceSums
     from msif.ekfac.eigenbasis import eigendecompose, eigh_device
@@ -52,11 +53,10 @@ def run(
     check_device(device)
     eigh_device(device)  # a CUDA device asked for on a machine without one: refused now
     runtime.check_output(out_uri, partial_uris)
-    parts = runtime.load_partials(partial_uris, CovarianceSums.load)
-    runtime.check_shard_set([p.info for p in parts], "covariance partial sums")
-    basis = eigendecompose(parts, dtype=DTYPES[options.factor_dtype], device=device)
+    cov = runtime.sum_partials(partial_uris, CovarianceSums.load, "covariance partial sums")
+    basis = eigendecompose(cov, dtype=DTYPES[options.factor_dtype], device=device)
     basis.info.update(
-        {k: parts[0].info.get(k) for k in ("data", "data_fingerprint", "model", "tokenizer")}
+        {k: cov.info.get(k) for k in ("data", "data_fingerprint", "model", "tokenizer")}
     )
     with runtime.published(out_uri, {"node": NAME, "stage": basis.stage}) as tmp:
         basis.save(tmp)

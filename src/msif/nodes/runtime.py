@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 
@@ -23,6 +24,8 @@ from msif.config import STAGES, DataOptions, ModelOptions
 from msif.data.examples import batches, pad_id_of
 from msif.data.tables import iter_examples, table_kind
 from msif.errors import DataError, MismatchError, MsifError
+
+P = TypeVar("P")  # a PartialSums artifact (CovarianceSums, LambdaSums)
 
 log = logging.getLogger("msif")
 _STARTED: contextvars.ContextVar[float | None] = contextvars.ContextVar("started", default=None)
@@ -213,27 +216,54 @@ def check_stage(stage: str) -> None:
 
 def check_shard_set(infos: Sequence[dict], what: str) -> None:
     """Refuse an incomplete or mixed set of shards: reducing it would give wrong results."""
+    check_consistent_shards(infos, what)
+    total = infos[0].get("num_shards")
+    missing = sorted(set(range(total)) - {i.get("shard") for i in infos})
+    if missing:
+        raise MsifError(f"{what}: shard {missing[0]} of {total} is missing")
+
+
+def check_consistent_shards(infos: Sequence[dict], what: str) -> None:
+    """Refuse shards of different shardings or data, or one shard given twice (a set not yet
+    complete passes: the reducers check each partial as it arrives)."""
     n = {i.get("num_shards") for i in infos}
     fps = {i.get("data_fingerprint") for i in infos}
     # Other columns of the same files are other data (absent: an output that reads none).
     read = {json.dumps(i.get("data_options"), sort_keys=True) for i in infos}
     if len(n) != 1 or len(fps) != 1 or len(read) != 1:
         raise MismatchError(f"{what} come from different shardings or data")
-    total = n.pop()
     seen = sorted(i.get("shard") for i in infos)
     if len(seen) != len(set(seen)):
         twice = next(s for s in seen if seen.count(s) > 1)
         raise MsifError(f"{what}: shard {twice} was given twice")
-    missing = sorted(set(range(total)) - set(seen))
-    if missing:
-        raise MsifError(f"{what}: shard {missing[0]} of {total} is missing")
 
 
-def load_partials(uris: Sequence[str], loader: Callable) -> list:
-    """Load every shard's partial sums."""
+def sum_partials(uris: Sequence[str], loader: Callable[[Path], P], what: str) -> P:
+    """The sum of every shard's partial sums (CovarianceSums or LambdaSums), read one at a
+    time: the reducer holds the running sum and one partial, whatever the shard count, and
+    keeps no downloaded copy of a gs:// partial once it is added.
+
+    Each partial is checked against the ones before it as it arrives (sharding, data,
+    model, stage, seed); the set is checked complete at the end, before anything is written.
+    """
+    from msif.storage.cache import release_input_dir
+
     if not uris:
         raise MsifError("no partial sums given")
-    return [loader(input_dir(u)) for u in uris]
+    total, infos = None, []
+    for uri in uris:
+        directory = input_dir(uri)
+        part = loader(directory)
+        release_input_dir(uri, directory)
+        infos.append(part.info)
+        check_consistent_shards(infos, what)
+        if total is None:
+            total = part
+        else:
+            total.add_(part)
+        del part  # freed before the next is read
+    check_shard_set(infos, what)
+    return total
 
 
 def open_table(uri: str, data: DataOptions):

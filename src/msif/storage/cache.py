@@ -102,6 +102,14 @@ def local_input_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     raise StorageError(f"{uri} was replaced {_READ_ATTEMPTS} times while being read")
 
 
+def release_input_dir(uri: str, path: Path) -> None:
+    """Drop the cached copy of a gs:// input once it has been read (a reducer reads each
+    shard's partial once: keeping every copy would need the disk of all of them).
+    Local inputs are their own copy and stay."""
+    if is_remote(uri):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _local_output(uri: str) -> Path:
     path = Path(uri)
     if not path.is_dir():

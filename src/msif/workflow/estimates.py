@@ -41,7 +41,6 @@ BM25_BYTES_PER_WORD = Figure(
 )
 BM25_WORDS_PER_S = Figure(2.0e5, "measured: BM25Index.build, 1 thread, loaded 2-core machine")
 WORDS_PER_TOKEN = Figure(0.75, "assumed: 0.75 words per token (English, a BPE tokenizer)")
-REDUCES = ("all-at-once", "streaming")
 SMALL = 64 << 20
 # The defaults are msif.config's, so a plan without options plans what the pipeline runs.
 _M, _S, _I, _L = (
@@ -85,7 +84,6 @@ class PlanInputs:
     eigendecompose_on: str = CPU
     mfu: float = costs.GPU_MFU.value
     statistics_precision: str = "float32"
-    reduce: str = "all-at-once"  # or "streaming": if the reducers added one partial at a time
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     split_heads: bool = False
@@ -108,7 +106,6 @@ class PlanInputs:
         _choice("index_dtype", self.index_dtype, INDEX_DTYPES)
         _choice("eigendecompose_on", self.eigendecompose_on, ("cpu", "gpu"))
         _choice("statistics_precision", self.statistics_precision, costs.STATISTICS_PRECISIONS)
-        _choice("reduce", self.reduce, REDUCES)
         LookupOptions(self.top_c, self.candidates_from)  # validates candidates_from
         for m in self.methods:
             _choice("methods", m, METHODS)
@@ -346,8 +343,8 @@ def fit_lambda(c: Costs, task: Task) -> NodeEstimate:
 
 
 def eigendecompose(c: Costs, task: Task) -> NodeEstimate:
-    """CPU (or GPU with --eigendecompose-on gpu), once per stage: every shard's partial is
-    loaded at once (msif.nodes.runtime.load_partials) and summed, then eigh in float64."""
+    """CPU (or GPU with --eigendecompose-on gpu), once per stage: the shards' partials are
+    added one at a time (msif.nodes.runtime.sum_partials), then eigh in float64."""
     n, part, out = c.inputs.num_shards, c.cov_bytes(), c.eigenbasis_bytes()
     flops = costs.eigh_flops(c.shape)
     on_gpu = c.inputs.eigendecompose_on == "gpu"
@@ -365,35 +362,26 @@ def eigendecompose(c: Costs, task: Task) -> NodeEstimate:
         runs_on="gpu" if on_gpu else "cpu",
         pods=1,
         flops=flops,
-        # The partials, their running sum, every float64 eigenvector, the cast copy to save.
-        host_memory=costs.BASE_PROCESS_BYTES + _held_partials(c) * part + 2 * out,
+        # The running sum and one partial, every float64 eigenvector, the cast copy to save.
+        host_memory=costs.BASE_PROCESS_BYTES + HELD_PARTIALS * part + 2 * out,
         storage=out,
         hours_per_pod=_hours(flops / rate, transfers),
         time_source=source,
         gpu_memory=8.0 * 2 * largest**2 if on_gpu else 0.0,
-        disk=n * part + out,
+        disk=part + out,  # a downloaded partial is dropped once added
         transfers=transfers,
-        notes=(f"{_reduce_note(c, 'covariance')}; the largest block is {largest}²",),
+        notes=(f"adds one covariance partial at a time; the largest block is {largest}²",),
     )
 
 
+# What a reducer holds at its peak (msif.nodes.runtime.sum_partials): the running sum and the
+# partial being added into it, for any shard count.
+HELD_PARTIALS = 2
 _CORES_NOTE = "× the node's CPU request (" + costs.CPU_NODE_THREADS_SCALE.source + ")"
 
 
-def _held_partials(c: Costs) -> int:
-    """Partials a reducer holds at its peak: every shard's, their running sum and the next
-    sum (msif.core.artifact.reduce_partials); streaming: one loaded, the sum, the next."""
-    return c.inputs.num_shards + 2 if c.inputs.reduce == "all-at-once" else 3
-
-
-def _reduce_note(c: Costs, what: str) -> str:
-    if c.inputs.reduce == "all-at-once":
-        return f"holds all {c.inputs.num_shards} {what} partials at once (as written today)"
-    return f"assumes a streaming reduce, one {what} partial at a time (not written yet)"
-
-
 def build_factors(c: Costs, task: Task) -> NodeEstimate:
-    """CPU, once per stage: every Λ partial loaded at once and summed; factors written."""
+    """CPU, once per stage: the Λ partials added one at a time; factors written."""
     n, part = c.inputs.num_shards, c.lambda_bytes()
     basis, out = c.eigenbasis_bytes(), c.factor_bytes()
     transfers = n * part + basis + out
@@ -403,13 +391,13 @@ def build_factors(c: Costs, task: Task) -> NodeEstimate:
         runs_on="cpu",
         pods=1,
         flops=float(n * c.shape.tracked_parameters),
-        host_memory=costs.BASE_PROCESS_BYTES + _held_partials(c) * part + basis + 2 * out,
+        host_memory=costs.BASE_PROCESS_BYTES + HELD_PARTIALS * part + basis + 2 * out,
         storage=out,
         hours_per_pod=_hours(0.0, transfers),
         time_source=f"transfers only: {costs.IO_BANDWIDTH.source} (the sums are cheap adds)",
-        disk=transfers,
+        disk=part + basis + out,  # a downloaded partial is dropped once added
         transfers=transfers,
-        notes=(_reduce_note(c, "Λ"),),
+        notes=("adds one Λ partial at a time",),
     )
 
 

@@ -28,7 +28,6 @@ from msif.workflow.estimates import (
     CPU,
     DEVICES,
     ESTIMATORS,
-    REDUCES,
     REQUEST_HEADROOM,
     WORDS_PER_TOKEN,
     Costs,
@@ -458,13 +457,6 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     for flag in ("--include", "--exclude", "--split-heads-pattern"):
         p.add_argument(flag, nargs="+", action="extend", default=[], metavar="REGEX", help=same)
     p.add_argument("--split-heads", action="store_true", help=same)
-    p.add_argument(
-        "--reduce",
-        default=DEFAULTS["reduce"],
-        choices=REDUCES,
-        help="how eigendecompose and build-factors add the shards' partials: all-at-once "
-        "(today's code) or streaming (one at a time: what a streaming reduce would need)",
-    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan_command)
     return p
