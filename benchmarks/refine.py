@@ -2,6 +2,7 @@
 
 python -m benchmarks.refine [--quick] [--preset default] [--steps 0 1 2 5 10 20 50]
                             [--samples 128] [--seed 0] [--json out.json] [--pt-only FT_STEPS]
+                            [--damping-factor 0.01] [--alpha 1e-3] [--lds [TRUTH]]
 
 Each stage's damped system (G_s + λ_s I) x = b is solved by K steps of conjugate gradients
 preconditioned with the EK-FAC inverse (msif.attribution.refine), with exact Gauss–Newton
@@ -9,8 +10,9 @@ products on a seeded sample of `--samples` sequences of that stage's data; K = 0
 The fine-tune stage's iterates are nested (one solve, snapshots at every K), the pre-train
 stage is solved anew for every K from that K's fine-tune solution. Every method scores the
 whole corpus in memory, so MRR is over full rankings (no top-k cut), as in
-benchmarks/sensitivity.py, whose loader and factor fit this reuses (α = the world's, pre-train
-λ = 0.1 × mean Λ_pt, as `msif run`).
+benchmarks/sensitivity.py, whose loader and factor fit this reuses (α = 1e-3, pre-train
+λ = 0.01 × mean Λ_pt per module, as `msif run`). `--lds` adds each K's LDS (benchmarks/lds.py)
+against that preset's committed truth of retrained losses: no retraining here.
 
 Columns per K: MRR and recall@10 of multi-stage and single-stage; each stage's mean relative
 residual ‖r_K‖ / ‖b‖; wall seconds: the fine-tune stage's first K steps (measured per step)
@@ -46,17 +48,18 @@ import torch
 
 import msif
 from benchmarks.common import machine
+from benchmarks.lds import ROOT, Truth, evaluate, load_truth
 from benchmarks.sensitivity import fit, load_world, mrr
 from benchmarks.stats import spearman
 from msif.attribution.precondition import PreconditionedQueries
 from msif.attribution.refine import StageSample, sample_rows, solve_stage
 from msif.data.examples import Example, batches
-from msif.ekfac.factors import Damping
+from msif.ekfac.factors import DEFAULT_ALPHA, DEFAULT_DAMPING_FACTOR, Damping
 
 STEPS = (0, 1, 2, 5, 10, 20, 50)
 QUICK_STEPS = (0, 1, 2)
 SAMPLES = 128  # the refine_samples default of msif.config
-PT_DAMPING_FACTOR = 0.1  # what `msif run` uses for the pre-train stage
+PT_DAMPING_FACTOR = DEFAULT_DAMPING_FACTOR  # what `msif run` uses for the pre-train stage
 ROWS = 192  # sequences per forward pass: all 48 queries of the default world × 4 sequences
 
 
@@ -100,15 +103,20 @@ class WorldState:
 
 
 @functools.cache
-def world_state(preset: str) -> WorldState:
-    """Load the preset's world, fit both stages' factors and take the query gradients, once."""
+def world_state(
+    preset: str, damping_factor: float = PT_DAMPING_FACTOR, alpha: float = DEFAULT_ALPHA
+) -> WorldState:
+    """Load the preset's world, fit both stages' factors and take the query gradients, once.
+
+    The damping is `msif run`'s: λ = damping_factor × mean Λ per module in the pre-train
+    stage, α for the fine-tune stage.
+    """
     w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(preset)
     pad = tok.pad_token_id or 0
     factors = {"pt": fit(pt, docs, "pt", pad), "ft": fit(ft, ft_rows, "ft", pad)}
     qids = [q.id for q in qs]
-    alpha = w["alpha"] or 0.01
     common = {"ft_factors": factors["ft"], "pt_factors": factors["pt"], "alpha": alpha}
-    damping = Damping(PT_DAMPING_FACTOR)
+    damping = Damping(damping_factor)
     ekfac = {
         m: msif.precondition_queries(
             ft, batches(qs, 16, pad), qids, method=m, damping=damping, **common
@@ -169,9 +177,25 @@ class Row:
     single_seconds: float
     multi_mrr_sampled: float | None = None  # relevant documents: only those in the pt sample
     multi_mrr_unsampled: float | None = None  # only those outside it
+    multi_lds: list[float] | None = None  # mean, 95 % interval over queries (benchmarks/lds.py)
+    single_lds: list[float] | None = None
 
 
-def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> list[Row]:
+def lds_of(truth: Truth | None, state: WorldState, scores: torch.Tensor) -> list[float] | None:
+    """LDS of a (Q × N) score matrix against the truth's retrained losses: mean, low, high."""
+    if truth is None:
+        return None
+    r = evaluate(truth, state.doc_ids, state.query_ids, scores)
+    return [r.mean, r.low, r.high]
+
+
+def _fmt_lds(value: list[float] | None) -> str:
+    return "-" if value is None else f"{value[0]:+.3f} [{value[1]:+.3f}, {value[2]:+.3f}]"
+
+
+def sweep(
+    state: WorldState, steps: Sequence[int], samples: int, seed: int, truth: Truth | None = None
+) -> list[Row]:
     """Every K: one nested fine-tune solve, a pre-train solve per K, both methods scored."""
     top = max(steps)
     ft_sample, pt_sample = state.sample("ft", samples, seed), state.sample("pt", samples, seed)
@@ -192,7 +216,7 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
     print(
         "| K | multi-stage MRR | recall@10 | single-stage MRR | recall@10 | ft residual | "
         "pt residual | multi-stage s | single-stage s | multi-stage MRR, relevant in pt sample | "
-        "outside it |\n" + "|---:" * 11 + "|"
+        "outside it | multi-stage LDS | single-stage LDS |\n" + "|---:" * 13 + "|"
     )
     rows, kept = [], {}
     for k in steps:
@@ -220,14 +244,16 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
         ft_time = ft_seconds[k] if k else 0.0
         rows.append(
             Row(k, *multi, *single, float(ft.residuals[k].mean()), float(pt.residuals[-1].mean()),
-                ft_time + pt_seconds, ft_time, *split)
+                ft_time + pt_seconds, ft_time, *split, lds_of(truth, state, multi_scores),
+                lds_of(truth, state, single_scores))
         )  # fmt: skip
         r = rows[-1]
         print(
             f"| {k} | {r.multi_mrr:.3f} | {r.multi_recall:.3f} | {r.single_mrr:.3f} | "
             f"{r.single_recall:.3f} | {r.ft_residual:.2e} | {r.pt_residual:.2e} | "
             f"{r.multi_seconds:.0f} | {r.single_seconds:.0f} | {_fmt(r.multi_mrr_sampled)} | "
-            f"{_fmt(r.multi_mrr_unsampled)} |",
+            f"{_fmt(r.multi_mrr_unsampled)} | {_fmt_lds(r.multi_lds)} | "
+            f"{_fmt_lds(r.single_lds)} |",
             flush=True,
         )
     for method, by_k in kept.items():
@@ -236,7 +262,12 @@ def sweep(state: WorldState, steps: Sequence[int], samples: int, seed: int) -> l
 
 
 def pt_sweep(
-    state: WorldState, steps: Sequence[int], ft_steps: int, samples: int, seed: int
+    state: WorldState,
+    steps: Sequence[int],
+    ft_steps: int,
+    samples: int,
+    seed: int,
+    truth: Truth | None = None,
 ) -> list[dict]:
     """Multi-stage with the fine-tune stage refined ft_steps times and the pre-train stage's
     iterates nested (one solve, snapshots at every K): how MRR moves as that stage converges."""
@@ -253,7 +284,7 @@ def pt_sweep(
     print(f"fine-tune stage: {ft_steps} steps, residual {float(ft.residuals[-1].mean()):.2e}")
     print(
         "| pt K | multi-stage MRR | recall@10 | pt residual | pt seconds | MRR, relevant in pt "
-        "sample | outside it |\n" + "|---:" * 7 + "|"
+        "sample | outside it | LDS |\n" + "|---:" * 8 + "|"
     )
     rows, kept = [], {}
     for k in steps:
@@ -264,11 +295,11 @@ def pt_sweep(
         row = {"pt_steps": k, "mrr": m, "recall@10": r,
                "pt_residual": float(pt.residuals[k].mean()),
                "pt_seconds": stamps[k] - stamps[0], "mrr_sampled": split[0],
-               "mrr_unsampled": split[1]}  # fmt: skip
+               "mrr_unsampled": split[1], "lds": lds_of(truth, state, scores)}  # fmt: skip
         rows.append(row)
         print(
             f"| {k} | {m:.3f} | {r:.3f} | {row['pt_residual']:.2e} | {row['pt_seconds']:.0f} | "
-            f"{_fmt(split[0])} | {_fmt(split[1])} |",
+            f"{_fmt(split[0])} | {_fmt(split[1])} | {_fmt_lds(row['lds'])} |",
             flush=True,
         )
     _print_agreement("multi-stage", kept)
@@ -316,28 +347,45 @@ def main(argv=None) -> list[Row]:
         help="instead: the fine-tune stage refined FT_STEPS times, the pre-train stage's "
         "iterates nested over --steps (multi-stage only)",
     )
+    p.add_argument("--damping-factor", type=float, default=PT_DAMPING_FACTOR,
+                   help="pre-train λ = factor × mean Λ_pt per module")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="fine-tune damping α")
+    p.add_argument(
+        "--lds",
+        nargs="?",
+        const="",
+        metavar="TRUTH",
+        help="also the LDS of every K against a truth file of benchmarks/lds.py (default: "
+        "benchmarks/results/lds-truth-<preset>.json)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     preset = "small" if args.quick else args.preset
     steps = sorted(set(args.steps or (QUICK_STEPS if args.quick else STEPS)))
+    truth = None
+    if args.lds is not None:
+        path = args.lds or ROOT / "benchmarks" / "results" / f"lds-truth-{preset}.json"
+        truth = load_truth(path)
     start = time.perf_counter()
-    state = world_state(preset)
-    dot = mrr(state.scores("gradient-dot", state.grads), state.query_ids, state.doc_ids,
-              state.relevant)  # fmt: skip
+    state = world_state(preset, args.damping_factor, args.alpha)
+    dot_scores = state.scores("gradient-dot", state.grads)
+    dot = mrr(dot_scores, state.query_ids, state.doc_ids, state.relevant)
     print(
         f"world {preset}: {len(state.docs)} documents, {len(state.ft_rows)} fine-tune pairs, "
-        f"{len(state.query_ids)} queries; samples {args.samples} (seed {args.seed}); "
-        f"gradient-dot MRR {dot[0]:.3f}; setup {time.perf_counter() - start:.0f}s; {machine()}"
+        f"{len(state.query_ids)} queries; samples {args.samples} (seed {args.seed}); damping "
+        f"factor {args.damping_factor}, α {args.alpha}; gradient-dot MRR {dot[0]:.3f}, LDS "
+        f"{_fmt_lds(lds_of(truth, state, dot_scores))}; setup {time.perf_counter() - start:.0f}s; "
+        f"{machine()}"
     )
     if args.pt_only is not None:
-        table = pt_sweep(state, steps, args.pt_only, args.samples, args.seed)
+        table = pt_sweep(state, steps, args.pt_only, args.samples, args.seed, truth)
         print(f"total {time.perf_counter() - start:.0f}s")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"preset": preset, "samples": args.samples, "seed": args.seed,
                            "ft_steps": args.pt_only, "rows": table}, f, indent=1)  # fmt: skip
         return table
-    rows = sweep(state, steps, args.samples, args.seed)
+    rows = sweep(state, steps, args.samples, args.seed, truth)
     print(f"total {time.perf_counter() - start:.0f}s")
     if args.json:
         from dataclasses import asdict
