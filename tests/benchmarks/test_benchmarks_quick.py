@@ -19,6 +19,7 @@ from benchmarks import (  # noqa: E402
     index,
     kronfluence_compare,
     rank_tracking,
+    reduce,
     scaling,
     sensitivity,
     speed,
@@ -168,3 +169,10 @@ def test_index_quick_agreement_grows_with_rank_and_speed_beats_the_scan(capsys):
     )
     fast = index.main(["--speed", "--lengths", "128", "--docs", "8", "--repeat", "1"])
     assert fast[0]["scan"] > 5 * fast[0]["lookup"]
+
+
+def test_reduce_quick_streaming_memory_does_not_grow_with_the_shards(capsys):
+    two, four = reduce.main(["--quick"])  # exits if the two ways' sums differ
+    part = two["partial_mib"]
+    assert four["all_at_once_mib"] - two["all_at_once_mib"] > 1.5 * part  # two more held
+    assert four["streaming_mib"] - two["streaming_mib"] < 0.5 * part
