@@ -24,6 +24,7 @@ def fit_covariance(
     split_heads_pattern: list,
     embeddings: bool,
     lm_head: bool,
+    module_groups: int,
     text_column: str,
     id_column: str,
     prompt_column: str,
@@ -55,6 +56,8 @@ def fit_covariance(
         split_heads_pattern: Also split the tracked modules matching these regexes.
         embeddings: Also track the input embedding.
         lm_head: Also track the output head.
+        module_groups: Passes over the shard, each fitting one contiguous group of the
+            tracked modules (about 1/N of the sums on the device, N× the passes; same sums).
         text_column: Corpus column of the documents' text.
         id_column: Column of row ids; absent (default name): rows are named row-N.
         prompt_column: Column of the prompts (fine-tune data, queries).

@@ -25,6 +25,7 @@ def fit_lambda(
     split_heads_pattern: list,
     embeddings: bool,
     lm_head: bool,
+    module_groups: int,
     text_column: str,
     id_column: str,
     prompt_column: str,
@@ -54,6 +55,7 @@ def fit_lambda(
         split_heads_pattern: As for fit-covariance.
         embeddings: As for fit-covariance.
         lm_head: As for fit-covariance.
+        module_groups: As for fit-covariance (only the group's eigenvectors on the device).
         text_column: As for fit-covariance.
         id_column: As for fit-covariance.
         prompt_column: As for fit-covariance.

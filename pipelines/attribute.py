@@ -23,6 +23,7 @@ from msif.pipelines.build import PipelineDefaults, run_pipeline_tasks
 from msif.config import (
     DataOptions,
     EigenOptions,
+    FitOptions,
     LookupOptions,
     ModelOptions,
     PreconditionOptions,
@@ -34,6 +35,7 @@ from msif.workflow.dag import ATTRIBUTE
 PIPELINE_NAME = ATTRIBUTE
 _M, _E, _P, _L = ModelOptions(), EigenOptions(), PreconditionOptions(), LookupOptions()
 _S, _R, _D = ScoreOptions(), RankOptions(), DataOptions()
+_F = FitOptions()
 
 
 def build_pipeline(defaults: PipelineDefaults | None = None):
@@ -67,6 +69,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         split_heads_pattern: list = list(_M.split_heads_pattern),  # noqa: B006
         embeddings: bool = _M.embeddings,
         lm_head: bool = _M.lm_head,
+        module_groups: int = _F.module_groups,
         factor_dtype: str = _E.factor_dtype,
         alpha: float = _P.alpha,
         damping_factor: float = _P.damping_factor,

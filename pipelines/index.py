@@ -14,11 +14,12 @@ msif.pipelines.build's, as for the full pipeline.
 from kfp import dsl
 from msif.pipelines.build import PipelineDefaults, run_pipeline_tasks
 
-from msif.config import DataOptions, EigenOptions, IndexOptions, ModelOptions
+from msif.config import DataOptions, EigenOptions, FitOptions, IndexOptions, ModelOptions
 from msif.workflow.dag import INDEX
 
 PIPELINE_NAME = INDEX
 _M, _E, _I, _D = ModelOptions(), EigenOptions(), IndexOptions(), DataOptions()
+_F = FitOptions()
 
 
 def build_pipeline(defaults: PipelineDefaults | None = None):
@@ -46,6 +47,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         split_heads_pattern: list = list(_M.split_heads_pattern),  # noqa: B006
         embeddings: bool = _M.embeddings,
         lm_head: bool = _M.lm_head,
+        module_groups: int = _F.module_groups,
         factor_dtype: str = _E.factor_dtype,
         index_tier: str = _I.index_tier,
         index_rank: int = _I.index_rank,

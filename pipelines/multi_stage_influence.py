@@ -32,6 +32,7 @@ from msif.pipelines.build import (
 from msif.config import (
     DataOptions,
     EigenOptions,
+    FitOptions,
     ModelOptions,
     PreconditionOptions,
     RankOptions,
@@ -43,6 +44,7 @@ PIPELINE_NAME = FULL
 # The defaults of the option parameters: msif.config's, written nowhere else.
 _M, _E, _P = ModelOptions(), EigenOptions(), PreconditionOptions()
 _S, _R, _D = ScoreOptions(), RankOptions(), DataOptions()
+_F = FitOptions()
 __all__ = [
     "CPU_NODES",
     "GKE_ACCELERATOR_LABEL",
@@ -85,6 +87,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         split_heads_pattern: list = list(_M.split_heads_pattern),  # noqa: B006
         embeddings: bool = _M.embeddings,
         lm_head: bool = _M.lm_head,
+        module_groups: int = _F.module_groups,
         factor_dtype: str = _E.factor_dtype,
         alpha: float = _P.alpha,
         damping_factor: float = _P.damping_factor,

@@ -170,6 +170,23 @@ class ModelOptions:
 
 
 @dataclass(frozen=True)
+class FitOptions:
+    """How fit-covariance and fit-lambda hold their sums on the device."""
+
+    module_groups: int = option(
+        1,
+        "fit the tracked modules in N passes over the shard, each holding one contiguous "
+        "group of them (balanced by bytes) on the device: about 1/N of the device memory "
+        "for the sums (and Λ's eigenvectors) at N times the forward and backward passes; "
+        "the same sums bit for bit",
+        metavar="N",
+    )
+
+    def __post_init__(self) -> None:
+        _integer("module_groups", self.module_groups, 1)
+
+
+@dataclass(frozen=True)
 class EigenOptions:
     """How eigendecompose stores the eigenbasis."""
 
@@ -415,6 +432,7 @@ class DataOptions:
 
 OPTION_CLASSES = (
     ModelOptions,
+    FitOptions,
     EigenOptions,
     PreconditionOptions,
     ScoreOptions,

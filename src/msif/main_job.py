@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from msif.config import (
     DataOptions,
     EigenOptions,
+    FitOptions,
     IndexOptions,
     LookupOptions,
     ModelOptions,
@@ -50,6 +51,7 @@ class JobSettings:
     data: DataOptions = field(default_factory=DataOptions)  # the fact world's own columns
     indexing: IndexOptions = field(default_factory=IndexOptions)
     lookup: LookupOptions = field(default_factory=LookupOptions)
+    fit: FitOptions = field(default_factory=FitOptions)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_shards, bool) or self.num_shards < 1:
@@ -73,7 +75,13 @@ class JobSettings:
             "queries_uri": str(world["queries"]),
             "num_shards": self.num_shards,
             **option_parameters(
-                self.model, self.eigen, self.precondition, self.scoring, self.ranking, self.data
+                self.model,
+                self.fit,
+                self.eigen,
+                self.precondition,
+                self.scoring,
+                self.ranking,
+                self.data,
             ),
             "accelerator_count": 0,
             "gpu_node_selector": {},
@@ -121,6 +129,7 @@ def add_parsers(sub) -> None:
     add_options(p, RankOptions, skip=("top_k",))
     add_options(p, EigenOptions)
     add_options(p, ModelOptions)
+    add_options(p, FitOptions)
     add_options(p, IndexOptions)
     add_options(p, LookupOptions)
     p.set_defaults(run=run_command, **WORLD_MODEL_OPTIONS)
@@ -153,6 +162,7 @@ def settings_from(args: argparse.Namespace, world_alpha: float | None) -> JobSet
         ranking=from_namespace(RankOptions, args),
         indexing=from_namespace(IndexOptions, args),
         lookup=from_namespace(LookupOptions, args),
+        fit=from_namespace(FitOptions, args),
     )
 
 

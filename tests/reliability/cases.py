@@ -354,6 +354,11 @@ for argv, what, expect in [
     (lambda c: W.rank(c, "--report-k", "0"), "rank --report-k 0", "--report-k"),
     (lambda c: W.rank(c, "--top-k", "-3"), "rank --top-k -3", "--top-k"),
     (lambda c: W.bm25(c, "--top-k", "0"), "bm25 --top-k 0", "--top-k"),
+    (
+        lambda c: W.fit_covariance(c, None, None, "--module-groups", "0"),
+        "fit-covariance --module-groups 0",
+        "--module-groups must be at least 1",
+    ),
 ]:
     case(f"option:{what}", G, what, argv, expect, code=2)
 for argv, what, expect in [
@@ -365,6 +370,11 @@ for argv, what, expect in [
         lambda c: W.fit_covariance(c, None, None, "--include", "no-such-module"),
         "--include matching no module",
         "no module matched",
+    ),
+    (
+        lambda c: W.fit_covariance(c, None, None, "--module-groups", "99"),
+        "--module-groups 99, more groups than tracked modules",
+        "cannot fit 99 module groups",
     ),
 ]:
     case(f"option:{what}", G, what, argv, expect)

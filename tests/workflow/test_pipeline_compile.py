@@ -402,6 +402,7 @@ def test_runtime_parameters_and_defaults(ir):
         "split_heads_pattern": [],
         "embeddings": False,
         "lm_head": False,
+        "module_groups": 1,
         "factor_dtype": "float32",
         "alpha": 0.001,
         "damping_factor": 0.01,
@@ -561,11 +562,11 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
     p.update(columns, append_eos="on")
     cov = art(tmp_path, "cov")
     # Local runs hand ParallelFor items over as floats: 1.0 must become "1".
-    c.fit_covariance.python_func("m", "d", "pt", 1.0, 2.0, covariance=cov, **p)
+    c.fit_covariance.python_func("m", "d", "pt", 1.0, 2.0, covariance=cov, module_groups=2, **p)
     eig = art(tmp_path, "eig")
     c.eigendecompose.python_func([art(tmp_path, "c0"), art(tmp_path, "c1")], eig, "float64")
     lam = art(tmp_path, "lam")
-    c.fit_lambda.python_func("m", "d", "ft", eig, 0.0, 2, lambda_sums=lam, **p)
+    c.fit_lambda.python_func("m", "d", "ft", eig, 0.0, 2, lambda_sums=lam, module_groups=3, **p)
     fac = art(tmp_path, "fac")
     c.build_factors.python_func(eig, [art(tmp_path, "l0")], fac)
     pre = art(tmp_path, "pre")
@@ -591,15 +592,18 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
     cols = ["--text-column", "body", "--id-column", "id", "--prompt-column", "prompt"]
     cols += ["--completion-column", "completion", "--messages-column", "messages"]
     cols += ["--split", ""]
+    # The fit nodes' --module-groups comes after the module options, before the columns.
+    cov_opts = [*opts, "--module-groups", "2", *cols, "--append-eos", "on"]
+    lam_opts = [*opts, "--module-groups", "3", *cols, "--append-eos", "on"]
     opts += [*cols, "--append-eos", "on"]
     pq_ = ["--damping-factor", "0.1", "--query-rank", "8"]
     assert fake_cli.calls == [
         ["fit-covariance", "--out", f"{t}/cov", "--model", "m", "--data", "d", "--stage", "pt",
-         "--shard", "1", "--num-shards", "2", *opts],
+         "--shard", "1", "--num-shards", "2", *cov_opts],
         ["eigendecompose", "--out", f"{t}/eig", "--partials", f"{t}/c0", f"{t}/c1",
          "--factor-dtype", "float64"],
         ["fit-lambda", "--out", f"{t}/lam", "--model", "m", "--data", "d", "--stage", "ft",
-         "--eigenbasis", f"{t}/eig", "--shard", "0", "--num-shards", "2", *opts],
+         "--eigenbasis", f"{t}/eig", "--shard", "0", "--num-shards", "2", *lam_opts],
         ["build-factors", "--out", f"{t}/fac", "--eigenbasis", f"{t}/eig", "--partials", f"{t}/l0"],
         ["precondition-queries", "--out", f"{t}/pre", "--model", "ft", "--queries", "q",
          "--method", "multi-stage", "--alpha", "0.01", *pq_, "--refine-steps", "3",

@@ -137,6 +137,63 @@ def test_fitting_nodes_by_hand(tiny):
     ) + 2 * 4 * (COVARIANCE_ENTRIES + EIGENVALUES)
 
 
+def test_module_groups_by_hand(tmp_path):
+    one = nodes(make_plan(tiny_inputs(tmp_path)))
+    two = nodes(make_plan(tiny_inputs(tmp_path, module_groups=2)))
+    # Covariance bytes per module (in² + out²): q 128, k 80, v 80, o 128, gate 320, up 320,
+    # down 320; the best contiguous cut in two is q..gate (736) | up, down (640).
+    # Per position the first group's batch holds the saved linear inputs/outputs 128·4, its
+    # hooked output gradients (8 + 4 + 4 + 8 + 16)·4, one module's float32 a and g 4·24 and
+    # the logits 3·4·32; the second's hooks are (16 + 8)·4. Batch 2 × 4 positions.
+    first, second = 8 * 736 + 8 * (512 + 160 + 96 + 384), 8 * 640 + 8 * (512 + 96 + 96 + 384)
+    assert (first, second) == (15104, 13824)
+    cov = two["fit-covariance (pt)"]
+    assert cov.gpu_memory == 4 * PARAMETERS + first
+    assert one["fit-covariance (pt)"].gpu_memory == 4 * PARAMETERS + 8 * COVARIANCE_ENTRIES + 8 * (
+        512 + 256 + 96 + 384
+    )
+    # The frozen forward and backward run twice, the statistics once.
+    assert cov.flops == (2 * FROZEN + COVARIANCE) * 4096
+    assert two["fit-covariance (ft)"].flops == (2 * FROZEN + COVARIANCE) * 1024
+    assert cov.positions == 2 * 4096
+    # Two pods (shards), float32 at 40 % of the H100's 67 TFLOP/s; the weights, the partial
+    # and the shard's text twice (4 bytes per token) through GCS at 0.5 GB/s.
+    transfers = 4 * PARAMETERS + 8 * COVARIANCE_ENTRIES + 2 * 4 * 4096 / 2
+    seconds = (2 * FROZEN + COVARIANCE) * 4096 / 2 / (0.4 * 67e12) + transfers / 0.5e9
+    assert cov.transfers == transfers
+    assert cov.hours_per_pod == pytest.approx(seconds / 3600, rel=1e-12)
+    # What is written and held on the host does not change.
+    for name in ("fit-covariance (pt)", "fit-lambda (pt)"):
+        assert (two[name].storage, two[name].host_memory) == (
+            one[name].storage,
+            one[name].host_memory,
+        )
+    # Λ bytes per module: 8·out·in + 4·(in² + out²) (float64 sums, float32 eigenvectors):
+    # q 1024, k 576, v 576, o 1024, gate 2304, up 2304, down 2304; the same cut,
+    # q..gate (5504) | up, down (4608), beside the first group's batch and the rotation chunk.
+    lam = two["fit-lambda (pt)"]
+    assert lam.gpu_memory == 4 * PARAMETERS + 5504 + 8 * (512 + 160 + 96 + 384) + 4 * 2**26
+    assert (
+        one["fit-lambda (pt)"].gpu_memory
+        == (4 * PARAMETERS + 8 * TRACKED + 4 * COVARIANCE_ENTRIES + 8 * (512 + 256 + 96 + 384))
+        + 4 * 2**26
+    )
+    assert lam.flops == (2 * FROZEN + LAMBDA) * 4096
+    assert "2 module groups: the shard is read and run 2 times" in lam.notes[0]
+    # The other nodes are as without groups.
+    for name, n in one.items():
+        if not name.startswith("fit-"):
+            assert two[name] == n, name
+
+
+def test_more_module_groups_than_modules_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    rc, err = _fails([*_argv(tmp_path), "--module-groups", "8"], capsys)
+    assert rc == 1 and "cannot fit 8 module groups: only 7 modules are tracked" in err
+    rc, err = _fails([*_argv(tmp_path), "--module-groups", "0"], capsys)
+    assert rc == 2 and "--module-groups must be at least 1, not 0" in err
+
+
 def test_queries_and_scoring_by_hand(tiny):
     n = nodes(tiny)
     # Two queries of 4 positions; 2·out·in per position for Σ g aᵀ; per module three

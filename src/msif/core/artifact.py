@@ -204,6 +204,63 @@ def check_compatible(a, b, what: str) -> None:
         raise MismatchError(f"cannot combine {what}: stage or seed differs")
 
 
+def merge_modules(parts: Sequence[P]) -> P:
+    """One artifact holding every part's modules: the union of partial sums of disjoint
+    module groups fitted on the same data (the sums of one pass over all their modules).
+
+    Refuses (MismatchError) parts of other kinds, models, stages or seeds, of other data
+    (token and sequence counts, recorded facts, Λ's eigenbasis) and a module in two parts.
+    Modules keep the parts' order; the tensors are shared with the parts, not copied.
+    """
+    if not parts:
+        raise MsifError("no partial sums to merge")
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    what = first.what
+    seen: dict[str, int] = {}
+    for i, part in enumerate(parts):
+        if type(part) is not type(first):
+            raise MismatchError(f"cannot merge {what} with {part.what}")
+        if i:
+            _check_mergeable(first, part, what)
+        for name in part.specs:
+            if name in seen:
+                raise MismatchError(
+                    f"cannot merge {what}: module {name!r} is in parts {seen[name] + 1} and "
+                    f"{i + 1} (module groups must be disjoint)"
+                )
+            seen[name] = i
+    merged: dict[str, Any] = {}
+    for f in dataclasses.fields(first):
+        if f.metadata.get(_SPECS) or _SUFFIXES in f.metadata:
+            merged[f.name] = {k: v for p in parts for k, v in getattr(p, f.name).items()}
+    return dataclasses.replace(first, **merged)
+
+
+def _check_mergeable(a: PartialSums, b: PartialSums, what: str) -> None:
+    if a.fingerprint != b.fingerprint:
+        advice = dtype_advice(a.fingerprint, b.fingerprint, "one of them")
+        detail = f" ({advice})" if advice else ""
+        raise MismatchError(f"cannot merge {what}: they come from different models{detail}")
+    if a.stage != b.stage or a.seed != b.seed:
+        raise MismatchError(f"cannot merge {what}: stage or seed differs")
+    a_info, b_info = getattr(a, "info", {}), getattr(b, "info", {})
+    if a_info.get("eigenbasis") != b_info.get("eigenbasis"):
+        raise MismatchError(f"cannot merge {what}: they were fitted in different eigenbases")
+    if (a.num_tokens, a.num_sequences) != (b.num_tokens, b.num_sequences):
+        raise MismatchError(
+            f"cannot merge {what}: they were fitted on different data ({a.num_sequences} "
+            f"sequences and {a.num_tokens} tokens against {b.num_sequences} and {b.num_tokens})"
+        )
+    differs = sorted(k for k in a_info.keys() | b_info.keys() if a_info.get(k) != b_info.get(k))
+    if differs:
+        raise MismatchError(
+            f"cannot merge {what}: they record different {differs[0]!r} (other data, shards "
+            "or options)"
+        )
+
+
 def reduce_partials(parts: Sequence[P], what: str) -> P:
     """Sum shard partials (CovarianceSums or LambdaSums) with their own +."""
     if not parts:

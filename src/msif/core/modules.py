@@ -193,6 +193,21 @@ def find_modules(
     return specs
 
 
+def select_group(
+    specs: dict[str, ModuleSpec], group: Iterable[str] | None
+) -> dict[str, ModuleSpec]:
+    """The specs named in group, in specs' (model) order; every spec when group is None."""
+    if group is None:
+        return dict(specs)
+    wanted = set(group)
+    unknown = sorted(wanted - set(specs))
+    if unknown:
+        raise MsifError(f"module {unknown[0]!r} of the group is not a tracked module")
+    if not wanted:
+        raise MsifError("the module group is empty")
+    return {name: spec for name, spec in specs.items() if name in wanted}
+
+
 def _check_split(specs: dict[str, ModuleSpec], sel: ModuleSelection) -> None:
     # A split that splits nothing is refused (a pattern) or logged (the default set), so that
     # asking for heads never silently fits unsplit factors.

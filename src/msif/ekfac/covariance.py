@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from msif.core.artifact import PartialSums, check_finite_sums, module_specs, per_module
+from msif.core.artifact import (
+    PartialSums,
+    check_finite_sums,
+    merge_modules,
+    module_specs,
+    per_module,
+)
 from msif.core.device import sums_device
 from msif.core.fingerprint import model_fingerprint
 from msif.core.hooks import hooked_batches
 from msif.core.linalg import gram
-from msif.core.modules import ModuleSelection, ModuleSpec, find_modules
+from msif.core.modules import ModuleSelection, ModuleSpec, find_modules, select_group
+from msif.ekfac.groups import SamePasses, covariance_bytes, split_modules
 
 
 @dataclass
@@ -75,17 +82,55 @@ def empty_sums(
 
 def fit_covariance(
     model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
+    batches: Iterable[Mapping[str, torch.Tensor]] | Callable[[], Iterable[Mapping]],
     *,
     stage: str = "pt",
     modules: ModuleSelection | dict[str, ModuleSpec] | None = None,
     seed: int = 0,
     progress: bool = False,
+    module_groups: int = 1,
+    group: Collection[str] | None = None,
 ) -> CovarianceSums:
-    """Sum a aᵀ and g gᵀ over scored tokens, with g from labels sampled from the model."""
+    """Sum a aᵀ and g gᵀ over scored tokens, with g from labels sampled from the model.
+
+    module_groups N > 1 fits the modules in N passes over the data, each tracking one
+    contiguous group of them (msif.ekfac.groups, balanced by their sums' bytes): the device
+    holds about 1/N of the sums, for N forward and backward passes, and the result is the
+    one-pass sums bit for bit. batches must then be readable N times: a list of batches, or
+    a zero-argument callable that returns fresh ones.
+
+    group: the names of the selected modules to fit (the others are not tracked). The sums
+    keep the whole selection's fingerprint, so that disjoint groups fitted on the same data
+    merge into the whole (msif.core.artifact.merge_modules).
+    """
     specs = modules if isinstance(modules, dict) else find_modules(model, modules)
-    cov = empty_sums(stage, specs, model_fingerprint(model, specs), seed, sums_device(model))
-    desc = f"covariance ({stage})"
+    fingerprint = model_fingerprint(model, specs)  # of the whole selection, once
+    groups = split_modules(select_group(specs, group), module_groups, covariance_bytes)
+    data = SamePasses(batches, len(groups))
+    parts = []
+    for i, part in enumerate(groups):
+        desc = f"covariance ({stage})"
+        if len(groups) > 1:
+            desc += f", module group {i + 1}/{len(groups)}"
+        parts.append(
+            _covariance_pass(model, data(), stage, part, fingerprint, seed, progress, desc)
+        )
+        data.check(i)
+    return merge_modules(parts)
+
+
+def _covariance_pass(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    stage: str,
+    specs: dict[str, ModuleSpec],
+    fingerprint: dict,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> CovarianceSums:
+    """One pass over the data tracking specs: their sums, on the host."""
+    cov = empty_sums(stage, specs, fingerprint, seed, sums_device(model))
     for hb in hooked_batches(
         model, batches, specs, sample=True, seed=seed, progress=progress, desc=desc
     ):

@@ -24,21 +24,23 @@ def fit_factors(
     seed: int = 0,
     progress: bool = False,
     dtype: torch.dtype = torch.float32,
+    module_groups: int = 1,
 ) -> Factors:
     """EK-FAC factors of one stage from its data, in memory (no shards, no artifacts).
 
     batches_fn is called twice, once for the covariance pass and once for the Λ pass, and must
     return a fresh iterable of the same batches each time. dtype is that of the stored
     eigenvectors and Λ (the eigendecomposition itself runs in float64, on the model's GPU
-    when it has one).
+    when it has one). module_groups N > 1 fits each of the two passes in N passes over one
+    group of modules each (batches_fn is then called N times per pass; msif.ekfac.groups),
+    with the same factors bit for bit.
     """
     if not callable(batches_fn):
         raise TypeError(
             "batches_fn must be a zero-argument callable returning a fresh batch iterable "
             "(the data is passed twice), e.g. lambda: batches(...)"
         )
-    cov = fit_covariance(
-        model, batches_fn(), stage=stage, modules=modules, seed=seed, progress=progress
-    )
+    groups = {"module_groups": module_groups, "progress": progress}
+    cov = fit_covariance(model, batches_fn, stage=stage, modules=modules, seed=seed, **groups)
     basis = eigendecompose(cov, dtype=dtype, device=model_device(model))
-    return Factors.build(basis, fit_lambda(model, batches_fn(), basis, progress=progress))
+    return Factors.build(basis, fit_lambda(model, batches_fn, basis, **groups))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -13,6 +14,7 @@ from torch import nn
 from msif.core.artifact import (
     PartialSums,
     check_finite_sums,
+    merge_modules,
     module_specs,
     per_module,
     reduce_partials,
@@ -21,8 +23,9 @@ from msif.core.device import model_device, sums_device, work_dtype
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
 from msif.core.hooks import hooked_batches
 from msif.core.linalg import rotate_output
-from msif.core.modules import ModuleSpec
+from msif.core.modules import ModuleSpec, select_group
 from msif.ekfac.eigenbasis import Eigenbasis
+from msif.ekfac.groups import SamePasses, lambda_bytes, split_modules
 from msif.errors import MsifError
 
 # Per-sequence rotated gradients are built in chunks of at most this many elements.
@@ -73,16 +76,55 @@ def _accumulate(total: torch.Tensor, spec: ModuleSpec, a, g, q_a, q_g) -> None:
 
 def fit_lambda(
     model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
+    batches: Iterable[Mapping[str, torch.Tensor]] | Callable[[], Iterable[Mapping]],
     eigenbasis: Eigenbasis,
     *,
     seed: int | None = None,
     progress: bool = False,
+    module_groups: int = 1,
+    group: Collection[str] | None = None,
 ) -> LambdaSums:
-    """Sum (Q_Gᵀ DW_n Q_A)∘² over sequences, DW_n from labels sampled from the model."""
+    """Sum (Q_Gᵀ DW_n Q_A)∘² over sequences, DW_n from labels sampled from the model.
+
+    module_groups N > 1 fits the modules in N passes over the data, each tracking one
+    contiguous group (msif.ekfac.groups, balanced by the bytes of its Λ sums and
+    eigenvectors) with only that group's eigenvectors on the device; the result is the
+    one-pass sums bit for bit. batches must then be readable N times (a list, or a
+    zero-argument callable returning fresh batches).
+
+    group: the names of the eigenbasis's modules to fit; the sums keep the eigenbasis's
+    fingerprint and id, so disjoint groups merge (msif.core.artifact.merge_modules).
+    """
     specs = eigenbasis.specs
     check_fingerprint(eigenbasis.fingerprint, model_fingerprint(model, specs), "the eigenbasis")
     seed = eigenbasis.seed if seed is None else seed
+    basis_id = eigenbasis_id(eigenbasis)
+    work = work_dtype(next(model.parameters()).dtype)
+    vector_bytes = torch.empty((), dtype=work).element_size()
+    weight = functools.partial(lambda_bytes, vector_bytes=vector_bytes)
+    groups = split_modules(select_group(specs, group), module_groups, weight)
+    data = SamePasses(batches, len(groups))
+    parts = []
+    for i, part in enumerate(groups):
+        desc = f"lambda ({eigenbasis.stage})"
+        if len(groups) > 1:
+            desc += f", module group {i + 1}/{len(groups)}"
+        parts.append(_lambda_pass(model, data(), eigenbasis, part, seed, basis_id, progress, desc))
+        data.check(i)
+    return merge_modules(parts)
+
+
+def _lambda_pass(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    eigenbasis: Eigenbasis,
+    specs: dict[str, ModuleSpec],
+    seed: int,
+    basis_id: str,
+    progress: bool,
+    desc: str,
+) -> LambdaSums:
+    """One pass over the data tracking specs (with their eigenvectors on the device)."""
     device = sums_device(model)
     result = LambdaSums(
         stage=eigenbasis.stage,
@@ -94,14 +136,13 @@ def fit_lambda(
         num_sequences=0,
         fingerprint=eigenbasis.fingerprint,
         seed=seed,
-        info={"eigenbasis": eigenbasis_id(eigenbasis)},
+        info={"eigenbasis": basis_id},
     )
-    # Moved and cast once: a per-batch copy of every basis would dominate a GPU pass.
+    # Moved and cast once per pass: a per-batch copy of every basis would dominate a GPU pass.
     dev = model_device(model)
     work = work_dtype(next(model.parameters()).dtype)
-    q_a = {k: v.to(dev, work) for k, v in eigenbasis.activation_eigvecs.items() if k in specs}
-    q_g = {k: v.to(dev, work) for k, v in eigenbasis.gradient_eigvecs.items() if k in specs}
-    desc = f"lambda ({eigenbasis.stage})"
+    q_a = {k: eigenbasis.activation_eigvecs[k].to(dev, work) for k in specs}
+    q_g = {k: eigenbasis.gradient_eigvecs[k].to(dev, work) for k in specs}
     for hb in hooked_batches(
         model, batches, specs, sample=True, seed=seed, progress=progress, desc=desc
     ):

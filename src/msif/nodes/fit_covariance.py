@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msif.config import DataOptions, ModelOptions, add_options, from_namespace
+from msif.config import DataOptions, FitOptions, ModelOptions, add_options, from_namespace
 from msif.nodes import runtime
 
 NAME = "fit-covariance"
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the partial sums go")
     add_options(p, ModelOptions)
+    add_options(p, FitOptions)
     add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
@@ -41,6 +42,7 @@ def add_parser(sub) -> None:
             from_namespace(ModelOptions, a),
             from_namespace(DataOptions, a),
             base_model_uri=a.base_model,
+            fit=from_namespace(FitOptions, a),
         )
     )
 
@@ -57,12 +59,14 @@ def run(
     data: DataOptions | None = None,
     *,
     base_model_uri: str | None = None,
+    fit: FitOptions | None = None,
 ) -> None:
     """Covariance partial sums of one data shard."""
     from msif.ekfac.covariance import fit_covariance
 
     runtime.check_output(out_uri, model_uri, data_uri, base_model_uri)
     data = data or DataOptions()
+    fit = fit or FitOptions()
     model, batches, info = runtime.stage_inputs(
         model_uri, data_uri, stage, shard, num_shards, options, data, base_model_uri
     )
@@ -73,7 +77,8 @@ def run(
         modules=options.selection(),
         seed=options.seed,
         progress=options.progress,
+        module_groups=fit.module_groups,
     )
-    cov.info = {**info, "model": model_uri}
+    cov.info = {**info, "model": model_uri, "module_groups": fit.module_groups}
     with runtime.published(out_uri, runtime.shard_meta(NAME, stage, shard, num_shards)) as tmp:
         cov.save(tmp)

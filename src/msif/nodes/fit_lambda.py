@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msif.config import DataOptions, ModelOptions, add_options, from_namespace
+from msif.config import DataOptions, FitOptions, ModelOptions, add_options, from_namespace
 from msif.errors import MismatchError
 from msif.nodes import runtime
 
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     runtime.add_shard_arguments(p)
     runtime.add_out_argument(p, "where the Λ partial sums go")
     add_options(p, ModelOptions)
+    add_options(p, FitOptions)
     add_options(p, DataOptions)
     p.set_defaults(
         run=lambda a: run(
@@ -40,6 +41,7 @@ def add_parser(sub) -> None:
             from_namespace(ModelOptions, a),
             from_namespace(DataOptions, a),
             base_model_uri=a.base_model,
+            fit=from_namespace(FitOptions, a),
         )
     )
 
@@ -57,6 +59,7 @@ def run(
     data: DataOptions | None = None,
     *,
     base_model_uri: str | None = None,
+    fit: FitOptions | None = None,
 ) -> None:
     """Λ partial sums of one data shard in a given eigenbasis."""
     from msif.ekfac.eigenbasis import Eigenbasis
@@ -68,6 +71,7 @@ def run(
     if basis.stage != stage:
         raise MismatchError(f"{eigenbasis_uri} is a {basis.stage!r} eigenbasis, not {stage!r}")
     data = data or DataOptions()
+    fit = fit or FitOptions()
     model, batches, info = runtime.stage_inputs(
         model_uri, data_uri, stage, shard, num_shards, options, data, base_model_uri
     )
@@ -75,7 +79,14 @@ def run(
         raise MismatchError(
             f"{eigenbasis_uri} was fitted with a tokenizer of another vocabulary than {model_uri}'s"
         )
-    lam = fit_lambda(model, batches, basis, seed=options.seed, progress=options.progress)
-    lam.info.update(info)
+    lam = fit_lambda(
+        model,
+        batches,
+        basis,
+        seed=options.seed,
+        progress=options.progress,
+        module_groups=fit.module_groups,
+    )
+    lam.info.update(info, module_groups=fit.module_groups)
     with runtime.published(out_uri, runtime.shard_meta(NAME, stage, shard, num_shards)) as tmp:
         lam.save(tmp)

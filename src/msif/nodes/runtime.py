@@ -359,8 +359,12 @@ def stage_batches(
     num_shards: int,
     opts: ModelOptions,
     data: DataOptions,
-) -> tuple[Iterator[dict], dict]:
-    """Batches of one shard of a stage's data, with the facts its partial sums record."""
+) -> tuple[Callable[[], Iterator[dict]], dict]:
+    """Batches of one shard of a stage's data, with the facts its partial sums record.
+
+    The batches come from a zero-argument callable: each call reads the shard afresh from the
+    table opened here (a fit with module groups passes over it once per group).
+    """
     examples, source, (start, stop) = shard_examples(
         model, tokenizer, data_uri, shard, num_shards, opts, data
     )
@@ -376,7 +380,18 @@ def stage_batches(
         "options": opts.recorded(),
         "data_options": data.recorded(),
     }
-    return batches(examples, opts.batch_size, pad_id_of(tokenizer)), info
+    pad = pad_id_of(tokenizer)
+    first = [examples]  # the first pass reads the examples already opened (checked) here
+
+    def fresh() -> Iterator[dict]:
+        rows = first.pop() if first else None
+        if rows is None:
+            rows, _, _ = shard_examples(
+                model, tokenizer, data_uri, shard, num_shards, opts, data, source=source
+            )
+        return batches(rows, opts.batch_size, pad)
+
+    return fresh, info
 
 
 def stage_inputs(
@@ -389,8 +404,8 @@ def stage_inputs(
     data: DataOptions,
     base_model_uri: str | None = None,
 ):
-    """What fit-covariance and fit-lambda start from: the stage's model, one shard's batches
-    and the facts their partial sums record."""
+    """What fit-covariance and fit-lambda start from: the stage's model, a callable giving one
+    shard's batches afresh on each call, and the facts their partial sums record."""
     check_stage(stage)
     model, tokenizer, opts = load_stage_model(model_uri, opts, base_model_uri)
     batches_, info = stage_batches(model, tokenizer, data_uri, shard, num_shards, opts, data)

@@ -414,17 +414,25 @@ def projected_cells(shape: ModelShape, values: int, rank: int) -> float:
     return cells
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq: int, dtype: str) -> float:
+def activation_bytes(
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    dtype: str,
+    tracked: Iterable[ModuleSpec] | None = None,
+) -> float:
     """Peak memory of one batch's forward and backward, rough (±50 %), per position: what
     autograd saves, about the inputs and outputs of every block linear (17·hidden per layer
     for a GPT block, as Korthikanti et al. 2022 count with fused attention); the output
     gradients the hooks keep for every tracked module (their inputs are autograd's); one
     module's float32 copies of a and g; the float32 logits three times (logits,
-    log-softmax, their gradient)."""
+    log-softmax, their gradient). tracked: the modules hooked in this pass (a module group),
+    by default every tracked module."""
     b = BYTES[dtype]
+    hooked = tuple(shape.specs if tracked is None else tracked)
     saved = shape.block_linear_io * b
-    hooks = sum(s.out_features for s in shape.specs) * b
-    cast = 4 * max(s.in_dim + s.out_features for s in shape.specs)
+    hooks = sum(s.out_features for s in hooked) * b
+    cast = 4 * max(s.in_dim + s.out_features for s in hooked)
     logits = 3 * 4 * shape.vocab
     return batch * seq * (saved + hooks + cast + logits)
 
@@ -564,6 +572,14 @@ def _lookup_rates() -> dict[str, Figure]:
         "lookup-factored": Figure(factored, LOOKUP_SOURCE),
         "lookup-projected": Figure(projected, LOOKUP_SOURCE),
     }
+
+
+def size_text(n: float) -> str:
+    """Bytes as the plan prints them: 1.5 GiB, 640.1 MiB, 12 B."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def ceil_gib(nbytes: float) -> int:

@@ -8,6 +8,7 @@ at once, or every query's gradient, the estimate says so.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -18,11 +19,14 @@ from msif.config import (
     INDEX_DTYPES,
     INDEX_TIERS,
     EigenOptions,
+    FitOptions,
     IndexOptions,
     LookupOptions,
     ModelOptions,
     ScoreOptions,
 )
+from msif.core.modules import ModuleSpec
+from msif.ekfac.groups import covariance_bytes, lambda_bytes, split_modules
 from msif.errors import OptionError
 from msif.workflow import costs
 from msif.workflow.costs import BYTES, Figure, ModelShape
@@ -68,6 +72,7 @@ class PlanInputs:
     finetune_length: int = 0  # 0: max_length
     query_length: int = 128
     batch_size: int = _M.batch_size
+    module_groups: int = FitOptions().module_groups
     dtype: str = _M.dtype
     factor_dtype: str = EigenOptions().factor_dtype
     query_rank: int = 0
@@ -90,7 +95,14 @@ class PlanInputs:
     split_heads_pattern: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("corpus_tokens", "finetune_tokens", "queries", "num_shards", "batch_size"):
+        for name in (
+            "corpus_tokens",
+            "finetune_tokens",
+            "queries",
+            "num_shards",
+            "batch_size",
+            "module_groups",
+        ):
             _positive(name, getattr(self, name))
         for name in ("max_length", "query_length"):
             _positive(name, getattr(self, name), 2)
@@ -263,10 +275,20 @@ class Costs:
         """A Λ partial: float64 (out × in') per module."""
         return 8.0 * self.shape.tracked_parameters
 
-    def activations(self, seq: int, batch: int | None = None) -> float:
-        """One batch's forward and backward, with the hooks' copies."""
+    def activations(
+        self, seq: int, batch: int | None = None, tracked: tuple[ModuleSpec, ...] | None = None
+    ) -> float:
+        """One batch's forward and backward, with the hooks' copies of the tracked modules
+        (a module group's; default every tracked module)."""
         b = batch or self.inputs.batch_size
-        return costs.activation_bytes(self.shape, b, seq, self.inputs.dtype)
+        return costs.activation_bytes(self.shape, b, seq, self.inputs.dtype, tracked)
+
+    def module_groups(self, weight) -> list[tuple[ModuleSpec, ...]]:
+        """The module groups the fit nodes make of the tracked modules (--module-groups),
+        cut as msif.ekfac.groups cuts them: contiguous, balanced by weight (bytes)."""
+        specs = {s.name: s for s in self.shape.specs}
+        groups = split_modules(specs, self.inputs.module_groups, weight)
+        return [tuple(g.values()) for g in groups]
 
     def pass_seconds(self, model_flops: float, stats_flops: float, rate: str) -> float:
         """Seconds of a model pass: on a GPU the model's matmuls in its dtype and msif's
@@ -298,47 +320,70 @@ def _stage_data(c: Costs, stage: str) -> tuple[float, int]:
 
 
 def fit_covariance(c: Costs, task: Task) -> NodeEstimate:
-    """GPU, ×N: Σ a aᵀ, Σ g gᵀ in float64 on the device; the partial written per shard."""
+    """GPU, ×N: Σ a aᵀ, Σ g gᵀ in float64 on the device; the partial written per shard. With
+    module groups the shard is read and run once per group, the device holding the largest
+    group's sums (and its hooks' copies); the statistics are computed once all the same."""
     n, (tokens, seq) = c.inputs.num_shards, _stage_data(c, task.label)
     where = "gpu" if c.on_gpu else "cpu"
-    model = costs.frozen_pass_flops(c.shape, seq) * tokens
+    groups = c.module_groups(covariance_bytes)
+    runs = len(groups)
+    model = costs.frozen_pass_flops(c.shape, seq) * tokens * runs
     stats = costs.covariance_flops(c.shape, where) * tokens
     part = c.cov_bytes()
+    held = max(sum(map(covariance_bytes, g)) + c.activations(seq, tracked=g) for g in groups)
     return _gpu_node(
         c,
         task,
-        tokens,
+        tokens * runs,
         model,
         stats,
         "covariance",
-        c.weights + part + TEXT_BYTES_PER_TOKEN * tokens / n,
-        gpu=c.weights + part + c.activations(seq),
+        c.weights + part + runs * TEXT_BYTES_PER_TOKEN * tokens / n,
+        gpu=c.weights + held,
         host=c.weights + 2 * part,
         disk=c.weights + part,
         storage=n * part,
+        notes=_group_notes(groups, covariance_bytes, "covariance sums"),
     )
 
 
 def fit_lambda(c: Costs, task: Task) -> NodeEstimate:
-    """GPU, ×N: (Q_Gᵀ DW_n Q_A)∘² summed per sequence, float64 on the device."""
+    """GPU, ×N: (Q_Gᵀ DW_n Q_A)∘² summed per sequence, float64 on the device; with module
+    groups one pass per group, holding that group's Λ sums and eigenvectors."""
     n, (tokens, seq) = c.inputs.num_shards, _stage_data(c, task.label)
-    model = costs.frozen_pass_flops(c.shape, seq) * tokens
+    weight = functools.partial(lambda_bytes, vector_bytes=c.work_bytes)
+    groups = c.module_groups(weight)
+    runs = len(groups)
+    model = costs.frozen_pass_flops(c.shape, seq) * tokens * runs
     stats = costs.lambda_flops(c.shape, seq) * tokens
     part, basis = c.lambda_bytes(), c.eigenbasis_bytes()
-    vectors = c.work_bytes * c.shape.covariance_entries  # every Q_A, Q_G, cast once
+    # Per group: its Λ sums and every Q_A, Q_G of it, cast once to the work dtype.
+    held = max(sum(map(weight, g)) + c.activations(seq, tracked=g) for g in groups)
     chunk = 4.0 * (1 << 26)  # msif.ekfac.lambdas.CHUNK_ELEMENTS of rotated gradients
     return _gpu_node(
         c,
         task,
-        tokens,
+        tokens * runs,
         model,
         stats,
         "lambda",
-        c.weights + basis + part + TEXT_BYTES_PER_TOKEN * tokens / n,
-        gpu=c.weights + part + vectors + c.activations(seq) + chunk,
+        c.weights + basis + part + runs * TEXT_BYTES_PER_TOKEN * tokens / n,
+        gpu=c.weights + held + chunk,
         host=c.weights + basis + 2 * part,
         disk=c.weights + basis + part,
         storage=n * part,
+        notes=_group_notes(groups, weight, "Λ sums and eigenvectors"),
+    )
+
+
+def _group_notes(groups: list[tuple[ModuleSpec, ...]], weight, what: str) -> tuple[str, ...]:
+    if len(groups) == 1:
+        return ()
+    sizes = [sum(map(weight, g)) for g in groups]
+    return (
+        f"{len(groups)} module groups: the shard is read and run {len(groups)} times; the "
+        f"largest group holds {costs.size_text(max(sizes))} of {what} "
+        f"({len(groups[sizes.index(max(sizes))])} modules)",
     )
 
 

@@ -289,11 +289,7 @@ def _assumptions(c: Costs) -> tuple[tuple[str, Figure], ...]:
 # ----------------------------------------------------------------------------- output
 
 
-def _size(n: float) -> str:
-    for unit, scale in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
+_size = costs.size_text
 
 
 def _hours(h: float) -> str:
@@ -314,7 +310,8 @@ def format_plan(plan: Plan) -> str:
         f"model: {i.model} ({s.model_type}, {s.parameters / 1e9:.3g} B parameters; "
         f"{len(s.specs)} tracked modules, {s.tracked_parameters / 1e9:.3g} B tracked weights)",
         f"run: {i.corpus_tokens:.3g} corpus tokens, {i.finetune_tokens:.3g} fine-tune tokens, "
-        f"{i.queries} queries, {i.num_shards} shards, {i.dtype}, {device}; "
+        f"{i.queries} queries, {i.num_shards} shards, {i.dtype}, {device}"
+        f"{f', {i.module_groups} module groups' if i.module_groups > 1 else ''}; "
         f"pipelines: {', '.join(pipelines_of(i))}",
         "",
         "| node | on | pods | GPU memory/pod | RAM/pod | disk/pod | writes | FLOPs | time/pod | "
@@ -403,6 +400,14 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-size", default=DEFAULTS["batch_size"], type=int, help="sequences per batch (8)"
+    )
+    p.add_argument(
+        "--module-groups",
+        default=DEFAULTS["module_groups"],
+        type=int,
+        metavar="N",
+        help="fit-covariance and fit-lambda in N passes, each holding one group of modules on "
+        "the device (1)",
     )
     same = "as the node option of that name, with its default"
     p.add_argument(
