@@ -44,6 +44,7 @@ from benchmarks import counterfactual
 from benchmarks.common import machine
 from benchmarks.counterfactual import World, open_world, query_losses
 from benchmarks.stats import spearman
+from msif.ekfac.factors import DEFAULT_ALPHA
 from msif.errors import MsifError
 from msif.evaluation.bm25 import BM25Index
 from msif.world import completion_matches
@@ -572,7 +573,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument("--damping-factor", type=float, default=counterfactual.PT_DAMPING_FACTOR)
-    p.add_argument("--alpha", type=float, help="fine-tune damping α (default: the world's)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"fine-tune damping α (default {DEFAULT_ALPHA}, msif's; 0: the world's proximity "
+        "coefficient)",
+    )
     p.add_argument(
         "--truth",
         help="truth file to reuse and extend, created when absent (default "
@@ -626,13 +633,14 @@ def _main(args: argparse.Namespace, preset: str, methods: list[str], path: Path)
     seeds = truth.training_seeds[:s]
     qids = truth.answered_query_ids if args.queries == "answered" else truth.query_ids
     tick = time.perf_counter()
-    scores = method_scores(world, methods, damping_factor=args.damping_factor, alpha=args.alpha)
+    alpha = args.alpha or None  # 0: the world's own α
+    scores = method_scores(world, methods, damping_factor=args.damping_factor, alpha=alpha)
     score_s = time.perf_counter() - tick
     results = run_evaluation(truth, scores, truth.doc_ids, qids, list(range(m)), seeds)
     print(
         f"\n{m} subsets (half the corpus removed each) × {s} seeds {seeds}; "
         f"{len(qids)} {args.queries} held-out queries; damping factor {args.damping_factor}, "
-        f"α {world.alpha if args.alpha is None else args.alpha}"
+        f"α {world.alpha if alpha is None else alpha}"
     )
     print(markdown(results, s, seeds[0]))
     ceiling = results.get("noise_ceiling")
@@ -663,7 +671,7 @@ def _main(args: argparse.Namespace, preset: str, methods: list[str], path: Path)
         "queries": args.queries,
         "query_ids": list(qids),
         "damping_factor": args.damping_factor,
-        "alpha": world.alpha if args.alpha is None else args.alpha,
+        "alpha": world.alpha if alpha is None else alpha,
         "retrains": retrains,
         "retrain_seconds": retrain_s,
         "seconds": time.perf_counter() - start,
