@@ -464,7 +464,7 @@ def test_components_pass_base_model_as_the_flag(monkeypatch, tmp_path):
     p.update(include=[], exclude=[], split_heads=False, split_heads_pattern=[], embeddings=False)
     p.update(lm_head=False, text_column="text", id_column="id", prompt_column="prompt")
     p.update(completion_column="completion", messages_column="messages", split="")
-    p.update(append_eos="auto")
+    p.update(append_eos="auto", module_groups=1)
     out = Artifact(name="cov", uri=str(tmp_path / "cov"), metadata={})
     c.fit_covariance.python_func("m", "d", "ft", 0, 1, covariance=out, **p)
     c.fit_covariance.python_func("m", "d", "ft", 0, 1, covariance=out, base_model="gs://b/pt", **p)
