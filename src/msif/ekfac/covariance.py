@@ -12,7 +12,6 @@ from torch import nn
 from msif.core.artifact import (
     PartialSums,
     check_finite_sums,
-    merge_modules,
     module_specs,
     per_module,
 )
@@ -21,7 +20,7 @@ from msif.core.fingerprint import model_fingerprint
 from msif.core.hooks import hooked_batches
 from msif.core.linalg import gram
 from msif.core.modules import ModuleSelection, ModuleSpec, find_modules, select_group
-from msif.ekfac.groups import SamePasses, covariance_bytes, split_modules
+from msif.ekfac.groups import covariance_bytes, fit_groups, split_modules
 
 
 @dataclass
@@ -106,17 +105,14 @@ def fit_covariance(
     specs = modules if isinstance(modules, dict) else find_modules(model, modules)
     fingerprint = model_fingerprint(model, specs)  # of the whole selection, once
     groups = split_modules(select_group(specs, group), module_groups, covariance_bytes)
-    data = SamePasses(batches, len(groups))
-    parts = []
-    for i, part in enumerate(groups):
-        desc = f"covariance ({stage})"
-        if len(groups) > 1:
-            desc += f", module group {i + 1}/{len(groups)}"
-        parts.append(
-            _covariance_pass(model, data(), stage, part, fingerprint, seed, progress, desc)
-        )
-        data.check(i)
-    return merge_modules(parts)
+    return fit_groups(
+        groups,
+        batches,
+        f"covariance ({stage})",
+        lambda data, part, desc: _covariance_pass(
+            model, data, stage, part, fingerprint, seed, progress, desc
+        ),
+    )
 
 
 def _covariance_pass(

@@ -131,3 +131,22 @@ class SamePasses:
                 f"module group {index + 1} of {self.count} read other batches than group 1: "
                 "the data must be the same on every pass (a fixed order, no shuffling)"
             )
+
+
+def fit_groups(
+    groups: list[dict[str, ModuleSpec]],
+    batches: Any,
+    desc: str,
+    one_pass: Callable[[Iterator[Mapping], dict[str, ModuleSpec], str], Any],
+) -> Any:
+    """Run one_pass(batches, specs, desc) once per module group over the same batches and
+    merge the parts (msif.core.artifact.merge_modules): the sums of one pass over them all."""
+    from msif.core.artifact import merge_modules
+
+    data = SamePasses(batches, len(groups))
+    parts = []
+    for i, specs in enumerate(groups):
+        label = desc if len(groups) == 1 else f"{desc}, module group {i + 1}/{len(groups)}"
+        parts.append(one_pass(data(), specs, label))
+        data.check(i)
+    return merge_modules(parts)

@@ -14,7 +14,6 @@ from torch import nn
 from msif.core.artifact import (
     PartialSums,
     check_finite_sums,
-    merge_modules,
     module_specs,
     per_module,
     reduce_partials,
@@ -25,7 +24,7 @@ from msif.core.hooks import hooked_batches
 from msif.core.linalg import rotate_output
 from msif.core.modules import ModuleSpec, select_group
 from msif.ekfac.eigenbasis import Eigenbasis
-from msif.ekfac.groups import SamePasses, lambda_bytes, split_modules
+from msif.ekfac.groups import fit_groups, lambda_bytes, split_modules
 from msif.errors import MsifError
 
 # Per-sequence rotated gradients are built in chunks of at most this many elements.
@@ -103,15 +102,14 @@ def fit_lambda(
     vector_bytes = torch.empty((), dtype=work).element_size()
     weight = functools.partial(lambda_bytes, vector_bytes=vector_bytes)
     groups = split_modules(select_group(specs, group), module_groups, weight)
-    data = SamePasses(batches, len(groups))
-    parts = []
-    for i, part in enumerate(groups):
-        desc = f"lambda ({eigenbasis.stage})"
-        if len(groups) > 1:
-            desc += f", module group {i + 1}/{len(groups)}"
-        parts.append(_lambda_pass(model, data(), eigenbasis, part, seed, basis_id, progress, desc))
-        data.check(i)
-    return merge_modules(parts)
+    return fit_groups(
+        groups,
+        batches,
+        f"lambda ({eigenbasis.stage})",
+        lambda data, part, desc: _lambda_pass(
+            model, data, eigenbasis, part, seed, basis_id, progress, desc
+        ),
+    )
 
 
 def _lambda_pass(
