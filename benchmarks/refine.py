@@ -51,8 +51,9 @@ from benchmarks.common import machine
 from benchmarks.lds import ROOT, Truth, evaluate, load_truth
 from benchmarks.sensitivity import fit, load_world, mrr
 from benchmarks.stats import spearman
+from msif.attribution.deflation import Deflation, fit_deflation
 from msif.attribution.precondition import PreconditionedQueries
-from msif.attribution.refine import StageSample, sample_rows, solve_stage
+from msif.attribution.refine import GaussNewton, StageSample, sample_rows, solve_stage
 from msif.data.examples import Example, batches
 from msif.ekfac.factors import DEFAULT_ALPHA, DEFAULT_DAMPING_FACTOR, Damping
 
@@ -153,6 +154,24 @@ def refined_weights(
     return b
 
 
+def stage_deflation(
+    state: WorldState, stage: str, sample: StageSample, lanczos: int, seed: int
+) -> tuple[Deflation | None, float]:
+    """The stage's Lanczos correction of EK-FAC (None for lanczos 0) and its wall seconds."""
+    if not lanczos:
+        return None, 0.0
+    start = time.perf_counter()
+    damping = state.damping[stage]
+    op = GaussNewton(sample.model, state.specs, sample.examples, damping, rows=ROWS)
+    d = fit_deflation(state.factors[stage], op, damping, state.grads, lanczos, seed=seed)
+    seconds = time.perf_counter() - start
+    span = f"[{float(d.values.min()):.3g}, {float(d.values.max()):.3g}]" if d.rank else "-"
+    print(
+        f"{stage} Lanczos: {d.steps} steps, {d.rank} eigenvalues {span} moved to 1, {seconds:.0f}s"
+    )
+    return d, seconds
+
+
 def refined_scores(
     preset: str, method: str, steps: int, *, samples: int = SAMPLES, seed: int = 0
 ) -> tuple[list[str], list[str], torch.Tensor]:
@@ -194,12 +213,21 @@ def _fmt_lds(value: list[float] | None) -> str:
 
 
 def sweep(
-    state: WorldState, steps: Sequence[int], samples: int, seed: int, truth: Truth | None = None
+    state: WorldState,
+    steps: Sequence[int],
+    samples: int,
+    seed: int,
+    truth: Truth | None = None,
+    lanczos: int = 0,
 ) -> list[Row]:
-    """Every K: one nested fine-tune solve, a pre-train solve per K, both methods scored."""
+    """Every K: one nested fine-tune solve, a pre-train solve per K, both methods scored.
+
+    lanczos > 0: each stage's preconditioner corrected first (its seconds printed apart)."""
     top = max(steps)
     ft_sample, pt_sample = state.sample("ft", samples, seed), state.sample("pt", samples, seed)
     sampled = {e.id for e in pt_sample.examples}
+    ft_deflation, _ = stage_deflation(state, "ft", ft_sample, lanczos, seed)
+    pt_deflation, _ = stage_deflation(state, "pt", pt_sample, lanczos, seed)
     stamps = [time.perf_counter()]
     ft = solve_stage(
         state.factors["ft"],
@@ -211,6 +239,7 @@ def sweep(
         rows=ROWS,
         snapshots=steps,
         on_step=lambda k, x: stamps.append(time.perf_counter()),
+        deflation=ft_deflation,
     )
     ft_seconds = [t - stamps[0] for t in stamps]  # after step k (index 0: start)
     print(
@@ -229,6 +258,7 @@ def sweep(
             ft.iterates[k],
             k,
             rows=ROWS,
+            deflation=pt_deflation,
         )
         pt_seconds = time.perf_counter() - start
         multi_scores = state.scores("multi-stage", pt.solution)
@@ -268,18 +298,22 @@ def pt_sweep(
     samples: int,
     seed: int,
     truth: Truth | None = None,
+    lanczos: int = 0,
 ) -> list[dict]:
     """Multi-stage with the fine-tune stage refined ft_steps times and the pre-train stage's
-    iterates nested (one solve, snapshots at every K): how MRR moves as that stage converges."""
-    ft = solve_stage(state.factors["ft"], state.sample("ft", samples, seed), state.specs,
-                     state.damping["ft"], state.grads, ft_steps, rows=ROWS)  # fmt: skip
-    pt_sample = state.sample("pt", samples, seed)
+    iterates nested (one solve, snapshots at every K): how MRR moves as that stage converges.
+    lanczos > 0 corrects both stages' preconditioners first (its seconds printed apart)."""
+    ft_sample, pt_sample = state.sample("ft", samples, seed), state.sample("pt", samples, seed)
+    ft_deflation, _ = stage_deflation(state, "ft", ft_sample, lanczos, seed)
+    pt_deflation, _ = stage_deflation(state, "pt", pt_sample, lanczos, seed)
+    ft = solve_stage(state.factors["ft"], ft_sample, state.specs, state.damping["ft"],
+                     state.grads, ft_steps, rows=ROWS, deflation=ft_deflation)  # fmt: skip
     sampled = {e.id for e in pt_sample.examples}
     stamps = [time.perf_counter()]
     pt = solve_stage(
         state.factors["pt"], pt_sample, state.specs, state.damping["pt"], ft.solution,
         max(steps), rows=ROWS, snapshots=steps,
-        on_step=lambda k, r: stamps.append(time.perf_counter()),
+        on_step=lambda k, r: stamps.append(time.perf_counter()), deflation=pt_deflation,
     )  # fmt: skip
     print(f"fine-tune stage: {ft_steps} steps, residual {float(ft.residuals[-1].mean()):.2e}")
     print(
@@ -350,6 +384,9 @@ def main(argv=None) -> list[Row]:
     p.add_argument("--damping-factor", type=float, default=PT_DAMPING_FACTOR,
                    help="pre-train λ = factor × mean Λ_pt per module")  # fmt: skip
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="fine-tune damping α")
+    p.add_argument("--lanczos", type=int, default=0, metavar="M",
+                   help="correct each stage's EK-FAC preconditioner by M Lanczos steps first "
+                   "(msif.attribution.deflation; seeded by --seed)")  # fmt: skip
     p.add_argument(
         "--lds",
         nargs="?",
@@ -373,26 +410,29 @@ def main(argv=None) -> list[Row]:
     print(
         f"world {preset}: {len(state.docs)} documents, {len(state.ft_rows)} fine-tune pairs, "
         f"{len(state.query_ids)} queries; samples {args.samples} (seed {args.seed}); damping "
-        f"factor {args.damping_factor}, α {args.alpha}; gradient-dot MRR {dot[0]:.3f}, LDS "
+        f"factor {args.damping_factor}, α {args.alpha}; Lanczos {args.lanczos}; gradient-dot "
+        f"MRR {dot[0]:.3f}, LDS "
         f"{_fmt_lds(lds_of(truth, state, dot_scores))}; setup {time.perf_counter() - start:.0f}s; "
         f"{machine()}"
     )
     if args.pt_only is not None:
-        table = pt_sweep(state, steps, args.pt_only, args.samples, args.seed, truth)
+        table = pt_sweep(state, steps, args.pt_only, args.samples, args.seed, truth, args.lanczos)
         print(f"total {time.perf_counter() - start:.0f}s")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"preset": preset, "samples": args.samples, "seed": args.seed,
-                           "ft_steps": args.pt_only, "rows": table}, f, indent=1)  # fmt: skip
+                           "ft_steps": args.pt_only, "lanczos": args.lanczos, "rows": table},
+                          f, indent=1)  # fmt: skip
         return table
-    rows = sweep(state, steps, args.samples, args.seed, truth)
+    rows = sweep(state, steps, args.samples, args.seed, truth, args.lanczos)
     print(f"total {time.perf_counter() - start:.0f}s")
     if args.json:
         from dataclasses import asdict
 
         with open(args.json, "w") as f:
             json.dump({"preset": preset, "samples": args.samples, "seed": args.seed,
-                       "gradient_dot_mrr": dot[0], "rows": [asdict(r) for r in rows]}, f,
+                       "lanczos": args.lanczos, "gradient_dot_mrr": dot[0],
+                       "rows": [asdict(r) for r in rows]}, f,
                       indent=1)  # fmt: skip
     return rows
 

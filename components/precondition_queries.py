@@ -16,6 +16,7 @@ def precondition_queries(
     damping: float,
     query_rank: int,
     refine_steps: int,
+    refine_lanczos: int,
     refine_samples: int,
     pt_model: str,
     corpus: str,
@@ -56,6 +57,8 @@ def precondition_queries(
         query_rank: Store rank-r queries; 0 keeps them dense.
         refine_steps: Conjugate-gradient steps per stage toward the exact damped Gauss–Newton
             system, EK-FAC as preconditioner; 0: EK-FAC alone (the stage data is not read).
+        refine_lanczos: Lanczos steps per stage correcting the EK-FAC preconditioner where it
+            misses the exact curvature most (acts even at refine_steps 0); 0: none.
         refine_samples: Sequences of each stage's data the refinement's exact products use.
         pt_model: θ_pt, for refining the pre-train stage (multi-stage).
         corpus: The pre-training corpus, sampled to refine the pre-train stage.

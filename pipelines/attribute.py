@@ -76,6 +76,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         damping: float = 0.0,
         query_rank: int = _P.query_rank,
         refine_steps: int = _P.refine_steps,
+        refine_lanczos: int = _P.refine_lanczos,
         refine_samples: int = _P.refine_samples,
         top_c: int = _L.top_c,
         candidates_from: str = _L.candidates_from,

@@ -94,6 +94,7 @@ def build_pipeline(defaults: PipelineDefaults | None = None):
         damping: float = 0.0,
         query_rank: int = _P.query_rank,
         refine_steps: int = _P.refine_steps,
+        refine_lanczos: int = _P.refine_lanczos,
         refine_samples: int = _P.refine_samples,
         top_k: int = _S.top_k,
         explain_k: int = _S.explain_k,

@@ -229,6 +229,12 @@ class PreconditionOptions:
         "preconditioned by EK-FAC (needs each stage's model and data: --pt-model, --corpus, "
         "--finetune-data); 0 is EK-FAC alone",
     )
+    refine_lanczos: int = option(
+        0,
+        "Lanczos steps per stage (one single-direction product each, shared by all queries) "
+        "that correct the EK-FAC preconditioner of --refine-steps where it misses the exact "
+        "curvature most; acts even at --refine-steps 0; 0 is none",
+    )
     refine_samples: int = option(
         128,
         "sequences of each stage's data (seeded by --seed) the exact products of "
@@ -244,6 +250,7 @@ class PreconditionOptions:
             _finite_positive("damping", self.damping, "; leave it unset for --damping-factor")
         _integer("query_rank", self.query_rank, 0)
         _integer("refine_steps", self.refine_steps, 0)
+        _integer("refine_lanczos", self.refine_lanczos, 0)
         _integer("refine_samples", self.refine_samples, 1)
 
 

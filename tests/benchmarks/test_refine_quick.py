@@ -52,3 +52,13 @@ def test_refine_quick_starts_at_ekfac_and_reduces_the_residuals(capsys):
     _, _, dot0 = refine.refined_scores("small", "gradient-dot", 0)
     _, _, dot5 = refine.refined_scores("small", "gradient-dot", 5)
     assert torch.equal(dot0, dot5)  # no curvature, nothing to refine
+
+
+def test_refine_quick_lanczos_correction_lowers_every_residual(capsys):
+    plain = refine.main(["--quick"])
+    corrected = refine.main(["--quick", "--lanczos", "30"])
+    out = capsys.readouterr().out
+    assert "pt Lanczos: 30 steps," in out and "moved to 1" in out
+    for p, c in zip(plain, corrected, strict=True):
+        assert c.steps == p.steps
+        assert c.ft_residual < p.ft_residual and c.pt_residual < p.pt_residual

@@ -310,6 +310,7 @@ for flag, value, expect in [
     ("--damping-factor", "inf", "--damping-factor must be a finite number"),
     ("--query-rank", "-1", "--query-rank must be at least 0"),
     ("--refine-steps", "-1", "--refine-steps must be at least 0"),
+    ("--refine-lanczos", "-1", "--refine-lanczos must be at least 0"),
     ("--refine-samples", "0", "--refine-samples must be at least 1"),
     ("--seed", str(2**64), "--seed must be at most 9223372036854775807"),
     ("--seed", "-1", "--seed must be at least 0"),

@@ -209,7 +209,7 @@ def test_methods_get_the_right_factors_models_and_reach_rank(ir):
         # What --refine-steps samples: each stage's data, and θ_pt.
         refine = {"pt_model": "pt_model_uri", "corpus": "corpus_uri"}
         refine.update(finetune_data="finetune_data_uri", refine_steps="refine_steps")
-        refine.update(refine_samples="refine_samples")
+        refine.update(refine_samples="refine_samples", refine_lanczos="refine_lanczos")
         for arg, param in refine.items():
             assert task["inputs"]["parameters"][arg] == {"componentInputParameter": param}
         # The method's scores: a ParallelFor over shards fed by this node, collected by rank.
@@ -409,6 +409,7 @@ def test_runtime_parameters_and_defaults(ir):
         "damping": 0.0,
         "query_rank": 0,
         "refine_steps": 0,
+        "refine_lanczos": 0,
         "refine_samples": 128,
         "top_k": 100,
         "explain_k": 10,
@@ -572,12 +573,14 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
     pre = art(tmp_path, "pre")
     damp = dict(damping_factor=0.1, damping=0.0, query_rank=8)
     # KFP strings cannot be None: an empty stage URI is not passed on.
-    refine = dict(refine_steps=3, refine_samples=64, pt_model="pt", corpus="corpus")
+    refine = dict(refine_steps=3, refine_lanczos=5, refine_samples=64, pt_model="pt")
+    refine.update(corpus="corpus")
     c.precondition_queries.python_func(
         "ft", "q", "multi-stage", pre, alpha=0.01, ft_factors=fac,
         pt_factors=art(tmp_path, "ptf"), **damp, **refine, finetune_data="", **p,
     )  # fmt: skip
-    unrefined = dict(refine_steps=0, refine_samples=128, pt_model="", corpus="", finetune_data="")
+    unrefined = dict(refine_steps=0, refine_lanczos=0, refine_samples=128, pt_model="")
+    unrefined.update(corpus="", finetune_data="")
     c.precondition_queries.python_func(
         "ft", "q", "gradient-dot", pre, alpha=0.0, **damp, **unrefined, **p
     )
@@ -607,10 +610,12 @@ def test_components_map_artifacts_onto_the_cli(fake_cli, tmp_path):
         ["build-factors", "--out", f"{t}/fac", "--eigenbasis", f"{t}/eig", "--partials", f"{t}/l0"],
         ["precondition-queries", "--out", f"{t}/pre", "--model", "ft", "--queries", "q",
          "--method", "multi-stage", "--alpha", "0.01", *pq_, "--refine-steps", "3",
-         "--refine-samples", "64", "--pt-model", "pt", "--corpus", "corpus", *opts,
+         "--refine-lanczos", "5", "--refine-samples", "64", "--pt-model", "pt",
+         "--corpus", "corpus", *opts,
          "--ft-factors", f"{t}/fac", "--pt-factors", f"{t}/ptf"],
         ["precondition-queries", "--out", f"{t}/pre", "--model", "ft", "--queries", "q",
-         "--method", "gradient-dot", *pq_, "--refine-steps", "0", "--refine-samples", "128",
+         "--method", "gradient-dot", *pq_, "--refine-steps", "0",
+         "--refine-lanczos", "0", "--refine-samples", "128",
          *opts],
         ["score-corpus", "--out", f"{t}/sc", "--model", "pt", "--corpus", "corpus",
          "--preconditioned", f"{t}/pre", "--shard", "1", "--num-shards", "2", "--top-k", "5",

@@ -203,7 +203,7 @@ def precondition_queries(
     if pt_factors is not None:
         _check_not_fine_tuned(model, pt_factors)
     specs, left_out = _common_specs(specs, *need)
-    refining = refine is not None and refine.steps > 0 and bool(recipe.stages)
+    refining = refine is not None and refine.active and bool(recipe.stages)
     # Preconditioned queries start in the fine-tune eigenbasis, where (F_ft + αI)⁻¹ is diagonal;
     # refinement works in weight coordinates, where its Gauss–Newton products are taken.
     basis = ft_factors if recipe.stages and not refining else None

@@ -38,6 +38,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import nn
 
+from msif.attribution.deflation import Deflation, deflated_preconditioner, fit_deflation
 from msif.core.device import model_device, to_device, work_dtype
 from msif.core.fingerprint import check_fingerprint, model_fingerprint
 from msif.core.hooks import capture, frozen, model_attention_mask
@@ -68,16 +69,27 @@ class Refinement:
     """K conjugate-gradient steps per stage, on the stages' samples ("ft", "pt").
 
     rows: sequences per forward pass; a pass holds copies of rows // Q sequences (at least
-    one), one copy per query.
+    one), one copy per query. lanczos: Lanczos steps per stage that correct the EK-FAC
+    preconditioner first (msif.attribution.deflation; 0: none), from a start seeded by seed.
     """
 
     steps: int
     samples: dict[str, StageSample] = field(default_factory=dict)
     rows: int = 64
+    lanczos: int = 0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise MsifError(f"refinement steps must be an integer >= 0, not {self.steps!r}")
+        lanczos = self.lanczos
+        if isinstance(lanczos, bool) or not isinstance(lanczos, int) or lanczos < 0:
+            raise MsifError(f"refinement Lanczos steps must be an integer >= 0, not {lanczos!r}")
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything: CG steps, or a corrected preconditioner at K = 0."""
+        return self.steps > 0 or self.lanczos > 0
         if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
             raise MsifError(f"refinement rows per pass must be an integer >= 1, not {self.rows!r}")
 
@@ -103,6 +115,7 @@ class Solve:
     solution: Vectors
     residuals: torch.Tensor
     iterates: dict[int, Vectors] = field(default_factory=dict)
+    deflation: Deflation | None = None
 
 
 def dot(x: Vectors, y: Vectors) -> torch.Tensor:
@@ -313,19 +326,25 @@ def solve_stage(
     rows: int = 64,
     snapshots: Sequence[int] = (),
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    lanczos: int = 0,
+    seed: int = 0,
+    deflation: Deflation | None = None,
 ) -> Solve:
     """(G_s + D_s)⁻¹ b by K steps of CG preconditioned with the stage's EK-FAC inverse.
 
     b is per module (Q, out, in') in weight coordinates; the sample's model must be the one
     the factors were fitted at (θ_s). Every step is logged with its mean relative residual.
+    lanczos > 0 first corrects the preconditioner by that many Lanczos steps (seeded) on the
+    preconditioned exact curvature (msif.attribution.deflation); it acts even at K = 0. A
+    deflation fitted before on the same stage, sample and damping may be passed instead.
     """
     _check_stage_model(factors, sample, specs)
     dtype = solve_dtype(sample.model)
     b = {k: t.to(dtype) for k, t in b.items()}
     operator = GaussNewton(sample.model, specs, sample.examples, damping, rows=rows)
-
-    def precondition(v: Vectors) -> Vectors:
-        return {k: factors.inverse_apply(k, t, damping[k]) for k, t in v.items()}
+    if lanczos and deflation is None:
+        deflation = fit_deflation(factors, operator, damping, b, lanczos, seed=seed)
+    precondition = deflated_preconditioner(factors, damping, deflation)
 
     def logged(k: int, residual: torch.Tensor) -> None:
         log.info(
@@ -335,7 +354,11 @@ def solve_stage(
         if on_step is not None:
             on_step(k, residual)
 
-    return conjugate_gradient(operator, b, precondition, steps, snapshots=snapshots, on_step=logged)
+    solve = conjugate_gradient(
+        operator, b, precondition, steps, snapshots=snapshots, on_step=logged
+    )
+    solve.deflation = deflation
+    return solve
 
 
 def sample_rows(num_rows: int, samples: int, seed: int) -> list[int]:
@@ -372,26 +395,39 @@ def refine_queries(
     """Query gradients (weight coordinates) through each stage's refined solve, in order.
 
     Returns the preconditioned queries in the gradients' dtype and what the artifact records
-    of the refinement: K, rows per pass, and per stage its sample and the mean (over queries)
-    relative residual ‖r_k‖ / ‖b‖ after every step.
+    of the refinement: K, rows per pass, Lanczos steps and seed, and per stage its sample,
+    the mean (over queries) relative residual ‖r_k‖ / ‖b‖ after every step and how many
+    eigenvalues the Lanczos correction moved (with their range).
     """
     for stage in stages:  # every stage's sample and model, before the first long solve
         _check_stage_model(factors[stage], refine.sample(stage), specs)
     b = grads
     record: dict = {"steps": refine.steps, "rows": refine.rows, "stages": {}}
+    if refine.lanczos:
+        record.update(lanczos=refine.lanczos, lanczos_seed=refine.seed)
     for stage in stages:
         sample = refine.sample(stage)
         solve = solve_stage(
-            factors[stage], sample, specs, damping[stage], b, refine.steps, rows=refine.rows
-        )
+            factors[stage], sample, specs, damping[stage], b, refine.steps, rows=refine.rows,
+            lanczos=refine.lanczos, seed=refine.seed,
+        )  # fmt: skip
         b = solve.solution
         record["stages"][stage] = {
             **sample.record,
             "sequences": len(sample.examples),
             "residuals": [float(x) for x in solve.residuals.mean(1)],
             "max_final_residual": float(solve.residuals[-1].max()),
+            **_deflation_record(solve.deflation),
         }
     return {k: b[k].to(grads[k].dtype) for k in grads}, record
+
+
+def _deflation_record(deflation: Deflation | None) -> dict:
+    if deflation is None:
+        return {}
+    values = [float(v) for v in deflation.values]
+    span = [min(values), max(values)] if values else []
+    return {"deflated": deflation.rank, "lanczos_steps": deflation.steps, "ritz_range": span}
 
 
 def refinement_id(info: dict) -> str | None:
@@ -407,6 +443,7 @@ def refinement_id(info: dict) -> str | None:
     keys = ("data_fingerprint", "rows", "seed", "max_length", "data_options")
     identity = {
         "steps": record.get("steps"),
+        **{k: record[k] for k in ("lanczos", "lanczos_seed") if k in record},
         "stages": {s: {k: r.get(k) for k in keys} for s, r in record["stages"].items()},
     }
     blob = json.dumps(identity, sort_keys=True, default=str).encode()

@@ -117,9 +117,16 @@ def run(
         refine_data.uris(),
     )
     data = data or DataOptions()
-    refining = precondition.refine_steps > 0 and method != "gradient-dot"
+    refining = method != "gradient-dot" and (
+        precondition.refine_steps > 0 or precondition.refine_lanczos > 0
+    )
     if refining:
-        _check_refine_data(method, precondition.refine_steps, refine_data)
+        asked = (
+            f"--refine-steps {precondition.refine_steps}"
+            if precondition.refine_steps
+            else f"--refine-lanczos {precondition.refine_lanczos}"
+        )
+        _check_refine_data(method, asked, refine_data)
     model, tokenizer, options = runtime.load_stage_model(model_uri, options, base_model_uri)
     table = runtime.read_queries(queries_uri, data, options.max_length)
     ids = table.ids
@@ -175,8 +182,9 @@ def run(
         queries.save(tmp)
 
 
-def _check_refine_data(method: str, steps: int, given: RefineData) -> None:
-    """Refuse --refine-steps without a stage's data, before any model is loaded."""
+def _check_refine_data(method: str, asked: str, given: RefineData) -> None:
+    """Refuse --refine-steps (or --refine-lanczos, the asked flag and value) without a stage's
+    data, before any model is loaded."""
     need = [("--finetune-data", given.finetune_data, "the fine-tuning data")]
     if method == "multi-stage":
         need += [
@@ -186,7 +194,7 @@ def _check_refine_data(method: str, steps: int, given: RefineData) -> None:
     for flag, value, what in need:
         if not value:
             raise MsifError(
-                f"--refine-steps {steps} with --method {method} needs {flag} ({what}): "
+                f"{asked} with --method {method} needs {flag} ({what}): "
                 "refinement takes exact curvature products on each stage's data"
             )
 
@@ -208,4 +216,7 @@ def _refinement(model, tokenizer, options, precondition, data, given: RefineData
             pt_model, pt_tokenizer, given.corpus, n, seed, pt_options, data, corpus=True
         )
         samples["pt"] = StageSample(pt_model, examples, {**record, "model": given.pt_model})
-    return Refinement(precondition.refine_steps, samples, rows=options.batch_size)
+    return Refinement(
+        precondition.refine_steps, samples, rows=options.batch_size,
+        lanczos=precondition.refine_lanczos, seed=seed,
+    )  # fmt: skip
