@@ -460,7 +460,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
     for f in fields(cls):
         if f.name in skip:
             continue
-        default, flag, meta = f.default, "--" + f.name.replace("_", "-"), f.metadata
+        default, flag = f.default, "--" + f.name.replace("_", "-")
+        meta = {**f.metadata, "help": f.metadata["help"].replace("%", "%%")}  # argparse formats it
         if isinstance(default, bool) and default:
             group.add_argument(
                 "--no-" + flag[2:], dest=f.name, action="store_false", help=f"do not {meta['help']}"
