@@ -167,3 +167,9 @@ def test_fit_deflation_refuses_no_steps(world):  # noqa: F811
     b = random_vectors(world.specs, 1, seed=3)
     with pytest.raises(MsifError, match="Lanczos steps must be an integer >= 1"):
         fit_deflation(world.f_pt, operator(world, lam), lam, b, 0)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, False])
+def test_bad_rows_per_pass_are_refused(world, bad):  # noqa: F811
+    with pytest.raises(MsifError, match="rows per pass must be an integer >= 1"):
+        Refinement(1, world.samples, rows=bad)

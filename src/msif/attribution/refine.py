@@ -85,13 +85,13 @@ class Refinement:
         lanczos = self.lanczos
         if isinstance(lanczos, bool) or not isinstance(lanczos, int) or lanczos < 0:
             raise MsifError(f"refinement Lanczos steps must be an integer >= 0, not {lanczos!r}")
+        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
+            raise MsifError(f"refinement rows per pass must be an integer >= 1, not {self.rows!r}")
 
     @property
     def active(self) -> bool:
         """Whether it changes anything: CG steps, or a corrected preconditioner at K = 0."""
         return self.steps > 0 or self.lanczos > 0
-        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
-            raise MsifError(f"refinement rows per pass must be an integer >= 1, not {self.rows!r}")
 
     def sample(self, stage: str) -> StageSample:
         """The sample of a stage, refused when absent or empty."""
