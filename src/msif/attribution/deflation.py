@@ -52,7 +52,9 @@ class Deflation:
         return int(self.values.numel())
 
 
-def damped_power(factors: Factors, name: str, v: torch.Tensor, lambda_: float, power: float):
+def damped_power(
+    factors: Factors, name: str, v: torch.Tensor, lambda_: float, power: float
+) -> torch.Tensor:
     """(F̃ + λI)^power v for one module, in its Kronecker eigenbasis (power −1 is EK-FAC)."""
     r = factors.to_eigenbasis(name, v)
     scale = (factors.lambdas[name].to(r.device, r.dtype) + lambda_) ** power
