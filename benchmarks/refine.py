@@ -156,10 +156,10 @@ def refined_weights(
 
 def stage_deflation(
     state: WorldState, stage: str, sample: StageSample, lanczos: int, seed: int
-) -> tuple[Deflation | None, float]:
-    """The stage's Lanczos correction of EK-FAC (None for lanczos 0) and its wall seconds."""
+) -> Deflation | None:
+    """The stage's Lanczos correction of EK-FAC (None for lanczos 0); prints its wall time."""
     if not lanczos:
-        return None, 0.0
+        return None
     start = time.perf_counter()
     damping = state.damping[stage]
     op = GaussNewton(sample.model, state.specs, sample.examples, damping, rows=ROWS)
@@ -169,7 +169,7 @@ def stage_deflation(
     print(
         f"{stage} Lanczos: {d.steps} steps, {d.rank} eigenvalues {span} moved to 1, {seconds:.0f}s"
     )
-    return d, seconds
+    return d
 
 
 def refined_scores(
@@ -226,8 +226,8 @@ def sweep(
     top = max(steps)
     ft_sample, pt_sample = state.sample("ft", samples, seed), state.sample("pt", samples, seed)
     sampled = {e.id for e in pt_sample.examples}
-    ft_deflation, _ = stage_deflation(state, "ft", ft_sample, lanczos, seed)
-    pt_deflation, _ = stage_deflation(state, "pt", pt_sample, lanczos, seed)
+    ft_deflation = stage_deflation(state, "ft", ft_sample, lanczos, seed)
+    pt_deflation = stage_deflation(state, "pt", pt_sample, lanczos, seed)
     stamps = [time.perf_counter()]
     ft = solve_stage(
         state.factors["ft"],
@@ -304,8 +304,8 @@ def pt_sweep(
     iterates nested (one solve, snapshots at every K): how MRR moves as that stage converges.
     lanczos > 0 corrects both stages' preconditioners first (its seconds printed apart)."""
     ft_sample, pt_sample = state.sample("ft", samples, seed), state.sample("pt", samples, seed)
-    ft_deflation, _ = stage_deflation(state, "ft", ft_sample, lanczos, seed)
-    pt_deflation, _ = stage_deflation(state, "pt", pt_sample, lanczos, seed)
+    ft_deflation = stage_deflation(state, "ft", ft_sample, lanczos, seed)
+    pt_deflation = stage_deflation(state, "pt", pt_sample, lanczos, seed)
     ft = solve_stage(state.factors["ft"], ft_sample, state.specs, state.damping["ft"],
                      state.grads, ft_steps, rows=ROWS, deflation=ft_deflation)  # fmt: skip
     sampled = {e.id for e in pt_sample.examples}

@@ -253,6 +253,15 @@ class PreconditionOptions:
         _integer("refine_lanczos", self.refine_lanczos, 0)
         _integer("refine_samples", self.refine_samples, 1)
 
+    @property
+    def refinement_flag(self) -> str | None:
+        """The flag and value that ask for refinement, for messages; None: EK-FAC alone."""
+        if self.refine_steps:
+            return f"--refine-steps {self.refine_steps}"
+        if self.refine_lanczos:
+            return f"--refine-lanczos {self.refine_lanczos}"
+        return None
+
 
 def _top_k():
     return option(100, "documents kept per query")

@@ -117,15 +117,9 @@ def run(
         refine_data.uris(),
     )
     data = data or DataOptions()
-    refining = method != "gradient-dot" and (
-        precondition.refine_steps > 0 or precondition.refine_lanczos > 0
-    )
+    asked = precondition.refinement_flag
+    refining = asked is not None and method != "gradient-dot"
     if refining:
-        asked = (
-            f"--refine-steps {precondition.refine_steps}"
-            if precondition.refine_steps
-            else f"--refine-lanczos {precondition.refine_lanczos}"
-        )
         _check_refine_data(method, asked, refine_data)
     model, tokenizer, options = runtime.load_stage_model(model_uri, options, base_model_uri)
     table = runtime.read_queries(queries_uri, data, options.max_length)
