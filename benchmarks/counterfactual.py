@@ -199,9 +199,13 @@ def query_losses(model: torch.nn.Module, examples: Sequence[Example], pad: int) 
     return sequence_losses(logits, batch["labels"]).tolist()
 
 
-def fit_factors(world: World) -> tuple[msif.Factors, msif.Factors]:
-    """The pre-train and fine-tune factors of the world's models, fitted in memory."""
-    return fit(world.pt, world.docs, "pt", world.pad), fit(world.ft, world.ft_rows, "ft", world.pad)
+def fit_factors(world: World, modules: str = "blocks") -> tuple[msif.Factors, msif.Factors]:
+    """The pre-train and fine-tune factors of the world's models, fitted in memory, over the
+    benchmarks.sensitivity.TRACKING[modules] selection."""
+    return (
+        fit(world.pt, world.docs, "pt", world.pad, modules),
+        fit(world.ft, world.ft_rows, "ft", world.pad, modules),
+    )
 
 
 def influence_scores(

@@ -3,6 +3,7 @@
 python -m benchmarks.lds [--quick] [--preset default] [--subsets 64] [--seeds 2]
                          [--queries all|answered] [--methods multi-stage,...]
                          [--damping-factor 0.01] [--alpha A] [--truth PATH] [--json out.json]
+                         [--modules blocks|head|all]
 
 Ground truth and evaluation are apart. The truth file (plain JSON, readable without msif)
 holds M seeded random halves of the pre-training corpus to remove, the training seeds, and
@@ -43,6 +44,7 @@ import torch
 from benchmarks import counterfactual
 from benchmarks.common import machine
 from benchmarks.counterfactual import World, open_world, query_losses
+from benchmarks.sensitivity import add_modules_option
 from benchmarks.stats import spearman
 from msif.ekfac.factors import DEFAULT_ALPHA
 from msif.errors import MsifError
@@ -586,6 +588,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "benchmarks/results/lds-truth-<preset>.json; --quick: a temporary file)",
     )
     p.add_argument("--json", help="also write the results (with per-query LDS) here")
+    add_modules_option(p)
     return p.parse_args(argv)
 
 
@@ -634,13 +637,18 @@ def _main(args: argparse.Namespace, preset: str, methods: list[str], path: Path)
     qids = truth.answered_query_ids if args.queries == "answered" else truth.query_ids
     tick = time.perf_counter()
     alpha = args.alpha or None  # 0: the world's own α
-    scores = method_scores(world, methods, damping_factor=args.damping_factor, alpha=alpha)
+    factors = None
+    if any(m in counterfactual.INFLUENCE_METHODS for m in methods):
+        factors = counterfactual.fit_factors(world, args.modules)
+    scores = method_scores(
+        world, methods, damping_factor=args.damping_factor, alpha=alpha, factors=factors
+    )
     score_s = time.perf_counter() - tick
     results = run_evaluation(truth, scores, truth.doc_ids, qids, list(range(m)), seeds)
     print(
         f"\n{m} subsets (half the corpus removed each) × {s} seeds {seeds}; "
         f"{len(qids)} {args.queries} held-out queries; damping factor {args.damping_factor}, "
-        f"α {world.alpha if alpha is None else alpha}"
+        f"α {world.alpha if alpha is None else alpha}; modules {args.modules}"
     )
     print(markdown(results, s, seeds[0]))
     ceiling = results.get("noise_ceiling")
@@ -672,6 +680,7 @@ def _main(args: argparse.Namespace, preset: str, methods: list[str], path: Path)
         "query_ids": list(qids),
         "damping_factor": args.damping_factor,
         "alpha": world.alpha if alpha is None else alpha,
+        "modules": args.modules,
         "retrains": retrains,
         "retrain_seconds": retrain_s,
         "seconds": time.perf_counter() - start,

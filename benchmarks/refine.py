@@ -3,6 +3,7 @@
 python -m benchmarks.refine [--quick] [--preset default] [--steps 0 1 2 5 10 20 50]
                             [--samples 128] [--seed 0] [--json out.json] [--pt-only FT_STEPS]
                             [--damping-factor 0.01] [--alpha 1e-3] [--lds [TRUTH]]
+                            [--lanczos M] [--modules blocks|head|all]
 
 Each stage's damped system (G_s + λ_s I) x = b is solved by K steps of conjugate gradients
 preconditioned with the EK-FAC inverse (msif.attribution.refine), with exact Gauss–Newton
@@ -49,7 +50,7 @@ import torch
 import msif
 from benchmarks.common import machine
 from benchmarks.lds import ROOT, Truth, evaluate, load_truth
-from benchmarks.sensitivity import fit, load_world, mrr
+from benchmarks.sensitivity import add_modules_option, fit, load_world, mrr
 from benchmarks.stats import spearman
 from msif.attribution.deflation import Deflation, fit_deflation
 from msif.attribution.precondition import PreconditionedQueries
@@ -105,16 +106,20 @@ class WorldState:
 
 @functools.cache
 def world_state(
-    preset: str, damping_factor: float = PT_DAMPING_FACTOR, alpha: float = DEFAULT_ALPHA
+    preset: str,
+    damping_factor: float = PT_DAMPING_FACTOR,
+    alpha: float = DEFAULT_ALPHA,
+    modules: str = "blocks",
 ) -> WorldState:
     """Load the preset's world, fit both stages' factors and take the query gradients, once.
 
     The damping is `msif run`'s: λ = damping_factor × mean Λ per module in the pre-train
-    stage, α for the fine-tune stage.
+    stage, α for the fine-tune stage; modules names the tracked selection
+    (benchmarks.sensitivity.TRACKING).
     """
     w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(preset)
     pad = tok.pad_token_id or 0
-    factors = {"pt": fit(pt, docs, "pt", pad), "ft": fit(ft, ft_rows, "ft", pad)}
+    factors = {"pt": fit(pt, docs, "pt", pad, modules), "ft": fit(ft, ft_rows, "ft", pad, modules)}
     qids = [q.id for q in qs]
     common = {"ft_factors": factors["ft"], "pt_factors": factors["pt"], "alpha": alpha}
     damping = Damping(damping_factor)
@@ -395,6 +400,7 @@ def main(argv=None) -> list[Row]:
         help="also the LDS of every K against a truth file of benchmarks/lds.py (default: "
         "benchmarks/results/lds-truth-<preset>.json)",
     )
+    add_modules_option(p)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     preset = "small" if args.quick else args.preset
@@ -404,13 +410,14 @@ def main(argv=None) -> list[Row]:
         path = args.lds or ROOT / "benchmarks" / "results" / f"lds-truth-{preset}.json"
         truth = load_truth(path)
     start = time.perf_counter()
-    state = world_state(preset, args.damping_factor, args.alpha)
+    state = world_state(preset, args.damping_factor, args.alpha, args.modules)
     dot_scores = state.scores("gradient-dot", state.grads)
     dot = mrr(dot_scores, state.query_ids, state.doc_ids, state.relevant)
     print(
         f"world {preset}: {len(state.docs)} documents, {len(state.ft_rows)} fine-tune pairs, "
         f"{len(state.query_ids)} queries; samples {args.samples} (seed {args.seed}); damping "
-        f"factor {args.damping_factor}, α {args.alpha}; Lanczos {args.lanczos}; gradient-dot "
+        f"factor {args.damping_factor}, α {args.alpha}; modules {args.modules}; Lanczos "
+        f"{args.lanczos}; gradient-dot "
         f"MRR {dot[0]:.3f}, LDS "
         f"{_fmt_lds(lds_of(truth, state, dot_scores))}; setup {time.perf_counter() - start:.0f}s; "
         f"{machine()}"
@@ -421,7 +428,8 @@ def main(argv=None) -> list[Row]:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"preset": preset, "samples": args.samples, "seed": args.seed,
-                           "ft_steps": args.pt_only, "lanczos": args.lanczos, "rows": table},
+                           "ft_steps": args.pt_only, "lanczos": args.lanczos,
+                           "modules": args.modules, "rows": table},
                           f, indent=1)  # fmt: skip
         return table
     rows = sweep(state, steps, args.samples, args.seed, truth, args.lanczos)
@@ -431,7 +439,8 @@ def main(argv=None) -> list[Row]:
 
         with open(args.json, "w") as f:
             json.dump({"preset": preset, "samples": args.samples, "seed": args.seed,
-                       "lanczos": args.lanczos, "gradient_dot_mrr": dot[0],
+                       "lanczos": args.lanczos, "modules": args.modules,
+                       "gradient_dot_mrr": dot[0],
                        "rows": [asdict(r) for r in rows]}, f,
                       indent=1)  # fmt: skip
     return rows

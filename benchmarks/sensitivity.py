@@ -2,6 +2,7 @@
 
 python -m benchmarks.sensitivity [--quick] [--preset default] [--seed N] [--world-alpha 0]
                                  [--alphas 1e-3 1e-2] [--factors 1e-3 1e-2 0.1] [--json out.json]
+                                 [--modules blocks|head|all]
 
 Factors are fitted once per stage; each grid point re-preconditions the queries and rescores
 the whole corpus in memory, so MRR here is over the full ranking (no top-k cut).
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 import msif
+from msif.core.modules import ModuleSelection
 from msif.data.examples import batches, tokenize_documents, tokenize_prompt_completion
 from msif.data.models import load_model
 from msif.ekfac.factors import Damping
@@ -81,9 +83,32 @@ def _world(preset: str, alpha: float, seed: int | None = None) -> dict:
     return {**w, "ft_model": str(paths.ft_model), "alpha": alpha, "accuracy": paths.accuracy}
 
 
-def fit(model, examples, stage, pad):
-    """Factors of one stage, fitted in memory."""
-    basis = msif.eigendecompose(msif.fit_covariance(model, batches(examples, 16, pad), stage=stage))
+# Which modules a benchmark tracks (`--modules`): msif's default (the blocks' linears), or
+# also the output head, or also the head and the input embeddings.
+TRACKING = {
+    "blocks": ModuleSelection(),
+    "head": ModuleSelection(lm_head=True),
+    "all": ModuleSelection(embeddings=True, lm_head=True),
+}
+
+
+def add_modules_option(p: argparse.ArgumentParser) -> None:
+    """The `--modules` option of the benchmarks that fit factors (TRACKING)."""
+    p.add_argument(
+        "--modules",
+        choices=tuple(TRACKING),
+        default="blocks",
+        help="tracked modules: the blocks' linears (msif's default), also lm_head, or also "
+        "lm_head and the input embeddings",
+    )
+
+
+def fit(model, examples, stage, pad, modules: str = "blocks"):
+    """Factors of one stage, fitted in memory, over the TRACKING[modules] selection."""
+    cov = msif.fit_covariance(
+        model, batches(examples, 16, pad), stage=stage, modules=TRACKING[modules]
+    )
+    basis = msif.eigendecompose(cov)
     return msif.Factors.build(basis, msif.fit_lambda(model, batches(examples, 16, pad), basis))
 
 
@@ -107,13 +132,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--factors", type=float, nargs="+", help="pre-train damping factor grid")
     p.add_argument("--seed", type=int, help="another world of the preset (its generation seed)")
     p.add_argument("--json", help="write the rows and the world's description here")
+    add_modules_option(p)
     args = p.parse_args(argv)
     preset = "small" if args.quick else args.preset
     w, pt, ft, tok, docs, ft_rows, qs, relevant = load_world(
         preset, world_alpha=args.world_alpha, seed=args.seed
     )
     pad = tok.pad_token_id or 0
-    fpt, fft = fit(pt, docs, "pt", pad), fit(ft, ft_rows, "ft", pad)
+    fpt, fft = fit(pt, docs, "pt", pad, args.modules), fit(ft, ft_rows, "ft", pad, args.modules)
     qids, dids = [q.id for q in qs], [d.id for d in docs]
     factors_grid = args.factors or ([0.1, 1.0] if args.quick else [0.001, 0.01, 0.1, 1.0, 10.0])
     alphas = [None, w["alpha"] or 0.01] if args.quick else [None, 1e-4, w["alpha"] or 0.01]
@@ -153,6 +179,7 @@ def main(argv=None) -> list[dict]:
     print(f"grid time {time.perf_counter() - start:.0f}s")
     if args.json:
         world = {"preset": preset, "seed": args.seed, "world_alpha": w["alpha"]}
+        world |= {"modules": args.modules}
         world |= {"accuracy": w["accuracy"], "documents": len(docs), "queries": len(qs)}
         Path(args.json).write_text(json.dumps({"world": world, "rows": rows}, indent=1))
     return rows

@@ -26,7 +26,15 @@ from msif.config import PreconditionOptions
 from msif.core.modules import ModuleSelection
 from msif.errors import MismatchError, MsifError, OptionError
 from tests.support.dense import damping_matrix, dense_gauss_newton, flatten, unflatten
-from tests.support.tiny import VOCAB, make_batches, perturbed, random_examples, tiny_model
+from tests.support.tiny import (
+    ARCHITECTURES,
+    VOCAB,
+    make_batches,
+    perturbed,
+    random_examples,
+    tiny_config,
+    tiny_model,
+)
 
 
 def fit_factors(model, data, stage, selection):
@@ -69,6 +77,30 @@ def test_gauss_newton_product_equals_dense_gauss_newton(arch, include, tol, rows
     first = next(iter(specs.values()))
     size = first.out_features * first.in_dim
     assert dense[:size, size:].abs().max() > 1e-3 * dense.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])
+def test_gauss_newton_product_with_embeddings_and_head_equals_dense(arch):
+    # The input embedding (one-hot inputs) and the output head are tracked like any linear:
+    # the product over them and a block is the dense G, cross-module blocks included.
+    config = tiny_config(arch)
+    config.tie_word_embeddings = False  # a tied weight has no Jacobian of its own per use
+    torch.manual_seed(0)
+    model = getattr(tf, ARCHITECTURES[arch][1])(config).double().eval()
+    selection = ModuleSelection(embeddings=True, lm_head=True, include=(r"\.1\.",))
+    specs = msif.find_modules(model, selection)
+    kinds = [s.kind for s in specs.values()]
+    assert kinds[0] == "embedding" and list(specs)[-1] == "lm_head"
+    examples = random_examples(5, seed=3, prompt=True)
+    dense = dense_gauss_newton(model, examples, specs)
+    v = random_vectors(specs, 3, seed=1)
+    lam = {n: 0.01 * (i + 1) for i, n in enumerate(specs)}
+    got = GaussNewton(model, specs, examples, lam, rows=64)(v)
+    want = flatten(v, specs) @ (dense + damping_matrix(specs, lam))
+    assert (flatten(got, specs) - want).norm() / want.norm() < 1e-10
+    embedding = specs[list(specs)[0]]
+    size = embedding.out_features * embedding.in_dim
+    assert dense[:size, -size:].abs().max() > 1e-3 * dense.abs().max()
 
 
 def small_neox(seed: int):

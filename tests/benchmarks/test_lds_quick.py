@@ -94,6 +94,24 @@ def test_rerun_reuses_the_truth_and_gives_the_same_table(quick, capsys):
         assert r["low"] <= r["mean"] <= r["high"]
 
 
+def test_tracking_the_head_changes_the_influence_scores_only(quick, capsys):
+    path, out, saved = quick
+    threads = torch.get_num_threads()
+    blocks = lds.main(["--quick", "--truth", str(path), "--methods", "multi-stage,bm25"])
+    with_head = lds.main(
+        ["--quick", "--truth", str(path), "--methods", "multi-stage,bm25", "--modules", "head"]
+    )
+    torch.set_num_threads(threads)
+    assert "modules head" in capsys.readouterr().out
+    assert (blocks["modules"], with_head["modules"]) == ("blocks", "head")
+    assert blocks["retrains"] == with_head["retrains"] == 0
+    blocks_lds = blocks["methods"]["multi-stage"]["lds"]
+    # msif's default tracking is the run the fixture made; the head moves multi-stage's LDS.
+    assert blocks_lds == saved["methods"]["multi-stage"]["lds"]
+    assert with_head["methods"]["multi-stage"]["lds"]["per_query"] != blocks_lds["per_query"]
+    assert with_head["methods"]["bm25"] == blocks["methods"]["bm25"]
+
+
 def test_evaluate_is_exact_on_the_measured_ordering(quick):
     truth = lds.load_truth(quick[0])
     qids = truth.query_ids

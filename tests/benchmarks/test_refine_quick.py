@@ -62,3 +62,17 @@ def test_refine_quick_lanczos_correction_lowers_every_residual(capsys):
     for p, c in zip(plain, corrected, strict=True):
         assert c.steps == p.steps
         assert c.ft_residual < p.ft_residual and c.pt_residual < p.pt_residual
+
+
+def test_refine_quick_tracks_the_head_and_embeddings_when_asked(capsys):
+    rows = refine.main(["--quick", "--modules", "all", "--steps", "0", "2"])
+    out = capsys.readouterr().out
+    assert "modules all;" in out
+    state = refine.world_state("small", refine.PT_DAMPING_FACTOR, refine.DEFAULT_ALPHA, "all")
+    kinds = {name: s.kind for name, s in state.specs.items()}
+    blocks = refine.world_state("small").specs
+    assert set(blocks) < set(kinds) and "embedding" in kinds.values()
+    head = state.pt.get_output_embeddings()
+    assert next(n for n, m in state.pt.named_modules() if m is head) in kinds
+    assert rows[-1].ft_residual < rows[0].ft_residual
+    assert rows[-1].pt_residual < rows[0].pt_residual
