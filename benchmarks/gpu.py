@@ -12,7 +12,7 @@ method) and scoring (16 and 1 queries, streamed to the host into a top-k as scor
 does). It reports tokens/s per pass, the ratio to the training step, the peak GPU memory of
 each pass, the time of one 14336² float64 eigh, and how a 2-layer slice of the model (its
 attention modules, 8 documents × 4 queries, multi-stage) scores on the GPU against the CPU,
-and how many synchronising CUDA calls each pass makes per batch (set_sync_debug_mode).
+plain and refined (2 CG steps per stage after a 4-step Lanczos correction), and how many synchronising CUDA calls each pass makes per batch (set_sync_debug_mode).
 
 Output: a table on stdout and gpu-results.json in --out (default $OUT when set, else
 ./gpu-results), rewritten after every section so a run cut short keeps what it measured.
@@ -71,6 +71,7 @@ TINY = {
     "max_position_embeddings": 64,
 }
 ATTENTION = ModuleSelection(include=(r"\.attention\.",))
+REFINE_STEPS, REFINE_LANCZOS = 2, 4  # the slice's refinement check: every code path, briefly
 log = logging.getLogger("msif.benchmarks.gpu")
 
 
@@ -314,11 +315,25 @@ def big_eigh(n: int, device: torch.device) -> dict:
     return {**rec, "n": n, "device": str(device), "reconstruction_error": err}
 
 
-def slice_scores(pt, ft, docs, qb, ids) -> torch.Tensor:
-    """Multi-stage scores (queries × documents) of the attention modules, on the CPU."""
+def slice_scores(pt, ft, docs, qb, ids, refine: bool = False) -> torch.Tensor:
+    """Multi-stage scores (queries × documents) of the attention modules, on the CPU.
+
+    refine: queries refined by REFINE_STEPS CG steps per stage with a REFINE_LANCZOS-step
+    Lanczos correction, on each stage's own slice data (msif.attribution.refine)."""
+    from msif.attribution.refine import Refinement, StageSample
+
     f_pt = msif.fit_factors(pt, lambda: docs, stage="pt", modules=ATTENTION)
     f_ft = msif.fit_factors(ft, lambda: qb, stage="ft", modules=ATTENTION)
-    pre = msif.precondition_queries(ft, qb, ids, ft_factors=f_ft, pt_factors=f_pt)
+    refinement = None
+    if refine:
+        samples = {
+            "pt": StageSample(pt, [e for b in docs for e in _examples(b)]),
+            "ft": StageSample(ft, [e for b in qb for e in _examples(b)]),
+        }
+        refinement = Refinement(REFINE_STEPS, samples, lanczos=REFINE_LANCZOS)
+    pre = msif.precondition_queries(
+        ft, qb, ids, ft_factors=f_ft, pt_factors=f_pt, refine=refinement
+    )
     return msif.score(pt, docs, pre).values.double().cpu()
 
 
@@ -348,6 +363,11 @@ def slice_agreement(setup: Setup, device: torch.device) -> dict:
         out[f"{device.type} {str(dtype).removeprefix('torch.')} vs cpu float32"] = agreement(
             got, cpu
         )
+    # Refinement (forward-mode products, Lanczos, CG) on the device against the CPU's.
+    refined = slice_scores(pt, ft, docs, qb, ids, refine=True)
+    on = [copy.deepcopy(m).to(device) for m in (pt, ft)]
+    got = slice_scores(*on, docs, qb, ids, refine=True)
+    out[f"{device.type} float32 refined vs cpu float32 refined"] = agreement(got, refined)
     return out
 
 

@@ -64,6 +64,8 @@ def test_gpu_script_smoke_mode_writes_every_section(tmp_path):
     same = result["slice"]["cpu float32 vs cpu float32"]
     assert same == {"spearman": 1.0, "max_relative_error": 0.0}
     assert result["slice"]["cpu bfloat16 vs cpu float32"]["spearman"] > 0.8
+    refined = result["slice"]["cpu float32 refined vs cpu float32 refined"]
+    assert refined == {"spearman": 1.0, "max_relative_error": 0.0}  # refinement ran, seeded
     judged = {t["target"] for t in result["targets"]}
     assert "eigh 64² float64 < 60 s" in judged
     assert "covariance (bfloat16) ≥ 0.5× training step" in judged

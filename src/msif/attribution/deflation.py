@@ -77,7 +77,10 @@ def lanczos(
     norm = _dots(start, start).sqrt()
     if not float(norm) > 0:
         raise MsifError("the Lanczos start vector is zero")
-    basis = {k: torch.empty(steps, *t.shape[1:], dtype=t.dtype) for k, t in start.items()}
+    basis = {
+        k: torch.empty(steps, *t.shape[1:], dtype=t.dtype, device=t.device)
+        for k, t in start.items()
+    }
     row = {k: t / norm for k, t in start.items()}
     alphas, betas = [], []
     for j in range(steps):
@@ -120,7 +123,10 @@ def fit_deflation(
         raise MsifError(f"Lanczos steps must be an integer >= 1, not {steps!r}")
     generator = torch.Generator().manual_seed(seed)
     start = {
-        k: torch.randn(1, *t.shape[1:], generator=generator, dtype=torch.float64).to(t.dtype)
+        # Drawn on the CPU, so a seed gives the same start on every device.
+        k: torch.randn(1, *t.shape[1:], generator=generator, dtype=torch.float64).to(
+            t.device, t.dtype
+        )
         for k, t in like.items()
     }
 
@@ -131,7 +137,8 @@ def fit_deflation(
     theta, s = torch.linalg.eigh(t_matrix)
     residual = beta * s[-1].abs()  # ‖C Y_i − θ_i Y_i‖ of each Ritz pair
     keep = (theta > 0) & (residual < tolerance * theta)
-    coefficients = s[:, keep].to(next(iter(basis.values())).dtype)
+    first = next(iter(basis.values()))
+    coefficients = s[:, keep].to(first.device, first.dtype)
     vectors = {
         k: damped_power(factors, k, torch.einsum("ji,jab->iab", coefficients, b), damping[k], -0.5)
         for k, b in basis.items()
@@ -156,8 +163,10 @@ def deflated_preconditioner(
         if deflation is None or deflation.rank == 0:
             return out
         ys = deflation.vectors
-        weight = (1.0 / deflation.values - 1.0).to(next(iter(v.values())).dtype)
-        c = sum(torch.einsum("qab,iab->qi", v[k], ys[k].to(v[k].dtype)) for k in v) * weight
-        return {k: out[k] + torch.einsum("qi,iab->qab", c, ys[k].to(v[k].dtype)) for k in v}
+        like = next(iter(v.values()))
+        weight = (1.0 / deflation.values - 1.0).to(like.device, like.dtype)
+        y = {k: ys[k].to(t.device, t.dtype) for k, t in v.items()}
+        c = sum(torch.einsum("qab,iab->qi", v[k], y[k]) for k in v) * weight
+        return {k: out[k] + torch.einsum("qi,iab->qab", c, y[k]) for k in v}
 
     return precondition

@@ -220,7 +220,7 @@ class GaussNewton:
                 for q0 in range(0, queries, chunk):
                     part = {k: t[q0 : q0 + chunk] for k, t in v.items()}
                     for k, t in _product_pass(self.model, cap, batch, part).items():
-                        total[k][q0 : q0 + chunk] += t.to(total[k].dtype)
+                        total[k][q0 : q0 + chunk] += t.to(total[k].device, total[k].dtype)
         return {k: t / self.num_sequences for k, t in total.items()}
 
 
