@@ -12,7 +12,8 @@ method) and scoring (16 and 1 queries, streamed to the host into a top-k as scor
 does). It reports tokens/s per pass, the ratio to the training step, the peak GPU memory of
 each pass, the time of one 14336² float64 eigh, and how a 2-layer slice of the model (its
 attention modules, 8 documents × 4 queries, multi-stage) scores on the GPU against the CPU,
-plain and refined (2 CG steps per stage after a 4-step Lanczos correction), and how many synchronising CUDA calls each pass makes per batch (set_sync_debug_mode).
+plain and refined (2 CG steps per stage after a 4-step Lanczos correction), and how many
+synchronising CUDA calls each pass makes per batch (set_sync_debug_mode).
 
 Output: a table on stdout and gpu-results.json in --out (default $OUT when set, else
 ./gpu-results), rewritten after every section so a run cut short keeps what it measured.

@@ -476,3 +476,53 @@ def test_compile_refuses_bad_plans(tmp_path, capsys, content, message):
     out = tmp_path / "p.yaml"
     rc, err = _fails(["pipeline", "compile", "--out", str(out), "--plan", str(path)], capsys)
     assert rc == 1 and message in err and not out.exists()
+
+
+def test_refinement_by_hand(tmp_path):
+    plain = nodes(make_plan(tiny_inputs(tmp_path)))
+    refined = nodes(
+        make_plan(tiny_inputs(tmp_path, refine_steps=3, refine_lanczos=5, refine_samples=6))
+    )
+    # A product per position and direction: the forward twice (with its tangent: 2·(2·832 +
+    # 128)), the backward to the activations (3712 − 1792), 4·576 for a′vᵀ and Σ g a′ᵀ.
+    product = 2 * 1792 + (FROZEN - 1792) + 4 * TRACKED
+    assert costs.product_pass_flops(make_plan(tiny_inputs(tmp_path)).shape, 4) == product
+    # Per stage: 6 sequences × (2 queries × (3 steps + the residual) + 5 Lanczos) of 4 tokens.
+    positions = 6 * (2 * 4 + 5) * 4
+    # EK-FAC applied 2·4 times (2 rotations each, 2·o·i·(bs + i) per rotation), M^{-1/2}
+    # 3·5 times; the Ritz directions 4·5·576 per application; Lanczos 6·5²·576.
+    rotate = 2 * (64 * 16 * 2 + 32 * 12 * 2 + 128 * 24 * 3)
+    vectors = 2 * rotate * (8 + 15) + 4 * 5 * TRACKED * 8 + 6 * 25 * TRACKED
+    for method, stages in (("multi-stage", 2), ("single-stage", 1)):
+        a, b = (
+            plain[f"precondition-queries ({method})"],
+            refined[f"precondition-queries ({method})"],
+        )
+        assert b.flops - a.flops == stages * (positions * product + vectors)
+        assert b.positions - a.positions == stages * positions
+        assert "refinement: 3 CG steps (+1 residual) × 2 queries" in b.notes[0]
+    # The CG vectors (6 per query) and the Lanczos basis with its Ritz vectors, float64, and a
+    # pass's tangents (twice a batch's activations, which the plain node holds once); the
+    # pre-trained model beside the fine-tuned one for multi-stage only.
+    acts = costs.activation_bytes(make_plan(tiny_inputs(tmp_path)).shape, 2, 4, "float32")
+    held = 8 * TRACKED * (6 * 2 + 2 * 5) + 2 * acts
+    multi = ("precondition-queries (multi-stage)", 4 * PARAMETERS)
+    for name, weights in (multi, ("precondition-queries (single-stage)", 0)):
+        assert refined[name].gpu_memory - plain[name].gpu_memory == weights + held - acts
+        assert refined[name].host_memory - plain[name].host_memory == weights
+    assert (
+        refined["precondition-queries (gradient-dot)"]
+        == plain["precondition-queries (gradient-dot)"]
+    )
+    for name, n in plain.items():
+        if not name.startswith("precondition-queries"):
+            assert refined[name] == n, name
+
+
+def test_plan_command_prints_the_refinement(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    assert main([*_argv(tmp_path), "--refine-steps", "20", "--refine-lanczos", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "refined queries (20 CG steps, 100 Lanczos steps, 128 sampled sequences" in out
+    rc, err = _fails([*_argv(tmp_path), "--refine-samples", "0"], capsys)
+    assert rc == 2 and "--refine-samples must be at least 1, not 0" in err

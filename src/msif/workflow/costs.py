@@ -342,6 +342,41 @@ def stored_query_bytes(shape: ModelShape, queries: int, rank: int) -> float:
 ROTATIONS = {"multi-stage": 3, "single-stage": 2, "gradient-dot": 0}
 
 
+def product_pass_flops(shape: ModelShape, seq: int) -> float:
+    """One exact Gauss–Newton product per position and direction (msif.attribution.refine):
+    the forward with its forward-mode tangent (twice the forward), the backward to the
+    activations, the tangent injected at every tracked module (a′ vᵀ) and its per-copy
+    weight gradient (Σ g a′ᵀ), 2·out·in' each."""
+    backward = frozen_pass_flops(shape, seq) - forward_flops(shape, seq)
+    return 2.0 * forward_flops(shape, seq) + backward + 4.0 * shape.tracked_parameters
+
+
+def refinement_work(
+    shape: ModelShape, queries: int, steps: int, lanczos: int, sequences: float
+) -> tuple[float, float]:
+    """(sequence-directions through the model, vector FLOPs) of one refined stage: K CG
+    steps and the starting residual, each a product of every query's direction over the
+    stage's sampled sequences, and M Lanczos steps of one direction each. Vector work: CG's
+    preconditioner per query and step (EK-FAC's 2 two-sided rotations, the ≤ M Ritz
+    directions' 4·M·P); Lanczos's two M^{-1/2} applications per step, its full
+    reorthogonalisation (twice, 4·j·P at step j) and the Ritz vectors (2·M²·P, M more
+    M^{-1/2} applications). P: tracked parameters."""
+    p = shape.tracked_parameters
+    passes = sequences * (queries * (steps + 1) + lanczos)
+    rotate = sum(2.0 * s.out_features * s.in_dim * (s.block_size + s.in_dim) for s in shape.specs)
+    applications = queries * (steps + 1)
+    vectors = 2.0 * rotate * (applications + 3.0 * lanczos) + 4.0 * lanczos * p * applications
+    vectors += 6.0 * lanczos**2 * p
+    return passes, vectors
+
+
+def refinement_bytes(shape: ModelShape, queries: int, lanczos: int) -> float:
+    """What a refined stage holds beside a product pass, float64: CG's right-hand side,
+    iterate, residual, preconditioned residual, direction and product per query, and the
+    Lanczos basis with the Ritz vectors it yields (at most M of each)."""
+    return 8.0 * shape.tracked_parameters * (6 * queries + 2 * lanczos)
+
+
 def precondition_flops(shape: ModelShape, method: str, queries: int, rank: int) -> float:
     """Per-module work of precondition-queries beyond the queries' forward and backward:
     two-sided rotations per query (into the fine-tune eigenbasis, the composed change of

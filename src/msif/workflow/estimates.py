@@ -23,6 +23,7 @@ from msif.config import (
     IndexOptions,
     LookupOptions,
     ModelOptions,
+    PreconditionOptions,
     ScoreOptions,
 )
 from msif.core.modules import ModuleSpec
@@ -47,11 +48,12 @@ BM25_WORDS_PER_S = Figure(2.0e5, "measured: BM25Index.build, 1 thread, loaded 2-
 WORDS_PER_TOKEN = Figure(0.75, "assumed: 0.75 words per token (English, a BPE tokenizer)")
 SMALL = 64 << 20
 # The defaults are msif.config's, so a plan without options plans what the pipeline runs.
-_M, _S, _I, _L = (
+_M, _S, _I, _L, _P = (
     ModelOptions(),
     ScoreOptions(),
     IndexOptions(),
     LookupOptions(),
+    PreconditionOptions(),
 )  # what a node writes that the plan does not size (top-k tables, reports)
 
 
@@ -76,6 +78,9 @@ class PlanInputs:
     dtype: str = _M.dtype
     factor_dtype: str = EigenOptions().factor_dtype
     query_rank: int = 0
+    refine_steps: int = _P.refine_steps
+    refine_lanczos: int = _P.refine_lanczos
+    refine_samples: int = _P.refine_samples
     top_k: int = _S.top_k
     explain_k: int = _S.explain_k
     contraction: str = _S.contraction
@@ -102,11 +107,21 @@ class PlanInputs:
             "num_shards",
             "batch_size",
             "module_groups",
+            "refine_samples",
         ):
             _positive(name, getattr(self, name))
         for name in ("max_length", "query_length"):
             _positive(name, getattr(self, name), 2)
-        for name in ("gpus", "finetune_length", "query_rank", "top_k", "explain_k", "index_rank"):
+        for name in (
+            "gpus",
+            "finetune_length",
+            "query_rank",
+            "top_k",
+            "explain_k",
+            "index_rank",
+            "refine_steps",
+            "refine_lanczos",
+        ):
             _positive(name, getattr(self, name), 0)
         _positive("index_values", self.index_values)
         _positive("top_c", self.top_c)
@@ -459,22 +474,58 @@ def precondition_queries(c: Costs, task: Task) -> NodeEstimate:
     dense = 4.0 * q * c.shape.tracked_parameters
     stored = costs.stored_query_bytes(c.shape, q, rank)
     acts = c.activations(seq, min(q, c.inputs.batch_size))
+    refined = _refinement(c, info.stages)
     return _gpu_node(
         c,
         task,
-        positions,
-        model,
-        stats,
+        positions + refined["positions"],
+        model + refined["model"],
+        stats + refined["vectors"],
         "training",
-        c.weights + factors + stored,
+        c.weights + factors + stored + refined["weights"],
         # The gradients stay while the preconditioned copies are made; low-rank ones are small.
-        gpu=c.weights + dense + (stored if rank else dense) + acts,
-        host=c.weights + factors + 2 * stored,
-        disk=c.weights + factors + stored,
+        gpu=c.weights
+        + refined["weights"]
+        + dense
+        + (stored if rank else dense)
+        + max(acts, refined["gpu"]),
+        host=c.weights + factors + 2 * stored + refined["weights"],
+        disk=c.weights + factors + stored + refined["weights"],
         storage=stored,
         pods=1,
         source_note="precondition-queries is not benchmarked: the training step's CPU rate",
+        notes=refined["notes"],
     )
+
+
+def _refinement(c: Costs, stages: tuple[str, ...]) -> dict:
+    """What --refine-steps / --refine-lanczos add to precondition-queries: per refined stage
+    the exact products over its sample (msif.attribution.refine), the CG and Lanczos vectors
+    on the device, and the pre-trained model beside the fine-tuned one for multi-stage."""
+    i = c.inputs
+    out = {"positions": 0.0, "model": 0.0, "vectors": 0.0, "gpu": 0.0, "weights": 0.0}
+    if not (i.refine_steps or i.refine_lanczos) or not stages:
+        return out | {"notes": ()}
+    lengths = {"ft": i.ft_length, "pt": i.max_length}
+    for stage in stages:
+        seq = lengths[stage]
+        passes, vectors = costs.refinement_work(
+            c.shape, i.queries, i.refine_steps, i.refine_lanczos, float(i.refine_samples)
+        )
+        out["positions"] += passes * seq
+        out["model"] += passes * seq * costs.product_pass_flops(c.shape, seq)
+        out["vectors"] += vectors
+        # A pass holds about batch-size sequences (copies, one per query), with tangents.
+        held = costs.refinement_bytes(c.shape, i.queries, i.refine_lanczos)
+        out["gpu"] = max(out["gpu"], held + 2 * c.activations(seq))
+    if "pt" in stages:
+        out["weights"] = c.weights
+    note = (
+        f"refinement: {i.refine_steps} CG steps (+1 residual) × {i.queries} queries and "
+        f"{i.refine_lanczos} Lanczos steps, each a pass over {i.refine_samples} sampled "
+        f"sequences, per stage ({', '.join(stages)})",
+    )
+    return out | {"notes": note}
 
 
 def _candidate_docs(c: Costs) -> float:

@@ -302,6 +302,15 @@ def _flops(f: float) -> str:
     return "—" if f == 0 else f"{f:.2e}"
 
 
+def _refinement_text(i: PlanInputs) -> str:
+    if not (i.refine_steps or i.refine_lanczos):
+        return ""
+    return (
+        f", refined queries ({i.refine_steps} CG steps, {i.refine_lanczos} Lanczos steps, "
+        f"{i.refine_samples} sampled sequences per stage)"
+    )
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as Markdown: the model, a row per node, the total, what does not fit."""
     i, s = plan.inputs, plan.shape
@@ -311,8 +320,8 @@ def format_plan(plan: Plan) -> str:
         f"{len(s.specs)} tracked modules, {s.tracked_parameters / 1e9:.3g} B tracked weights)",
         f"run: {i.corpus_tokens:.3g} corpus tokens, {i.finetune_tokens:.3g} fine-tune tokens, "
         f"{i.queries} queries, {i.num_shards} shards, {i.dtype}, {device}"
-        f"{f', {i.module_groups} module groups' if i.module_groups > 1 else ''}; "
-        f"pipelines: {', '.join(pipelines_of(i))}",
+        f"{f', {i.module_groups} module groups' if i.module_groups > 1 else ''}"
+        f"{_refinement_text(i)}; pipelines: {', '.join(pipelines_of(i))}",
         "",
         "| node | on | pods | GPU memory/pod | RAM/pod | disk/pod | writes | FLOPs | time/pod | "
         "device-hours |",
@@ -425,6 +434,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--query-rank", default=DEFAULTS["query_rank"], type=int, help="rank-r queries (0: dense)"
     )
+    for flag in ("--refine-steps", "--refine-lanczos", "--refine-samples"):
+        key = flag.removeprefix("--").replace("-", "_")
+        p.add_argument(flag, default=DEFAULTS[key], type=int, help=same)
     p.add_argument("--top-k", default=DEFAULTS["top_k"], type=int, help=same)
     p.add_argument("--explain-k", default=DEFAULTS["explain_k"], type=int, help=same)
     p.add_argument(
