@@ -519,6 +519,15 @@ def test_refinement_by_hand(tmp_path):
             assert refined[name] == n, name
 
 
+def test_refinement_samples_at_most_the_stage_data(tmp_path):
+    def flops(samples: int) -> float:
+        plan = make_plan(tiny_inputs(tmp_path, refine_steps=1, refine_samples=samples))
+        return nodes(plan)["precondition-queries (single-stage)"].flops
+
+    # 1024 fine-tune tokens of 4 per row: 256 rows, so asking for more samples changes nothing.
+    assert flops(256) == flops(10_000) > flops(255)
+
+
 def test_plan_command_prints_the_refinement(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     assert main([*_argv(tmp_path), "--refine-steps", "20", "--refine-lanczos", "100"]) == 0

@@ -507,10 +507,13 @@ def _refinement(c: Costs, stages: tuple[str, ...]) -> dict:
     if not (i.refine_steps or i.refine_lanczos) or not stages:
         return out | {"notes": ()}
     lengths = {"ft": i.ft_length, "pt": i.max_length}
+    tokens = {"ft": i.finetune_tokens, "pt": i.corpus_tokens}
     for stage in stages:
         seq = lengths[stage]
+        # The sample is at most the stage's whole data.
+        sampled = min(float(i.refine_samples), max(1.0, tokens[stage] / seq))
         passes, vectors = costs.refinement_work(
-            c.shape, i.queries, i.refine_steps, i.refine_lanczos, float(i.refine_samples)
+            c.shape, i.queries, i.refine_steps, i.refine_lanczos, sampled
         )
         out["positions"] += passes * seq
         out["model"] += passes * seq * costs.product_pass_flops(c.shape, seq)
@@ -522,7 +525,7 @@ def _refinement(c: Costs, stages: tuple[str, ...]) -> dict:
         out["weights"] = c.weights
     note = (
         f"refinement: {i.refine_steps} CG steps (+1 residual) × {i.queries} queries and "
-        f"{i.refine_lanczos} Lanczos steps, each a pass over {i.refine_samples} sampled "
+        f"{i.refine_lanczos} Lanczos steps, each a pass over at most {i.refine_samples} sampled "
         f"sequences, per stage ({', '.join(stages)})",
     )
     return out | {"notes": note}
