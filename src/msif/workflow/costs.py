@@ -342,6 +342,12 @@ def stored_query_bytes(shape: ModelShape, queries: int, rank: int) -> float:
 ROTATIONS = {"multi-stage": 3, "single-stage": 2, "gradient-dot": 0}
 
 
+def rotation_flops(spec: ModuleSpec) -> float:
+    """One two-sided rotation of one query's (out, in') matrix into or out of a module's
+    Kronecker eigenbasis: Q_Gᵀ W Q_A, block by block on the output side."""
+    return 2.0 * spec.out_features * spec.in_dim * (spec.block_size + spec.in_dim)
+
+
 def product_pass_flops(shape: ModelShape, seq: int) -> float:
     """One exact Gauss–Newton product per position and direction (msif.attribution.refine):
     the forward with its forward-mode tangent (twice the forward), the backward to the
@@ -363,7 +369,7 @@ def refinement_work(
     M^{-1/2} applications). P: tracked parameters."""
     p = shape.tracked_parameters
     passes = sequences * (queries * (steps + 1) + lanczos)
-    rotate = sum(2.0 * s.out_features * s.in_dim * (s.block_size + s.in_dim) for s in shape.specs)
+    rotate = sum(rotation_flops(s) for s in shape.specs)
     applications = queries * (steps + 1)
     vectors = 2.0 * rotate * (applications + 3.0 * lanczos) + 4.0 * lanczos * p * applications
     vectors += 6.0 * lanczos**2 * p
@@ -385,7 +391,7 @@ def precondition_flops(shape: ModelShape, method: str, queries: int, rank: int) 
     total = 0.0
     for s in shape.specs:
         o, i, bs, k = s.out_features, s.in_dim, s.block_size, s.num_blocks
-        total += queries * ROTATIONS[method] * 2.0 * o * i * (bs + i)
+        total += queries * ROTATIONS[method] * rotation_flops(s)
         if method == "multi-stage":
             total += 2.0 * (k * bs**3 + i**3)
         if rank:

@@ -107,7 +107,6 @@ class PlanInputs:
             "num_shards",
             "batch_size",
             "module_groups",
-            "refine_samples",
         ):
             _positive(name, getattr(self, name))
         for name in ("max_length", "query_length"):
@@ -119,8 +118,6 @@ class PlanInputs:
             "top_k",
             "explain_k",
             "index_rank",
-            "refine_steps",
-            "refine_lanczos",
         ):
             _positive(name, getattr(self, name), 0)
         _positive("index_values", self.index_values)
@@ -134,6 +131,7 @@ class PlanInputs:
         _choice("eigendecompose_on", self.eigendecompose_on, ("cpu", "gpu"))
         _choice("statistics_precision", self.statistics_precision, costs.STATISTICS_PRECISIONS)
         LookupOptions(self.top_c, self.candidates_from)  # validates candidates_from
+        self.precondition_options()  # validates the refinement options
         for m in self.methods:
             _choice("methods", m, METHODS)
         if self.via_index and not set(self.methods) <= set(INDEXED_METHODS):
@@ -160,6 +158,14 @@ class PlanInputs:
     def rank(self) -> int:
         """The index rank the tier is built with."""
         return self.index_rank or DEFAULT_INDEX_RANKS[self.index_tier]
+
+    def precondition_options(self) -> PreconditionOptions:
+        """The refinement options as precondition-queries gets them."""
+        return PreconditionOptions(
+            refine_steps=self.refine_steps,
+            refine_lanczos=self.refine_lanczos,
+            refine_samples=self.refine_samples,
+        )
 
     def model_options(self) -> ModelOptions:
         """The module selection and batch options as a node gets them."""
@@ -504,7 +510,7 @@ def _refinement(c: Costs, stages: tuple[str, ...]) -> dict:
     on the device, and the pre-trained model beside the fine-tuned one for multi-stage."""
     i = c.inputs
     out = {"positions": 0.0, "model": 0.0, "vectors": 0.0, "gpu": 0.0, "weights": 0.0}
-    if not (i.refine_steps or i.refine_lanczos) or not stages:
+    if i.precondition_options().refinement_flag is None or not stages:
         return out | {"notes": ()}
     lengths = {"ft": i.ft_length, "pt": i.max_length}
     tokens = {"ft": i.finetune_tokens, "pt": i.corpus_tokens}

@@ -303,7 +303,7 @@ def _flops(f: float) -> str:
 
 
 def _refinement_text(i: PlanInputs) -> str:
-    if not (i.refine_steps or i.refine_lanczos):
+    if i.precondition_options().refinement_flag is None:
         return ""
     return (
         f", refined queries ({i.refine_steps} CG steps, {i.refine_lanczos} Lanczos steps, "
