@@ -59,7 +59,10 @@ LOSS_DEFINITION = (
 # pretrain seeds its initialisation and order with s and finetune its order with s + 1, so
 # consecutive integers would share streams between two training seeds.
 SEED_STRIDE = 1000
-METHODS = (*counterfactual.INFLUENCE_METHODS, "bm25", "random")
+# "relevant" is the world's answer key, not a method: 1 on the documents that state the query's
+# fact, 0 elsewhere. Its LDS is what knowing exactly which documents matter reaches, so it
+# separates what the world allows from what an attribution method achieves.
+METHODS = (*counterfactual.INFLUENCE_METHODS, "bm25", "relevant", "random")
 BASELINE = "multi-stage"
 RESAMPLES = 10_000
 QUICK_SUBSETS = 6  # 12 retrains of the small world: a CI run, not a measurement
@@ -460,10 +463,22 @@ def method_scores(
         out["bm25"] = torch.as_tensor(
             np.stack([index.score(p + c) for p, c in zip(prompts, completions, strict=True)])
         )
+    if "relevant" in methods:
+        out["relevant"] = relevant_scores(world, ids)
     if "random" in methods:
         g = torch.Generator().manual_seed(seed)
         out["random"] = torch.randn(len(world.query_examples), len(ids), generator=g).double()
     return {m: out[m] for m in methods}
+
+
+def relevant_scores(world: World, doc_ids: Sequence[str]) -> torch.Tensor:
+    """(held-out queries × documents): 1 where the document states the query's fact."""
+    position = {d: i for i, d in enumerate(doc_ids)}
+    relevant = world.queries.column("relevant_ids").to_pylist()
+    out = torch.zeros(len(relevant), len(doc_ids), dtype=torch.float64)
+    for row, docs in enumerate(relevant):
+        out[row, [position[d] for d in docs]] = 1.0
+    return out
 
 
 def implied_ceiling(r: float, seeds: int) -> float:

@@ -187,3 +187,25 @@ def test_extending_keeps_every_entry_and_bad_input_is_refused(quick):
     broken["losses"] = broken["losses"][:-1]
     with pytest.raises(lds.LdsError, match="not 6 subsets × 2 seeds"):
         lds.Truth.from_dict(broken)
+
+
+def test_the_relevant_row_counts_the_removed_statements(quick):
+    path, out, saved = quick
+    truth = lds.load_truth(path)
+    world = counterfactual.open_world("small")
+    key = lds.method_scores(world, ["relevant"], damping_factor=0.01, alpha=None)["relevant"]
+    relevant = world.queries.column("relevant_ids").to_pylist()
+    assert key.shape == (len(truth.query_ids), len(truth.doc_ids))
+    # One on exactly the documents stating each query's fact, as the world lists them.
+    for row, docs in zip(key, relevant, strict=True):
+        assert {truth.doc_ids[j] for j in row.nonzero().flatten().tolist()} == set(docs)
+        assert float(row.sum()) == len(docs) == world.config.docs_per_fact
+    # Its LDS is Spearman between the number of statements a subset removes and the loss.
+    q = 0
+    counts = torch.tensor(
+        [float(sum(d in set(relevant[q]) for d in removed)) for removed in truth.removed]
+    )
+    measured = lds.measured_losses(truth, truth.query_ids, range(len(truth.removed)), None)
+    expected = lds.rank_correlation(counts, measured[:, q])
+    got = saved["methods"]["relevant"]["lds"]["per_query"][truth.query_ids[q]]
+    assert got == pytest.approx(expected, abs=1e-12)
