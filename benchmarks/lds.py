@@ -393,13 +393,46 @@ def evaluate(
     if absent:
         raise LdsError(f"document {absent[0]!r} of the truth's corpus has no score")
     chosen = resolve_subsets(truth, subsets, seeds)
-    removal = torch.zeros(len(chosen), len(doc_ids), dtype=torch.float64)
-    for row, j in enumerate(chosen):
-        removal[row, [position[d] for d in truth.removed[j]]] = 1.0
-    predicted = removal @ s.T  # (subsets, queries): Σ of the removed documents' scores
+    predicted = removal_matrix(truth, doc_ids, chosen) @ s.T  # Σ of the removed docs' scores
     measured = measured_losses(truth, query_ids, chosen, seeds)
     per_query = [rank_correlation(predicted[:, i], measured[:, i]) for i in range(len(query_ids))]
     return with_queries(bootstrap(per_query, resamples, seed), query_ids, per_query)
+
+
+def removal_matrix(truth: Truth, doc_ids: Sequence[str], subsets: Sequence[int]) -> torch.Tensor:
+    """(subsets × documents): 1 where the subset removes the document."""
+    position = {d: i for i, d in enumerate(doc_ids)}
+    removal = torch.zeros(len(subsets), len(doc_ids), dtype=torch.float64)
+    for row, j in enumerate(subsets):
+        removal[row, [position[d] for d in truth.removed[j]]] = 1.0
+    return removal
+
+
+def statement_share(
+    truth: Truth,
+    doc_ids: Sequence[str],
+    scores: torch.Tensor,
+    statements: torch.Tensor,
+    subsets: Sequence[int],
+) -> float:
+    """Mean over queries of the share of the predicted change's variance owed to statements.
+
+    A query's predicted change over the subsets is S = S_statements + S_rest; the share is
+    Cov(S_statements, S) / Var(S), so the two parts' shares sum to one. statements is the
+    answer key (queries × documents, 1 on the documents stating the query's fact). The measured
+    loss depends mostly on those documents, so a method whose share is small spreads its
+    prediction over documents that barely move the loss. Queries whose prediction is the same
+    in every subset have no variance to apportion and are left out of the mean.
+    """
+    removal = removal_matrix(truth, doc_ids, subsets)
+    total = removal @ scores.T
+    part = removal @ (scores * statements).T
+    total_c, part_c = total - total.mean(0), part - part.mean(0)
+    var = (total_c * total_c).sum(0)
+    varies = var > 0  # a constant prediction has no variance to apportion
+    if not bool(varies.any()):
+        return 0.0
+    return float(((part_c * total_c).sum(0)[varies] / var[varies]).mean())
 
 
 def seed_agreement(
@@ -500,20 +533,23 @@ def interval(r: LdsResult) -> str:
 
 def markdown(results: dict, n_seeds: int, first_seed: int) -> str:
     """The LDS table: every method against the seed mean, one seed, and multi-stage."""
+    shares = all("statement_share" in r for r in results["methods"].values())
     head = (
         f"| method | LDS, {n_seeds}-seed mean [95 %] | LDS, seed {first_seed} only [95 %] | "
         f"{BASELINE} − method, paired [95 %] |"
     )
-    lines = [head, "|---|---:|---:|---:|"]
+    lines = [head + (" statements' share |" if shares else ""), "|---|---:|---:|---:|"]
+    lines[1] += "---:|" if shares else ""
     for method, r in results["methods"].items():
         diff = results["differences"].get(method)
+        share = f" {r['statement_share']:.0%} |" if shares else ""
         lines.append(
             f"| {method} | {interval(r['lds'])} | {interval(r['single_seed'])} | "
-            f"{interval(diff) if diff else '–'} |"
+            f"{interval(diff) if diff else '–'} |{share}"
         )
     ceiling = results.get("noise_ceiling")
     if ceiling:
-        lines.append(f"| noise ceiling (seed vs seed) | {interval(ceiling)} | | |")
+        lines.append(f"| noise ceiling (seed vs seed) | {interval(ceiling)} | | |" + " |" * shares)
     return "\n".join(lines)
 
 
@@ -537,8 +573,13 @@ def run_evaluation(
     query_ids: Sequence[str],
     subsets: Sequence[int],
     seeds: Sequence[int],
+    statements: torch.Tensor | None = None,
 ) -> dict:
-    """Every method's LDS (seed mean and first seed), the paired gaps, the noise ceiling."""
+    """Every method's LDS (seed mean and first seed), the paired gaps, the noise ceiling.
+
+    statements: the answer key (truth's queries × doc_ids); with it each method also gets its
+    statements' share of the predicted variance.
+    """
     rows = [truth.query_ids.index(q) for q in query_ids]
     results: dict = {"methods": {}, "differences": {}}
     for method, values in scores.items():
@@ -549,6 +590,9 @@ def run_evaluation(
                 truth, doc_ids, query_ids, picked, seeds=seeds[:1], subsets=subsets
             ),
         }
+        if statements is not None:
+            share = statement_share(truth, doc_ids, picked, statements[rows], subsets)
+            results["methods"][method]["statement_share"] = share
     if BASELINE in scores:
         base = results["methods"][BASELINE]["lds"]
         for method, r in results["methods"].items():
@@ -659,13 +703,18 @@ def _main(args: argparse.Namespace, preset: str, methods: list[str], path: Path)
         world, methods, damping_factor=args.damping_factor, alpha=alpha, factors=factors
     )
     score_s = time.perf_counter() - tick
-    results = run_evaluation(truth, scores, truth.doc_ids, qids, list(range(m)), seeds)
+    statements = relevant_scores(world, truth.doc_ids)
+    results = run_evaluation(truth, scores, truth.doc_ids, qids, list(range(m)), seeds, statements)
     print(
         f"\n{m} subsets (half the corpus removed each) × {s} seeds {seeds}; "
         f"{len(qids)} {args.queries} held-out queries; damping factor {args.damping_factor}, "
         f"α {world.alpha if alpha is None else alpha}; modules {args.modules}"
     )
     print(markdown(results, s, seeds[0]))
+    print(
+        "statements' share: Cov(S_statements, S) / Var(S) of the predicted change S over the "
+        "subsets, S_statements its part from the documents stating the query's fact"
+    )
     ceiling = results.get("noise_ceiling")
     if ceiling:
         print(

@@ -209,3 +209,37 @@ def test_the_relevant_row_counts_the_removed_statements(quick):
     expected = lds.rank_correlation(counts, measured[:, q])
     got = saved["methods"]["relevant"]["lds"]["per_query"][truth.query_ids[q]]
     assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_statement_share_is_the_covariance_share_of_the_predicted_change(quick):
+    path, out, saved = quick
+    truth = lds.load_truth(path)
+    world = counterfactual.open_world("small")
+    key = lds.relevant_scores(world, truth.doc_ids)
+    subsets = list(range(len(truth.removed)))
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(key.shape, generator=g, dtype=torch.float64).abs()
+    # Dense reference, one query at a time: S over the subsets and its statements part.
+    expected = []
+    for q in range(key.shape[0]):
+        total = torch.tensor(
+            [sum(scores[q, truth.doc_ids.index(d)] for d in r) for r in truth.removed]
+        )
+        part = torch.tensor(
+            [
+                sum(scores[q, truth.doc_ids.index(d)] * key[q, truth.doc_ids.index(d)] for d in r)
+                for r in truth.removed
+            ]
+        )
+        cov = ((part - part.mean()) * (total - total.mean())).sum()
+        expected.append(float(cov / ((total - total.mean()) ** 2).sum()))
+    counts = key @ lds.removal_matrix(truth, truth.doc_ids, subsets).T
+    assert bool((counts.std(dim=1) == 0).any())  # a query no subset tells apart: left out
+    got = lds.statement_share(truth, truth.doc_ids, scores, key, subsets)
+    assert got == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+    # The answer key's prediction is all statements; scores off the statements have none.
+    assert lds.statement_share(truth, truth.doc_ids, key, key, subsets) == pytest.approx(1.0)
+    assert lds.statement_share(truth, truth.doc_ids, scores * (1 - key), key, subsets) == 0.0
+    # The run reports it for every method, the answer key at one.
+    shares = {m: r["statement_share"] for m, r in saved["methods"].items()}
+    assert set(shares) == set(lds.METHODS) and shares["relevant"] == pytest.approx(1.0)
